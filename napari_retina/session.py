@@ -1,0 +1,178 @@
+"""One fundus image under annotation, as napari layer data, without importing napari.
+
+The reader, the annotator dock and the CLI all open images through
+`open_record`, and turn layers back into an `Annotation` through the
+converters here, so the three agree on layer names, colours and metadata.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .io.datasets import Dataset, ImageRecord
+from .io.ellipses import Ellipse, EllipseFile, corners_to_ellipse, ellipse_to_corners
+from .io.images import read_fundus
+from .io.masks import read_mask
+from .io.project import Annotation, ProjectFolder, default_project_dir
+from .lesions import LESION_CODES, LESIONS, lesion
+
+META_KEY = "napari_retina"
+ELLIPSES_LAYER = "ellipses"
+
+
+@dataclass
+class OpenedImage:
+    """What opening one image gives: pixels, the annotation and where it is saved."""
+
+    record: ImageRecord
+    rgb: np.ndarray
+    annotation: Annotation
+    project_dir: Path
+    from_project: bool  # True when restored from an existing project folder
+    dataset_root: Path | None = None
+
+    @property
+    def stem(self) -> str:
+        return self.record.stem
+
+
+def project_dir_for(record: ImageRecord, project_root: str | Path | None = None) -> Path:
+    if record.project is not None:
+        return record.project
+    return default_project_dir(record.image, project_root)
+
+
+def open_record(
+    record: ImageRecord,
+    project_root: str | Path | None = None,
+    dataset: Dataset | None = None,
+) -> OpenedImage:
+    """Read an image and its annotation: the project folder if it exists, else its masks.
+
+    Raises RetinaInputError (one clear line) for a broken image or mask.
+    """
+    project_dir = project_dir_for(record, project_root)
+    project = ProjectFolder(project_dir)
+    if project.exists():
+        ann = project.load()
+        rgb = read_fundus(project.image_path)
+        if rgb.shape[:2] != tuple(ann.shape):
+            ann = _resize_guard(ann, rgb)
+        from_project = True
+    else:
+        rgb = read_fundus(record.image)
+        ann = Annotation.empty(record.image.name, rgb.shape[:2])
+        for code, path in record.masks.items():
+            ann.masks[code] = read_mask(path, expected_shape=rgb.shape[:2])
+        if record.masks:
+            ann.provenance["initial_masks"] = {c: str(p) for c, p in sorted(record.masks.items())}
+        from_project = False
+    return OpenedImage(
+        record=record,
+        rgb=rgb,
+        annotation=ann,
+        project_dir=project_dir,
+        from_project=from_project,
+        dataset_root=dataset.root if dataset is not None else None,
+    )
+
+
+def _resize_guard(ann: Annotation, rgb: np.ndarray) -> Annotation:
+    from .io.errors import RetinaInputError
+
+    raise RetinaInputError(
+        f"{ann.image_name}: the image is {rgb.shape[1]}x{rgb.shape[0]} but its annotation "
+        f"is {ann.shape[1]}x{ann.shape[0]}"
+    )
+
+
+# --- napari layer data ------------------------------------------------------------------
+
+
+def labels_colormap(code: str) -> dict:
+    les = lesion(code)
+    return {None: (0, 0, 0, 0), 0: (0, 0, 0, 0), les.label: les.colour}
+
+
+def _meta(opened: OpenedImage, role: str, **extra) -> dict:
+    info = {
+        "role": role,
+        "image": str(opened.record.image),
+        "project": str(opened.project_dir),
+        "dataset": str(opened.dataset_root) if opened.dataset_root else None,
+        **extra,
+    }
+    return {META_KEY: info}
+
+
+def layer_data(opened: OpenedImage) -> list[tuple]:
+    """napari LayerDataTuples: the RGB image, one Labels layer per lesion, the ellipses."""
+    ann = opened.annotation
+    out: list[tuple] = [
+        (opened.rgb, {"name": opened.stem, "rgb": True, "metadata": _meta(opened, "image")}, "image")
+    ]
+    for les in LESIONS:
+        data = ann.masks[les.code].astype(np.uint8) * np.uint8(les.label)
+        out.append(
+            (
+                data,
+                {
+                    "name": les.layer_name,
+                    "colormap": labels_colormap(les.code),
+                    "opacity": 0.7,
+                    "metadata": _meta(opened, "lesion", lesion=les.code),
+                },
+                "labels",
+            )
+        )
+    out.append(ellipses_layer_data(ann.ellipses, _meta(opened, "ellipses")))
+    return out
+
+
+def ellipses_layer_data(ef: EllipseFile, metadata: dict) -> tuple:
+    corners = [ellipse_to_corners(e) for e in ef.ellipses]
+    lesions_ = [e.lesion for e in ef.ellipses]
+    ids = [str(e.extra.get("id", "")) for e in ef.ellipses]
+    metadata = dict(metadata)
+    metadata[META_KEY] = dict(metadata[META_KEY], extras={i: _extra(e) for i, e in zip(ids, ef.ellipses) if i})
+    kwargs = {
+        "name": ELLIPSES_LAYER,
+        "shape_type": "ellipse",
+        # object columns: an empty float column would refuse the "EX" default
+        "features": {"lesion": np.array(lesions_, dtype=object), "id": np.array(ids, dtype=object)},
+        "feature_defaults": {"lesion": LESION_CODES[0], "id": ""},
+        "edge_color": [lesion(c).colour for c in lesions_] if lesions_ else lesion(LESION_CODES[0]).colour,
+        "face_color": "transparent",
+        "edge_width": 4,
+        "metadata": metadata,
+    }
+    return (corners, kwargs, "shapes")
+
+
+def _extra(e: Ellipse) -> dict:
+    return {k: v for k, v in e.extra.items() if k != "id"}
+
+
+def ellipses_from_shapes(
+    data: list[np.ndarray],
+    shape_types: list[str],
+    lesions_: list[str],
+    ids: list[str],
+    extras: dict[str, dict],
+    image_name: str,
+    file_extra: dict | None = None,
+) -> EllipseFile:
+    """Shapes layer content -> EllipseFile; shapes other than ellipses are ignored."""
+    ellipses = []
+    for corners, kind, code, eid in zip(data, shape_types, lesions_, ids):
+        if kind != "ellipse":
+            continue
+        extra = dict(extras.get(eid, {}))
+        if eid:
+            extra = {"id": eid, **extra}
+        e = corners_to_ellipse(np.asarray(corners)[:, -2:], code, extra)
+        ellipses.append(e)
+    return EllipseFile(image=image_name, ellipses=ellipses, extra=dict(file_extra or {}))

@@ -1,0 +1,754 @@
+"""The lesion annotator dock: lesion class, ellipses, display aids, counts, images, autosave.
+
+Painting, erasing and undo are napari's own Labels tools; this dock manages
+the layers (one Labels layer per lesion, one Shapes layer of ellipses),
+steps through a folder's images and autosaves into the annotation project
+folder. The GUI thread never waits on a disk write or an image decode.
+"""
+
+from __future__ import annotations
+
+import getpass
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+
+import napari
+import numpy as np
+from napari.layers import Image, Labels, Layer, Shapes
+from napari.qt.threading import thread_worker
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QObject, Qt, QTimer, Signal
+from qtpy.QtGui import QColor
+from qtpy.QtWidgets import (
+    QButtonGroup,
+    QComboBox,
+    QCheckBox,
+    QFileDialog,
+    QGridLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..fundus import enhance_contrast, field_of_view_mask, green_channel
+from ..io.datasets import Dataset, ImageRecord, open_dataset
+from ..io.ellipses import EllipseFile, new_id
+from ..io.errors import RetinaInputError
+from ..io.project import Annotation, ProjectFolder, now_iso
+from ..lesions import LESION_CODES, LESIONS, lesion
+from ..session import (
+    META_KEY,
+    OpenedImage,
+    ellipses_from_shapes,
+    layer_data,
+    open_record,
+)
+
+AUTOSAVE_TICK_MS = 1000  # a change reaches disk within about two ticks
+DISPLAY_MODES = ("colour", "green channel", "contrast-enhanced (CLAHE)")
+FOV_LAYER = "field of view"
+
+
+def _role(layer: Layer) -> str | None:
+    info = layer.metadata.get(META_KEY) if isinstance(layer.metadata, dict) else None
+    return info.get("role") if isinstance(info, dict) else None
+
+
+class _SaveSignals(QObject):
+    done = Signal(object)  # (project_dir, summary rows | None, error message | None)
+
+
+class LesionAnnotator(QWidget):
+    """Dock widget: pick the lesion class, draw ellipses, paint; everything is autosaved."""
+
+    def __init__(self, napari_viewer: napari.Viewer, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.opened: OpenedImage | None = None
+        self.dataset: Dataset | None = None
+        self.index = -1
+        self.project_root: Path | None = None  # None: `<stem>.retina/` beside each image
+        self.current = LESION_CODES[0]
+        self.fov: np.ndarray | None = None
+        self.summary: list[dict] = []
+        self.last_saved: datetime | None = None
+        self._saved_masks: dict[str, np.ndarray] = {}
+        self._saved_ellipses: list[dict] | None = None
+        self._extras: dict[str, dict] = {}
+        self._last_error: str | None = None
+        self._loading = False
+        self._pending: list[Future] = []
+        # one writer thread so successive saves of a project land in order
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-retina-save")
+        self._signals = _SaveSignals()
+        self._signals.done.connect(self._on_saved)
+        self._build_ui()
+        self._bind_keys()
+        self.viewer.layers.events.inserted.connect(self._on_layer_inserted)
+        self._timer = QTimer(self)
+        self._timer.setInterval(AUTOSAVE_TICK_MS)
+        self._timer.timeout.connect(self.autosave_tick)
+        self._timer.start()
+        self._adopt_layers()
+
+    # --- UI ----------------------------------------------------------------------------
+    def _build_ui(self) -> None:
+        lay = QVBoxLayout(self)
+        self.image_label = QLabel("Open a fundus image or a folder (File > Open)")
+        self.image_label.setWordWrap(True)
+        lay.addWidget(self.image_label)
+
+        box = QGroupBox("Lesion class")
+        grid = QGridLayout(box)
+        self.class_buttons = QButtonGroup(self)
+        self.class_buttons.setExclusive(True)
+        for i, les in enumerate(LESIONS):
+            b = QToolButton()
+            b.setText(f"{les.code}  {les.name}")
+            b.setToolTip(f"{les.layer_name} ({les.shortcut.replace('-', '+')})")
+            b.setCheckable(True)
+            b.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextOnly)
+            b.setStyleSheet(
+                f"QToolButton {{ border-left: 6px solid {les.colour}; padding: 3px; text-align: left; }}"
+                f"QToolButton:checked {{ background: {QColor(les.colour).darker(250).name()}; }}"
+            )
+            b.setSizePolicy(b.sizePolicy().horizontalPolicy().Expanding, b.sizePolicy().verticalPolicy())
+            self.class_buttons.addButton(b, i)
+            grid.addWidget(b, i // 2, i % 2)
+        self.class_buttons.idClicked.connect(lambda i: self.set_lesion(LESIONS[i].code))
+        tools = QHBoxLayout()
+        self.ellipse_button = QPushButton("Draw ellipse")
+        self.ellipse_button.clicked.connect(self.start_ellipse)
+        self.paint_button = QPushButton("Paint")
+        self.paint_button.clicked.connect(lambda: self.start_painting("paint"))
+        self.erase_button = QPushButton("Erase")
+        self.erase_button.clicked.connect(lambda: self.start_painting("erase"))
+        for b in (self.ellipse_button, self.paint_button, self.erase_button):
+            tools.addWidget(b)
+        grid.addLayout(tools, 3, 0, 1, 2)
+        lay.addWidget(box)
+
+        view = QGroupBox("Display")
+        vl = QHBoxLayout(view)
+        self.display_combo = QComboBox()
+        self.display_combo.addItems(DISPLAY_MODES)
+        self.display_combo.currentIndexChanged.connect(self._on_display_changed)
+        self.fov_check = QCheckBox("field of view")
+        self.fov_check.toggled.connect(self._on_fov_toggled)
+        vl.addWidget(self.display_combo)
+        vl.addWidget(self.fov_check)
+        lay.addWidget(view)
+
+        self.counts = QTableWidget(len(LESIONS), 3)
+        self.counts.setHorizontalHeaderLabels(["lesion", "count", "% of FOV"])
+        self.counts.verticalHeader().setVisible(False)
+        self.counts.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        self.counts.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        for i, les in enumerate(LESIONS):
+            item = QTableWidgetItem(les.layer_name)
+            item.setForeground(QColor(les.colour))
+            self.counts.setItem(i, 0, item)
+            self.counts.setItem(i, 1, QTableWidgetItem("0"))
+            self.counts.setItem(i, 2, QTableWidgetItem("0"))
+        self.counts.setMaximumHeight(28 * (len(LESIONS) + 1))
+        lay.addWidget(self.counts)
+
+        imgs = QGroupBox("Images (PageUp / PageDown)")
+        il = QVBoxLayout(imgs)
+        self.image_list = QListWidget()
+        self.image_list.setMaximumHeight(140)
+        self.image_list.itemActivated.connect(lambda item: self.go_to(self.image_list.row(item)))
+        il.addWidget(self.image_list)
+        nav = QHBoxLayout()
+        self.prev_button = QPushButton("< previous")
+        self.prev_button.clicked.connect(self.previous_image)
+        self.next_button = QPushButton("next >")
+        self.next_button.clicked.connect(self.next_image)
+        nav.addWidget(self.prev_button)
+        nav.addWidget(self.next_button)
+        il.addLayout(nav)
+        lay.addWidget(imgs)
+
+        proj = QGroupBox("Project (autosaved)")
+        pl = QGridLayout(proj)
+        pl.addWidget(QLabel("grader"), 0, 0)
+        self.grader_edit = QLineEdit(_user())
+        pl.addWidget(self.grader_edit, 0, 1)
+        self.project_label = QLabel("-")
+        self.project_label.setWordWrap(True)
+        self.project_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        pl.addWidget(self.project_label, 1, 0, 1, 2)
+        self.choose_button = QPushButton("Project folder...")
+        self.choose_button.setToolTip("Save projects under another folder instead of beside the images")
+        self.choose_button.clicked.connect(self._choose_project_root)
+        self.save_button = QPushButton("Save now")
+        self.save_button.clicked.connect(self.save)
+        pl.addWidget(self.choose_button, 2, 0)
+        pl.addWidget(self.save_button, 2, 1)
+        self.status_label = QLabel("")
+        self.status_label.setWordWrap(True)
+        pl.addWidget(self.status_label, 3, 0, 1, 2)
+        lay.addWidget(proj)
+        lay.addStretch(1)
+        self.class_buttons.button(0).setChecked(True)
+
+    def _bind_keys(self) -> None:
+        for les in LESIONS:
+            self.viewer.bind_key(les.shortcut, self._lesion_key(les.code), overwrite=True)
+        self.viewer.bind_key("PageDown", lambda v: self.next_image(), overwrite=True)
+        self.viewer.bind_key("PageUp", lambda v: self.previous_image(), overwrite=True)
+
+    def _lesion_key(self, code: str):
+        def switch(viewer):
+            self.set_lesion(code)
+
+        switch.__name__ = f"switch_to_{code}"
+        return switch
+
+    # --- layers ------------------------------------------------------------------------
+    def layers_with_role(self, role: str) -> list[Layer]:
+        return [l for l in self.viewer.layers if _role(l) == role]
+
+    @property
+    def image_layer(self) -> Image | None:
+        found = self.layers_with_role("image")
+        return found[0] if found else None
+
+    @property
+    def ellipses_layer(self) -> Shapes | None:
+        found = self.layers_with_role("ellipses")
+        return found[0] if found else None
+
+    def lesion_layer(self, code: str) -> Labels | None:
+        for l in self.layers_with_role("lesion"):
+            if l.metadata[META_KEY].get("lesion") == code:
+                return l
+        return None
+
+    def _on_layer_inserted(self, event) -> None:
+        if self.opened is None and not self._loading and _role(event.value) == "image":
+            # a reader added a fundus image after the dock was opened: wait for its lesion layers
+            QTimer.singleShot(0, self._adopt_layers)
+
+    def _adopt_layers(self) -> None:
+        """Take over layers the reader added (image, lesions, ellipses) and restore the project."""
+        img = self.image_layer
+        if img is None or self.opened is not None:
+            return
+        info = img.metadata[META_KEY]
+        image_path = Path(info["image"])
+        dataset = None
+        if info.get("dataset"):
+            try:
+                dataset = open_dataset(info["dataset"])
+            except OSError:
+                dataset = None
+        record = ImageRecord(image=image_path)
+        i = dataset.index_of(image_path) if dataset is not None else -1
+        if i >= 0:
+            record = dataset.records[i]
+        elif image_path.parent.name.endswith(".retina"):
+            record = ImageRecord(image=image_path, project=image_path.parent)
+        project_dir = Path(info["project"])
+        ann = Annotation.empty(image_path.name, img.data.shape[:2])
+        ann.source_table = {1: {"kind": "hand"}}
+        pf = ProjectFolder(project_dir)
+        if pf.exists():
+            try:  # restore the project's bookkeeping (provenance, model contributions)
+                stored = pf.load()
+                ann.provenance, ann.sources, ann.source_table = stored.provenance, stored.sources, stored.source_table
+                ann.ellipses.extra = stored.ellipses.extra
+            except RetinaInputError as e:
+                show_error(str(e))
+        self.opened = OpenedImage(
+            record=record,
+            rgb=np.asarray(img.data),
+            annotation=ann,
+            project_dir=project_dir,
+            from_project=pf.exists(),
+            dataset_root=dataset.root if dataset else None,
+        )
+        self.dataset = dataset
+        self.index = dataset.index_of(image_path) if dataset else 0
+        self._ensure_layers()
+        self.viewer.layers.selection.active = self.lesion_layer(self.current)
+        self._after_open(mark_saved=pf.exists())
+
+    def _ensure_layers(self) -> None:
+        """Create any lesion/ellipse layer the grader deleted or the reader did not make."""
+        op = self.opened
+        assert op is not None
+        missing = []
+        for data, kwargs, kind in layer_data(op):
+            role = kwargs["metadata"][META_KEY]["role"]
+            if role == "image":
+                continue
+            if role == "lesion" and self.lesion_layer(kwargs["metadata"][META_KEY]["lesion"]) is None:
+                # the layer's pixels come from the annotation (empty when adopting)
+                missing.append((data, kwargs, kind))
+            elif role == "ellipses" and self.ellipses_layer is None:
+                missing.append((data, kwargs, kind))
+        for item in missing:
+            self.viewer.add_layer(Layer.create(*item))
+        for les in LESIONS:
+            layer = self.lesion_layer(les.code)
+            if not getattr(layer, "_retina_connected", False):
+                layer.events.paint.connect(self._paint_handler(les.code))
+                layer._retina_connected = True
+            layer.selected_label = les.label
+        shapes = self.ellipses_layer
+        if not getattr(shapes, "_retina_connected", False):
+            shapes.events.data.connect(self._on_shapes_data)
+            shapes._retina_connected = True
+        info = shapes.metadata.get(META_KEY, {})
+        self._extras = dict(info.get("extras", {}))
+        self.set_lesion(self.current, activate=False)
+
+    def _after_open(self, mark_saved: bool) -> None:
+        op = self.opened
+        # what is shown now is the baseline: a project is only written once the grader edits,
+        # so browsing a read-only data set creates nothing
+        self._saved_masks = {c: self._layer_mask(c).copy() for c in LESION_CODES}
+        self._saved_ellipses = self._ellipse_dicts()
+        self.display_combo.blockSignals(True)
+        self.display_combo.setCurrentIndex(0)
+        self.display_combo.blockSignals(False)
+        self._refresh_list()
+        where = "restored from" if op.from_project else "will be saved in"
+        self.project_label.setText(f"{where} {op.project_dir}")
+        n = f" ({self.index + 1}/{len(self.dataset)})" if self.dataset else ""
+        self.image_label.setText(f"<b>{op.record.image.name}</b>{n}")
+        self.fov = None
+        self._compute_fov()  # the counts follow once the field of view is known
+
+    # --- lesion class and tools -----------------------------------------------------------
+    def set_lesion(self, code: str, activate: bool = True) -> None:
+        """Make `code` the active class: its Labels layer for painting, its colour for new ellipses."""
+        les = lesion(code)
+        self.current = les.code
+        self.class_buttons.button(LESION_CODES.index(les.code)).setChecked(True)
+        shapes = self.ellipses_layer
+        if shapes is not None:
+            shapes.feature_defaults["lesion"] = les.code
+            shapes.current_edge_color = les.colour
+        if not activate:
+            return
+        active = self.viewer.layers.selection.active
+        if shapes is not None and active is shapes and shapes.mode != "pan_zoom":
+            return  # drawing ellipses: keep drawing, in the new class
+        layer = self.lesion_layer(les.code)
+        if layer is not None:
+            mode = active.mode if isinstance(active, Labels) and _role(active) == "lesion" else None
+            self.viewer.layers.selection.active = layer
+            if mode in ("paint", "erase", "fill"):
+                layer.mode = mode
+
+    def start_ellipse(self) -> None:
+        shapes = self.ellipses_layer
+        if shapes is None:
+            return
+        self.viewer.layers.selection.active = shapes
+        self.set_lesion(self.current, activate=False)
+        shapes.mode = "add_ellipse"
+
+    def start_painting(self, mode: str) -> None:
+        layer = self.lesion_layer(self.current)
+        if layer is None:
+            return
+        self.viewer.layers.selection.active = layer
+        layer.selected_label = lesion(self.current).label
+        layer.mode = mode
+
+    def _on_shapes_data(self, event) -> None:
+        if getattr(event, "action", None) != "added":
+            return
+        shapes = self.ellipses_layer
+        feats = shapes.features
+        if "id" not in feats or "lesion" not in feats:
+            return
+        grader = self.grader_edit.text().strip() or _user()
+        colours = np.asarray(shapes.edge_color).copy()
+        for i in range(len(feats)):
+            if not feats.at[i, "id"] or str(feats.at[i, "id"]) == "nan":
+                eid = new_id()
+                feats.at[i, "id"] = eid
+                self._extras[eid] = {"author": grader, "created": now_iso()}
+                colours[i] = QColor(lesion(feats.at[i, "lesion"]).colour).getRgbF()
+        shapes.features = feats
+        shapes.edge_color = colours
+
+    def _paint_handler(self, code: str):
+        def on_paint(event) -> None:
+            op = self.opened
+            if op is None or code not in op.annotation.sources:
+                return  # a hand-only lesion needs no per-pixel bookkeeping
+            shape = op.annotation.shape
+            painted = np.zeros(shape, bool)
+            erased = np.zeros(shape, bool)
+            for atom in event.value:
+                if hasattr(atom, "slice_key"):  # mask-based atom (brush, fill)
+                    target = painted if atom.new_value else erased
+                    region = target[atom.slice_key]
+                    if atom.mask is None:
+                        region[...] = True
+                    else:
+                        region[atom.mask] = True
+                else:  # legacy (indices, old, new) atom
+                    idx, _, new = atom
+                    new = np.broadcast_to(np.asarray(new), np.asarray(idx[0]).shape)
+                    painted[tuple(np.asarray(i)[new != 0] for i in idx)] = True
+                    erased[tuple(np.asarray(i)[new == 0] for i in idx)] = True
+            op.annotation.mark_hand(code, painted, erased)
+
+        return on_paint
+
+    # --- display aids --------------------------------------------------------------------
+    def _on_display_changed(self, index: int) -> None:
+        op, layer = self.opened, self.image_layer
+        if op is None or layer is None:
+            return
+        mode = DISPLAY_MODES[index]
+        if mode == "colour":
+            layer.data = op.rgb
+            return
+        rgb = op.rgb
+
+        @thread_worker
+        def compute():
+            if mode == "green channel":
+                g = green_channel(rgb)
+                return np.repeat(g[..., None], 3, axis=2)
+            return enhance_contrast(rgb)
+
+        worker = compute()
+        worker.returned.connect(lambda data: self._show_view(rgb, data))
+        worker.errored.connect(lambda e: show_error(f"display: {e}"))
+        worker.start()
+
+    def _show_view(self, rgb: np.ndarray, data: np.ndarray) -> None:
+        layer = self.image_layer
+        if layer is not None and self.opened is not None and self.opened.rgb is rgb:
+            layer.data = data
+
+    def _compute_fov(self) -> None:
+        op = self.opened
+        rgb = op.rgb
+
+        @thread_worker
+        def compute():
+            return field_of_view_mask(rgb)
+
+        worker = compute()
+        worker.returned.connect(lambda fov: self._set_fov(rgb, fov))
+        worker.errored.connect(lambda e: show_error(f"field of view: {e}"))
+        worker.start()
+
+    def _set_fov(self, rgb: np.ndarray, fov: np.ndarray) -> None:
+        if self.opened is None or self.opened.rgb is not rgb:
+            return  # the grader already moved on
+        self.fov = fov
+        self._on_fov_toggled(self.fov_check.isChecked())
+        self._update_counts_from_masks()
+
+    def _on_fov_toggled(self, on: bool) -> None:
+        existing = [l for l in self.viewer.layers if _role(l) == "fov"]
+        for l in existing:
+            self.viewer.layers.remove(l)
+        if on and self.fov is not None:
+            layer = self.viewer.add_labels(
+                self.fov.astype(np.uint8),
+                name=FOV_LAYER,
+                opacity=0.8,
+                metadata={META_KEY: {"role": "fov"}},
+            )
+            layer.contour = 6
+            layer.editable = False
+            self.viewer.layers.move(self.viewer.layers.index(layer), 1)
+
+    # --- counts --------------------------------------------------------------------------
+    def _update_counts_from_masks(self) -> None:
+        if self.opened is None:
+            return
+        masks = {c: self._layer_mask(c) for c in LESION_CODES if self.lesion_layer(c) is not None}
+        fov = self.fov
+
+        @thread_worker
+        def compute():
+            from ..fundus import lesion_summary
+
+            return lesion_summary(masks, fov)
+
+        worker = compute()
+        worker.returned.connect(self._show_counts)
+        worker.start()
+
+    def _show_counts(self, rows: list[dict]) -> None:
+        self.summary = rows
+        for i, row in enumerate(rows):
+            self.counts.item(i, 1).setText(str(row["count"]))
+            self.counts.item(i, 2).setText(f"{row['area_pct_fov']:.3f}")
+
+    # --- images of a folder ----------------------------------------------------------------
+    def _refresh_list(self) -> None:
+        self.image_list.blockSignals(True)
+        self.image_list.clear()
+        if self.dataset is not None:
+            for r in self.dataset.records:
+                self.image_list.addItem(r.image.name)
+            self.image_list.setCurrentRow(self.index)
+        elif self.opened is not None:
+            self.image_list.addItem(self.opened.record.image.name)
+            self.image_list.setCurrentRow(0)
+        self.image_list.blockSignals(False)
+        many = self.dataset is not None and len(self.dataset) > 1
+        self.prev_button.setEnabled(many and self.index > 0)
+        self.next_button.setEnabled(many and self.index < len(self.dataset) - 1)
+
+    def next_image(self) -> None:
+        if self.dataset is not None and self.index < len(self.dataset) - 1:
+            self.go_to(self.index + 1)
+
+    def previous_image(self) -> None:
+        if self.dataset is not None and self.index > 0:
+            self.go_to(self.index - 1)
+
+    def go_to(self, index: int) -> None:
+        """Save the current image (in the background) and open another one of the folder."""
+        if self.dataset is None or not 0 <= index < len(self.dataset) or self._loading:
+            return
+        if index == self.index and self.opened is not None:
+            return
+        self.save()
+        record = self.dataset.records[index]
+        self._loading = True
+        self.status_label.setText(f"opening {record.image.name}...")
+        dataset, root = self.dataset, self.project_root
+
+        @thread_worker
+        def load():
+            return open_record(record, project_root=root, dataset=dataset)
+
+        worker = load()
+        worker.returned.connect(lambda opened: self._show_opened(opened, index))
+        worker.errored.connect(self._load_failed)
+        worker.start()
+
+    def open_path(self, path: str | Path) -> None:
+        """Open an image or a folder in this dock (used by the CLI)."""
+        path = Path(path)
+        if path.is_dir():
+            ds = open_dataset(path)
+            if ds is None:
+                show_error(f"{path}: no fundus images found")
+                return
+            self.dataset, self.index, self.opened = ds, -1, None
+            self.go_to(0)
+            return
+        ds = open_dataset(path.parent)
+        self.dataset = ds
+        i = ds.index_of(path) if ds is not None else -1
+        if ds is None or i < 0:
+            self.dataset = Dataset(path.parent, "flat", [ImageRecord(image=path)])
+            i = 0
+        self.index = -1
+        self.go_to(i)
+
+    def _load_failed(self, exc: Exception) -> None:
+        self._loading = False
+        msg = str(exc) if isinstance(exc, RetinaInputError) else f"cannot open: {exc}"
+        show_error(msg)
+        self.status_label.setText(msg)
+
+    def _show_opened(self, opened: OpenedImage, index: int) -> None:
+        """Replace the previous image's layers (its save is already queued)."""
+        try:
+            for layer in list(self.viewer.layers):
+                if _role(layer) in ("image", "lesion", "ellipses", "fov"):
+                    self.viewer.layers.remove(layer)
+            self.opened = opened
+            self.index = index
+            for item in layer_data(opened):
+                self.viewer.add_layer(Layer.create(*item))
+            self.viewer.layers.selection.active = self.lesion_layer(self.current)
+            self._ensure_layers()
+            self._after_open(mark_saved=opened.from_project)
+            self.viewer.reset_view()
+            self.status_label.setText("restored" if opened.from_project else "new annotation")
+        finally:
+            self._loading = False
+
+    # --- saving --------------------------------------------------------------------------
+    def _layer_mask(self, code: str) -> np.ndarray:
+        layer = self.lesion_layer(code)
+        if layer is None:
+            return self.opened.annotation.masks[code]
+        return np.asarray(layer.data) != 0
+
+    def _ellipse_dicts(self) -> list[dict]:
+        return [e.to_dict() for e in self._ellipse_file().ellipses]
+
+    def _ellipse_file(self) -> EllipseFile:
+        op = self.opened
+        shapes = self.ellipses_layer
+        if shapes is None or len(shapes.data) == 0:
+            return EllipseFile(image=op.record.image.name, ellipses=[], extra=op.annotation.ellipses.extra)
+        feats = shapes.features
+        return ellipses_from_shapes(
+            list(shapes.data),
+            list(shapes.shape_type),
+            [str(x) for x in feats["lesion"]],
+            [str(x) for x in feats["id"]],
+            self._extras,
+            op.record.image.name,
+            op.annotation.ellipses.extra,
+        )
+
+    def changed_lesions(self) -> set[str]:
+        """Lesions whose Labels layer differs from what was last saved."""
+        if self.opened is None:
+            return set()
+        out = set()
+        for code in LESION_CODES:
+            layer = self.lesion_layer(code)
+            if layer is None:
+                continue
+            saved = self._saved_masks.get(code)
+            data = np.asarray(layer.data)
+            # comparing 12 Mpx takes a few ms and catches every edit, undo and redo included
+            if saved is None or saved.shape != data.shape or not np.array_equal(saved, data != 0):
+                out.add(code)
+        return out
+
+    def has_unsaved_changes(self) -> bool:
+        if self.opened is None:
+            return False
+        return bool(self.changed_lesions()) or self._ellipse_dicts() != self._saved_ellipses
+
+    def autosave_tick(self) -> None:
+        if self.opened is None or self._loading or any(not f.done() for f in self._pending):
+            return
+        try:
+            if self.has_unsaved_changes():
+                self.save()
+        except Exception as e:  # a malformed shape must not stop autosave for good
+            self._report_error(f"autosave: {e}")
+
+    def save(self) -> Future | None:
+        """Queue a save of the current image's annotation; returns its Future."""
+        op = self.opened
+        if op is None:
+            return None
+        changed = self.changed_lesions()
+        ann = op.annotation
+        snapshot = Annotation(
+            image_name=ann.image_name,
+            shape=ann.shape,
+            masks={c: self._layer_mask(c).copy() for c in LESION_CODES},
+            ellipses=self._ellipse_file(),
+            provenance=dict(ann.provenance),
+            sources={c: m.copy() for c, m in ann.sources.items()},
+            source_table=dict(ann.source_table),
+        )
+        # what is on disk once this save lands
+        self._saved_masks = {c: m.copy() for c, m in snapshot.masks.items()}
+        self._saved_ellipses = [e.to_dict() for e in snapshot.ellipses.ellipses]
+        grader = self.grader_edit.text().strip() or _user()
+        fov_area = int(self.fov.sum()) if self.fov is not None else None
+        project_dir, image, rgb = op.project_dir, op.record.image, op.rgb
+        fov = self.fov
+        first = not ProjectFolder(project_dir).exists()
+        lesions = None if first else changed
+
+        def write():
+            from ..fundus import lesion_summary
+
+            try:
+                pf = ProjectFolder(project_dir)
+                if not pf.exists():
+                    pf = ProjectFolder.create(project_dir, image, grader=grader)
+                pf.save(snapshot, rgb=rgb, fov_area_px=fov_area, lesions=lesions, grader=grader)
+                rows = lesion_summary(snapshot.masks, fov)
+                self._signals.done.emit((project_dir, rows, None))
+            except RetinaInputError as e:
+                self._signals.done.emit((project_dir, None, str(e)))
+            except Exception as e:  # never a traceback dialog from a background save
+                self._signals.done.emit((project_dir, None, f"saving {project_dir.name} failed: {e}"))
+
+        fut = self._writer.submit(write)
+        self._pending = [f for f in self._pending if not f.done()] + [fut]
+        self.status_label.setText("saving...")
+        return fut
+
+    def _on_saved(self, result) -> None:
+        project_dir, rows, error = result
+        if error is not None:
+            # keep the edits: mark everything unsaved so the next tick tries again
+            self._saved_masks, self._saved_ellipses = {}, None
+            self._report_error(error)
+            return
+        self._last_error = None
+        self.last_saved = datetime.now()
+        if self.opened is not None and self.opened.project_dir == project_dir:
+            self.opened.from_project = True
+            self.project_label.setText(f"saved in {project_dir}")
+            if rows is not None:
+                self._show_counts(rows)
+        self.status_label.setText(f"saved {self.last_saved:%H:%M:%S}")
+
+    def _report_error(self, message: str) -> None:
+        self.status_label.setText(f"NOT SAVED: {message}")
+        if message != self._last_error:  # one notification per problem, not one per tick
+            show_error(f"{message} (your edits are kept; choose another project folder)")
+            self._last_error = message
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Write everything now and wait (closing napari, tests, CLI)."""
+        if self.has_unsaved_changes():
+            self.save()
+        for f in list(self._pending):
+            f.result(timeout=timeout)
+        from qtpy.QtWidgets import QApplication
+
+        QApplication.processEvents()
+
+    def _choose_project_root(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Save annotation projects under")
+        if folder:
+            self.set_project_root(folder)
+
+    def set_project_root(self, folder: str | Path) -> None:
+        """Save this and the following images' projects under `folder` instead."""
+        self.project_root = Path(folder)
+        if self.opened is not None:
+            self.opened.project_dir = self.project_root / f"{self.opened.record.image.stem}.retina"
+            self.opened.from_project = False
+            self._saved_masks, self._saved_ellipses = {}, None
+            self._last_error = None
+            self.project_label.setText(f"will be saved in {self.opened.project_dir}")
+            self.save()
+
+    def closeEvent(self, event) -> None:
+        self._timer.stop()
+        try:
+            self.flush()
+        except Exception as e:
+            show_error(f"saving on close failed: {e}")
+        self._writer.shutdown(wait=True)
+        super().closeEvent(event)
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name in some containers
+        return ""

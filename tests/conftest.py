@@ -1,0 +1,93 @@
+"""Small synthetic fundus data sets made on the fly (nothing is read from ../shared)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+H, W = 96, 128
+
+
+def fundus_rgb(seed: int = 0, h: int = H, w: int = W) -> np.ndarray:
+    """A dark surround with an orange disc, a bright optic disc and some noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    disc = (yy - h / 2) ** 2 + (xx - w / 2) ** 2 <= (0.45 * h) ** 2
+    img = np.zeros((h, w, 3), np.uint8)
+    img[disc] = (170, 70, 30)
+    od = (yy - h / 2) ** 2 + (xx - w * 0.7) ** 2 <= 36
+    img[od] = (250, 220, 160)
+    noise = rng.integers(0, 12, size=(h, w, 3), dtype=np.uint8)
+    return np.where(disc[..., None], img + noise, img).astype(np.uint8)
+
+
+def blob_mask(centres, radius=3, h: int = H, w: int = W) -> np.ndarray:
+    yy, xx = np.mgrid[:h, :w]
+    m = np.zeros((h, w), bool)
+    for r, c in centres:
+        m |= (yy - r) ** 2 + (xx - c) ** 2 <= radius**2
+    return m
+
+
+def write_palette_mask(path: Path, mask: np.ndarray) -> None:
+    """An IDRiD-style 1-bit palette TIFF made with PIL."""
+    im = Image.fromarray(mask.astype(np.uint8)).convert("P")
+    im.putpalette([0, 0, 0, 255, 0, 0] + [0, 0, 0] * 254)
+    im.save(path, compression="tiff_lzw")
+
+
+def write_rgba_mask(path: Path, mask: np.ndarray) -> None:
+    """The test-split form: RGBA, lesion where red is 255, alpha 255 everywhere."""
+    rgba = np.zeros(mask.shape + (4,), np.uint8)
+    rgba[mask, 0] = 255
+    rgba[..., 3] = 255
+    Image.fromarray(rgba, mode="RGBA").save(path, compression="tiff_lzw")
+
+
+EX_BLOBS = [(30, 40), (60, 50)]
+HE_BLOBS = [(50, 90)]
+
+
+@pytest.fixture
+def flat_folder(tmp_path) -> Path:
+    """Two images in the flat layout; the first has EX and HE masks beside it."""
+    d = tmp_path / "flat"
+    d.mkdir()
+    for i in (1, 2):
+        Image.fromarray(fundus_rgb(i)).save(d / f"IDRiD_{i:02d}.jpg", quality=95)
+    write_palette_mask(d / "IDRiD_01_EX.tif", blob_mask(EX_BLOBS))
+    write_palette_mask(d / "IDRiD_01_HE.tif", blob_mask(HE_BLOBS))
+    return d
+
+
+@pytest.fixture
+def idrid_folder(tmp_path) -> Path:
+    """The official IDRiD layout with a training and a testing split (RGBA masks in the latter)."""
+    root = tmp_path / "IDRiD"
+    imgs = root / "1. Original Images"
+    gts = root / "2. All Segmentation Groundtruths"
+    for split, stems in (("a. Training Set", ["IDRiD_01", "IDRiD_02"]), ("b. Testing Set", ["IDRiD_55"])):
+        (imgs / split).mkdir(parents=True)
+        for k, stem in enumerate(stems):
+            Image.fromarray(fundus_rgb(k)).save(imgs / split / f"{stem}.jpg", quality=95)
+        ex = gts / split / "3. Hard Exudates"
+        ma = gts / split / "1. Microaneurysms"
+        ex.mkdir(parents=True)
+        ma.mkdir(parents=True)
+        if split.startswith("a"):
+            write_palette_mask(ex / "IDRiD_01_EX.tif", blob_mask(EX_BLOBS))
+            write_palette_mask(ma / "IDRiD_02_MA.tif", blob_mask([(20, 30)], radius=1))
+        else:
+            write_rgba_mask(ex / "IDRiD_55_EX.tif", blob_mask(HE_BLOBS))
+    return root
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    # napari's make_napari_viewer fixture reads item.rep_call at teardown
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)

@@ -1,0 +1,35 @@
+"""python -m training <model> ...: retrain one of napari-retina's models.
+
+Recipes are modules of `training.recipes` with a `main(argv)`; later work
+adds the refiner, exudate and microaneurysm recipes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+
+from . import recipes
+
+
+def available() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(recipes.__path__) if not m.name.startswith("_"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    models = available()
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m training <model> [options]")
+        print("models: " + (", ".join(models) if models else "(none installed yet)"))
+        return 0 if argv else 2
+    name = argv[0]
+    if name not in models:
+        print(f"training: error: unknown model {name!r}; available: {', '.join(models) or 'none'}", file=sys.stderr)
+        return 2
+    return int(importlib.import_module(f"training.recipes.{name}").main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

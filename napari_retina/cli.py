@@ -14,7 +14,7 @@ from pathlib import Path
 from . import __version__
 from .io.errors import RetinaInputError
 
-SUBCOMMANDS = ("open",)
+SUBCOMMANDS = ("open", "refine", "evaluate")
 EXIT_USAGE = 2
 
 
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="A bare PATH means `open PATH`; no arguments open the IDRiD sample.",
     )
     p.add_argument("--version", action="version", version=f"napari-retina {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{open}")
+    sub = p.add_subparsers(dest="command", metavar="{open,refine,evaluate}")
     o = sub.add_parser(
         "open",
         help="open a fundus image, an IDRiD-layout folder or an annotation project in napari",
@@ -43,6 +43,32 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("path", nargs="?", help="image (.jpg .png .tif), folder or <stem>.retina project; default: IDRiD sample")
     o.add_argument("--project-root", metavar="DIR", help="save annotation projects under DIR instead of beside the images")
     o.add_argument("--grader", metavar="NAME", help="grader name recorded in provenance.json")
+    r = sub.add_parser(
+        "refine",
+        help="turn coarse ellipses into pixel masks (writes <stem>_<LESION>.tif)",
+        description="Refine the ellipses of FILE.json on IMAGE into binary masks in DIR.",
+    )
+    r.add_argument("image", help="fundus image")
+    r.add_argument("--ellipses", required=True, metavar="FILE.json", help="ellipse JSON")
+    r.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    r.add_argument("--model", metavar="DIR", help="refiner model folder (default: the shipped one)")
+    r.add_argument("--threshold", type=float, help="probability threshold (default: the model's)")
+    r.add_argument("--superpixels", choices=("on", "off"), help="superpixel-guided prototype weighting (default: the model's)")
+    e = sub.add_parser("evaluate", help="score a model on an IDRiD-layout folder (prints JSON)")
+    esub = e.add_subparsers(dest="what", metavar="{refine}")
+    er = esub.add_parser(
+        "refine",
+        help="coarse ellipse refinement: image-level IoU per lesion (paper Table 1) and latency",
+        description="Simulate coarse ellipses from the fine masks of DIR, refine them and print JSON.",
+    )
+    er.add_argument("--data", required=True, metavar="DIR", help="IDRiD-layout (official or flat) or project folder")
+    er.add_argument("--reduction", type=float, default=1.0, help="ellipses = connected lesions / reduction (default 1.0)")
+    er.add_argument("--model", metavar="DIR", help="refiner model folder (default: the shipped one)")
+    er.add_argument("--baseline", metavar="DIR", help="baseline (non-prototypical) model folder to compare")
+    er.add_argument("--split", choices=("val", "all"), default="all", help="val: only the model card's validation images")
+    er.add_argument("--seed", type=int, default=0)
+    er.add_argument("--limit", type=int, help="only the first N images")
+    er.add_argument("--out", metavar="FILE.json", help="also write the JSON here")
     return p
 
 
@@ -98,12 +124,80 @@ def cmd_open(args) -> int:
     return 0
 
 
+def cmd_refine(args) -> int:
+    import numpy as np
+
+    from .io.ellipses import load_ellipses
+    from .io.images import read_fundus
+    from .io.masks import write_mask
+    from .models.refiner import EllipseRefiner
+
+    image = Path(args.image)
+    if not image.is_file():
+        raise CliError(f"{image}: no such file")
+    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
+        raise CliError(f"--threshold must lie between 0 and 1, not {args.threshold}")
+    ef = load_ellipses(args.ellipses)
+    rgb = read_fundus(image)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CliError(f"cannot create {out}: {e.strerror or e}") from None
+    refiner = EllipseRefiner(args.model)
+    sp = None if args.superpixels is None else args.superpixels == "on"
+    written = []
+    for code in sorted({e.lesion for e in ef.ellipses}):
+        ellipses = [e for e in ef.ellipses if e.lesion == code]
+        mask = refiner.refine_mask(rgb, ellipses, threshold=args.threshold, superpixels=sp)
+        path = out / f"{image.stem}_{code}.tif"
+        write_mask(path, mask)
+        written.append(f"{path} ({len(ellipses)} ellipses, {int(np.count_nonzero(mask))} px)")
+    print("\n".join(written) if written else f"{args.ellipses}: no ellipses to refine")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import json
+
+    if args.what != "refine":
+        raise CliError("evaluate what? available: refine")
+    from .evaluation import evaluate_refine
+
+    data = Path(args.data)
+    if not data.is_dir():
+        raise CliError(f"{data}: not a folder")
+    if args.reduction < 1.0:
+        raise CliError(f"--reduction must be at least 1.0, not {args.reduction}")
+    result = evaluate_refine(
+        data,
+        model_dir=args.model,
+        baseline_dir=args.baseline,
+        reduction=args.reduction,
+        split=args.split,
+        seed=args.seed,
+        limit=args.limit,
+        progress=lambda k, n, stem: print(f"[{k}/{n}] {stem}", file=sys.stderr, flush=True),
+    )
+    text = json.dumps(result, indent=2)
+    if args.out:
+        from .io.atomic import atomic_write_text
+
+        atomic_write_text(args.out, text + "\n")
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(_normalise_argv(argv))
     try:
         if args.command == "open":
             return cmd_open(args)
+        if args.command == "refine":
+            return cmd_refine(args)
+        if args.command == "evaluate":
+            return cmd_evaluate(args)
         build_parser().print_help()
         return EXIT_USAGE
     except (CliError, RetinaInputError) as e:

@@ -33,6 +33,7 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QListWidget,
     QPushButton,
+    QSlider,
     QTableWidget,
     QTableWidgetItem,
     QToolButton,
@@ -42,7 +43,7 @@ from qtpy.QtWidgets import (
 
 from ..fundus import enhance_contrast, field_of_view_mask, green_channel
 from ..io.datasets import Dataset, ImageRecord, open_dataset
-from ..io.ellipses import EllipseFile, new_id
+from ..io.ellipses import Ellipse, EllipseFile, load_ellipses, new_id
 from ..io.errors import RetinaInputError
 from ..io.project import Annotation, ProjectFolder, now_iso
 from ..lesions import LESION_CODES, LESIONS, lesion
@@ -53,6 +54,7 @@ from ..session import (
     layer_data,
     open_record,
 )
+from .refine import EllipseRefinement
 
 AUTOSAVE_TICK_MS = 1000  # a change reaches disk within about two ticks
 DISPLAY_MODES = ("colour", "green channel", "contrast-enhanced (CLAHE)")
@@ -71,8 +73,9 @@ class _SaveSignals(QObject):
 class LesionAnnotator(QWidget):
     """Dock widget: pick the lesion class, draw ellipses, paint; everything is autosaved."""
 
-    def __init__(self, napari_viewer: napari.Viewer, parent: QWidget | None = None):
+    def __init__(self, napari_viewer: napari.Viewer, parent: QWidget | None = None, model_dir=None):
         super().__init__(parent)
+        self.refinement = EllipseRefinement(self, model_dir=model_dir)
         self.viewer = napari_viewer
         self.opened: OpenedImage | None = None
         self.dataset: Dataset | None = None
@@ -99,7 +102,9 @@ class LesionAnnotator(QWidget):
         self._timer.setInterval(AUTOSAVE_TICK_MS)
         self._timer.timeout.connect(self.autosave_tick)
         self._timer.start()
+        self.refinement.model_ready.connect(self._on_model_ready)
         self._adopt_layers()
+        self.refinement.load_model()  # in the background: the first ellipse is then refined at once
 
     # --- UI ----------------------------------------------------------------------------
     def _build_ui(self) -> None:
@@ -137,6 +142,38 @@ class LesionAnnotator(QWidget):
             tools.addWidget(b)
         grid.addLayout(tools, 3, 0, 1, 2)
         lay.addWidget(box)
+
+        ref = QGroupBox("Ellipse refinement")
+        rl = QGridLayout(ref)
+        self.auto_refine = QCheckBox("refine ellipses at once")
+        self.auto_refine.setChecked(True)
+        self.auto_refine.toggled.connect(self._on_auto_refine)
+        self.superpixel_check = QCheckBox("superpixel weighting")
+        self.superpixel_check.toggled.connect(self._on_superpixels)
+        rl.addWidget(self.auto_refine, 0, 0)
+        rl.addWidget(self.superpixel_check, 0, 1)
+        self.threshold_slider = QSlider(Qt.Orientation.Horizontal)
+        self.threshold_slider.setRange(5, 95)
+        self.threshold_slider.setValue(50)
+        self.threshold_slider.setToolTip("probability threshold (live preview on this session's ellipses)")
+        self.threshold_label = QLabel("threshold 0.50")
+        self.threshold_slider.valueChanged.connect(self._on_threshold)
+        rl.addWidget(self.threshold_label, 1, 0)
+        rl.addWidget(self.threshold_slider, 1, 1)
+        self.refine_all_button = QPushButton("Refine all")
+        self.refine_all_button.setToolTip("refine every ellipse again (e.g. ellipses loaded from a file)")
+        self.refine_all_button.clicked.connect(self.refine_all)
+        self.import_button = QPushButton("Import ellipses...")
+        self.import_button.clicked.connect(self._choose_ellipse_file)
+        self.accept_button = QPushButton("Accept proposals")
+        self.accept_button.setToolTip("keep the active lesion's model pixels as the grader's own")
+        self.accept_button.clicked.connect(lambda: self.accept_proposals(self.current))
+        rl.addWidget(self.refine_all_button, 2, 0)
+        rl.addWidget(self.import_button, 2, 1)
+        rl.addWidget(self.accept_button, 3, 0, 1, 2)
+        self.model_label = QLabel("loading the refinement model...")
+        rl.addWidget(self.model_label, 4, 0, 1, 2)
+        lay.addWidget(ref)
 
         view = QGroupBox("Display")
         vl = QHBoxLayout(view)
@@ -328,6 +365,7 @@ class LesionAnnotator(QWidget):
         self.project_label.setText(f"{where} {op.project_dir}")
         n = f" ({self.index + 1}/{len(self.dataset)})" if self.dataset else ""
         self.image_label.setText(f"<b>{op.record.image.name}</b>{n}")
+        self.refinement.reset(self.current_ellipses())
         self.fov = None
         self._compute_fov()  # the counts follow once the field of view is known
 
@@ -370,8 +408,13 @@ class LesionAnnotator(QWidget):
         layer.mode = mode
 
     def _on_shapes_data(self, event) -> None:
-        if getattr(event, "action", None) != "added":
-            return
+        action = str(getattr(event, "action", ""))
+        if action in ("added", "ActionType.ADDED"):
+            self._label_new_shapes()
+        if action.lower().endswith(("added", "changed", "removed")) and not self._loading:
+            self.refinement.sync(self.current_ellipses())
+
+    def _label_new_shapes(self) -> None:
         shapes = self.ellipses_layer
         feats = shapes.features
         if "id" not in feats or "lesion" not in feats:
@@ -411,6 +454,92 @@ class LesionAnnotator(QWidget):
             op.annotation.mark_hand(code, painted, erased)
 
         return on_paint
+
+    # --- refinement ----------------------------------------------------------------------
+    def current_ellipses(self) -> dict[str, Ellipse]:
+        if self.opened is None or self.ellipses_layer is None:
+            return {}
+        return {str(e.extra.get("id")): e for e in self._ellipse_file().ellipses if e.extra.get("id")}
+
+    def refine_all(self) -> None:
+        self.refinement.refine_all(self.current_ellipses())
+
+    def accept_proposals(self, code: str) -> int:
+        n = self.refinement.accept(code)
+        if n:
+            show_info(f"{n} proposed {lesion(code).name} pixels accepted")
+        return n
+
+    def mark_sources_changed(self, code: str) -> None:
+        """Source bookkeeping changed without a pixel change: save it anyway."""
+        self._saved_masks.pop(code, None)
+
+    def _on_auto_refine(self, on: bool) -> None:
+        self.refinement.enabled = on
+        if on:
+            self.refinement.sync(self.current_ellipses())
+
+    def _on_superpixels(self, on: bool) -> None:
+        self.refinement.superpixels = on
+
+    def _on_threshold(self, value: int) -> None:
+        t = value / 100.0
+        self.threshold_label.setText(f"threshold {t:.2f}")
+        self.refinement.set_threshold(t)
+
+    def _on_model_ready(self, refiner) -> None:
+        self.model_label.setText(f"model: refiner {refiner.version}")
+        self.superpixel_check.blockSignals(True)
+        self.superpixel_check.setChecked(bool(refiner.superpixels))
+        self.superpixel_check.blockSignals(False)
+        self.threshold_slider.blockSignals(True)
+        self.threshold_slider.setValue(int(round(refiner.threshold * 100)))
+        self.threshold_label.setText(f"threshold {refiner.threshold:.2f}")
+        self.threshold_slider.blockSignals(False)
+
+    def _choose_ellipse_file(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Import ellipses", "", "Ellipse JSON (*.json)")
+        if path:
+            self.import_ellipses(path)
+
+    def import_ellipses(self, path: str | Path, refine: bool = False) -> int:
+        """Add the ellipses of an ellipse JSON file; "Refine all" (or `refine`) turns them into masks."""
+        try:
+            ef = load_ellipses(path)
+        except RetinaInputError as e:
+            show_error(str(e))
+            return 0
+        shapes = self.ellipses_layer
+        if shapes is None or self.opened is None:
+            return 0
+        from ..io.ellipses import ellipse_to_corners
+
+        was = self.refinement.enabled
+        self.refinement.enabled = refine
+        try:
+            for e in ef.ellipses:
+                eid = str(e.extra.get("id") or new_id())
+                if eid in self._extras or eid in set(map(str, shapes.features["id"])):
+                    eid = new_id()  # ids are unique per image
+                self._extras[eid] = {k: v for k, v in e.extra.items() if k != "id"}
+                shapes.feature_defaults["lesion"] = e.lesion
+                shapes.feature_defaults["id"] = eid
+                shapes.current_edge_color = lesion(e.lesion).colour
+                shapes.add(ellipse_to_corners(e), shape_type="ellipse")
+        finally:
+            shapes.feature_defaults["id"] = ""
+            self.refinement.enabled = was
+            self.set_lesion(self.current, activate=False)
+        if not refine:
+            # loaded, not refined: "Refine all" does it on request
+            self.refinement.known.update({k: v for k, v in self._keys().items() if k not in self.refinement.known})
+        show_info(f"{len(ef.ellipses)} ellipses imported from {Path(path).name}")
+        return len(ef.ellipses)
+
+    def _keys(self) -> dict:
+        from .refine import _key
+
+        return {k: _key(e) for k, e in self.current_ellipses().items()}
 
     # --- display aids --------------------------------------------------------------------
     def _on_display_changed(self, index: int) -> None:

@@ -1,0 +1,134 @@
+"""Ellipse refinement in the annotator: draw -> pixels inside; delete -> gone, hand strokes stay."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from qtpy.QtCore import Qt
+
+from napari_retina.io.ellipses import Ellipse, EllipseFile, ellipse_to_corners, rasterize_ellipse, save_ellipses
+from napari_retina.models.folder import write_model_folder
+from napari_retina.nets.refiner import RefinerNet
+from napari_retina.widgets.annotator import LesionAnnotator
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A real (untrained, seeded) refinement network in a real model folder."""
+    torch.manual_seed(0)
+    net = RefinerNet(base_channels=8, fused_channels=16)
+    folder = tmp_path_factory.mktemp("model")
+    cfg = {"net": net.config(), "geometry": {"size": 128}, "threshold": 0.5, "version": "test-0"}
+    return write_model_folder(folder, net.state_dict(), cfg, "test model {sha256}")
+
+
+@pytest.fixture
+def annotator(make_napari_viewer, qtbot, flat_folder, model_dir):
+    viewer = make_napari_viewer()
+    viewer.open(str(flat_folder / "IDRiD_02.jpg"), plugin="napari-retina")
+    widget = LesionAnnotator(viewer, model_dir=model_dir)
+    viewer.window.add_dock_widget(widget)
+    qtbot.waitUntil(lambda: widget.refinement.refiner is not None, timeout=20000)
+    yield viewer, widget
+    widget.flush()
+    widget._timer.stop()
+
+
+def _draw(widget, e):
+    widget.set_lesion(e.lesion, activate=False)
+    widget.ellipses_layer.add(ellipse_to_corners(e), shape_type="ellipse")
+
+
+def test_drawn_ellipse_is_refined_inside_it_and_delete_keeps_hand_pixels(annotator, qtbot, flat_folder):
+    viewer, widget = annotator
+    e = Ellipse("HE", (60.0, 45.0), (14.0, 8.0), 20.0)
+    with qtbot.waitSignal(widget.refinement.refined, timeout=10000):
+        _draw(widget, e)
+    layer = widget.lesion_layer("HE")
+    inside = rasterize_ellipse(e, layer.data.shape)
+    got = layer.data != 0
+    assert got.any() and not (got & ~inside).any()
+    # a hand stroke beside the ellipse
+    layer.brush_size = 3
+    layer.paint((45, 90), 2)
+    hand = (layer.data != 0) & ~inside
+    assert hand.sum() > 0
+    # delete the ellipse: its pixels go, the stroke stays
+    shapes = widget.ellipses_layer
+    shapes.selected_data = {0}
+    shapes.remove_selected()
+    assert not (layer.data[inside] != 0).any()
+    np.testing.assert_array_equal((layer.data != 0), hand)
+
+
+def test_hand_pixels_survive_deleting_an_ellipse_after_reopening(annotator, qtbot, flat_folder, make_napari_viewer, model_dir):
+    viewer, widget = annotator
+    e = Ellipse("EX", (40.0, 50.0), (12.0, 9.0), 0.0)
+    with qtbot.waitSignal(widget.refinement.refined, timeout=10000):
+        _draw(widget, e)
+    layer = widget.lesion_layer("EX")
+    inside = rasterize_ellipse(e, layer.data.shape)
+    model_px = (layer.data != 0) & inside
+    assert model_px.any()
+    # a stroke of single pixels across the ellipse's edge: inside ones were model pixels before
+    layer.brush_size = 1
+    stroke = np.zeros_like(inside)
+    for c in range(44, 66, 3):
+        layer.paint((50, c), 1)
+        stroke[50, c] = True
+    assert (layer.data[stroke] == 1).all() and (stroke & model_px).any() and (stroke & ~inside).any()
+    widget.flush()
+    proj = flat_folder / "IDRiD_02.retina"
+    sources = json.loads((proj / "sources.json").read_text())
+    assert any(d.get("ellipse_id") for d in sources["sources"].values())
+
+    viewer2 = make_napari_viewer()
+    viewer2.open(str(flat_folder / "IDRiD_02.jpg"), plugin="napari-retina")
+    w2 = LesionAnnotator(viewer2, model_dir=model_dir)
+    layer2 = w2.lesion_layer("EX")
+    assert (layer2.data != 0).sum() == (layer.data != 0).sum()
+    shapes = w2.ellipses_layer
+    shapes.selected_data = {0}
+    shapes.remove_selected()
+    left = layer2.data != 0
+    changed = stroke & ~model_px  # napari's brush claims only the pixels it changes
+    assert left[changed].all() and changed.any()
+    assert not (left & inside & ~changed).any()
+    w2.flush()
+    w2._timer.stop()
+
+
+def test_threshold_slider_previews_live_and_refine_all_handles_imported_ellipses(annotator, qtbot, tmp_path):
+    viewer, widget = annotator
+    ef = EllipseFile("IDRiD_02.jpg", [Ellipse("SE", (70.0, 30.0), (10.0, 7.0), 45.0, {"id": "f1", "author": "kim"})], {})
+    save_ellipses(tmp_path / "e.json", ef)
+    assert widget.import_ellipses(tmp_path / "e.json") == 1
+    layer = widget.lesion_layer("SE")
+    assert not layer.data.any()  # imported, not yet refined
+    with qtbot.waitSignal(widget.refinement.refined, timeout=10000):
+        qtbot.mouseClick(widget.refine_all_button, Qt.MouseButton.LeftButton)
+    n_mid = int((layer.data != 0).sum())
+    assert n_mid > 0
+    widget.threshold_slider.setValue(95)
+    n_high = int((layer.data != 0).sum())
+    widget.threshold_slider.setValue(5)
+    n_low = int((layer.data != 0).sum())
+    assert n_low >= n_mid >= n_high
+    assert widget.current_ellipses()["f1"].extra.get("author") == "kim"
+
+
+def test_accepted_proposals_stay_when_the_ellipse_goes(annotator, qtbot):
+    viewer, widget = annotator
+    e = Ellipse("MA", (30.0, 60.0), (9.0, 6.0), 0.0)
+    with qtbot.waitSignal(widget.refinement.refined, timeout=10000):
+        _draw(widget, e)
+    widget.set_lesion("MA")
+    layer = widget.lesion_layer("MA")
+    before = layer.data != 0
+    assert before.any()
+    qtbot.mouseClick(widget.accept_button, Qt.MouseButton.LeftButton)
+    shapes = widget.ellipses_layer
+    shapes.selected_data = {0}
+    shapes.remove_selected()
+    np.testing.assert_array_equal(layer.data != 0, before)

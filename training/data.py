@@ -1,0 +1,183 @@
+"""Training data from IDRiD-layout folders and annotation project folders, split by image.
+
+Images and masks are held in memory once (a 4288x2848 image is 36 MB); patches
+are cut on the fly with one affine warp each, so augmentation (shift, scale,
+rotation) costs no more than a plain crop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from napari_retina.io.datasets import ImageRecord, open_dataset
+from napari_retina.io.ellipses import Ellipse
+from napari_retina.io.images import read_fundus
+from napari_retina.io.masks import read_mask
+
+REFINER_LESIONS = ("MA", "SE", "EX", "HE")
+
+
+class DataError(ValueError):
+    """A data problem the user can fix (no images, unknown validation image...)."""
+
+
+def gather_records(folders: list[str | Path]) -> list[ImageRecord]:
+    """Every image of the given IDRiD-layout, flat or project folders, in a stable order."""
+    records: list[ImageRecord] = []
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise DataError(f"{folder}: not a folder")
+        ds = open_dataset(folder)
+        if ds is None:
+            raise DataError(f"{folder}: no fundus images found")
+        records.extend(ds.records)
+    seen: set[str] = set()
+    for r in records:
+        if r.stem in seen:
+            raise DataError(f"image {r.stem} appears twice in the training folders")
+        seen.add(r.stem)
+    return records
+
+
+def split_by_image(
+    records: list[ImageRecord], val_fraction: float = 0.2, seed: int = 0, val_names: list[str] | None = None
+) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """Hold out whole images (never patches of a training image) for validation."""
+    if val_names:
+        wanted = {Path(n).stem for n in val_names}
+        unknown = wanted - {r.stem for r in records}
+        if unknown:
+            raise DataError(f"validation images not in the data: {', '.join(sorted(unknown))}")
+        val = [r for r in records if r.stem in wanted]
+    else:
+        order = sorted(records, key=lambda r: r.stem)
+        # a hash of the names, not the list order, decides: adding folders does not reshuffle
+        keyed = sorted(order, key=lambda r: hashlib.sha256(f"{seed}:{r.stem}".encode()).hexdigest())
+        n_val = max(1, round(len(records) * val_fraction)) if len(records) > 1 else 0
+        val = sorted(keyed[:n_val], key=lambda r: r.stem)
+    val_stems = {r.stem for r in val}
+    train = [r for r in records if r.stem not in val_stems]
+    if not train:
+        raise DataError("no training images left after the validation split")
+    return train, val
+
+
+@dataclass
+class LoadedImage:
+    stem: str
+    rgb: np.ndarray
+    masks: dict[str, np.ndarray] = field(default_factory=dict)  # only lesions present
+
+
+def load_image(record: ImageRecord, lesions=REFINER_LESIONS) -> LoadedImage:
+    """Pixels and masks of one record; a project folder's saved masks win over ground truth."""
+    image = record.image
+    masks = dict(record.masks)
+    rgb = read_fundus(image)
+    out = LoadedImage(record.stem, rgb)
+    for code in lesions:
+        if code in masks:
+            m = read_mask(masks[code], expected_shape=rgb.shape[:2])
+            if m.any():
+                out.masks[code] = m
+    return out
+
+
+def write_split(path: Path, train: list[ImageRecord], val: list[ImageRecord]) -> None:
+    path.write_text(
+        json.dumps({"train": [r.image.name for r in train], "val": [r.image.name for r in val]}, indent=1) + "\n"
+    )
+
+
+@dataclass
+class RefinerSample:
+    image: int  # index into the loaded images
+    ellipse: Ellipse
+
+
+def simulate_samples(images: list[LoadedImage], reduction: float, seed: int, lesions=REFINER_LESIONS) -> list[RefinerSample]:
+    """Coarse ellipses simulated from the fine masks (paper 3.1), one sample per ellipse."""
+    from napari_retina.coarse import simulate_coarse_ellipses
+
+    samples = []
+    for i, img in enumerate(images):
+        for code in lesions:
+            if code in img.masks:
+                for e in simulate_coarse_ellipses(img.masks[code], code, reduction=reduction, seed=seed + i):
+                    samples.append(RefinerSample(i, e))
+    return samples
+
+
+class RefinerPatches:
+    """torch Dataset of (image patch, coarse mask, target) around simulated ellipses.
+
+    The target is the fine mask inside the ellipse: a refined mask never leaves
+    the ellipse a grader drew. With `augment`, each patch gets a random
+    shift-scale-rotate, blur and brightness-contrast (paper 3.1).
+    """
+
+    def __init__(self, images, samples, geom, augment: bool, seed: int = 0, length: int | None = None):
+        self.images, self.samples, self.geom, self.augment = images, samples, geom, augment
+        self.seed = seed
+        self.length = length or len(samples)
+        self.epoch = 0
+        # class-balanced drawing when an epoch is a fixed number of random samples
+        by_lesion: dict[str, list[int]] = {}
+        for k, s in enumerate(samples):
+            by_lesion.setdefault(s.ellipse.lesion, []).append(k)
+        self.by_lesion = [np.array(v) for _, v in sorted(by_lesion.items())]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _pick(self, idx: int, rng) -> RefinerSample:
+        if self.length == len(self.samples) and not self.augment:
+            return self.samples[idx]
+        group = self.by_lesion[rng.integers(len(self.by_lesion))]
+        return self.samples[int(group[rng.integers(len(group))])]
+
+    def __getitem__(self, idx: int) -> dict:
+        import cv2
+        import torch
+
+        from napari_retina.models.patches import coarse_patch, patch_transform, warp_image, warp_mask
+        from napari_retina.models.refiner import normalise_patch
+
+        rng = np.random.default_rng([self.seed, self.epoch, idx])
+        s = self._pick(idx, rng)
+        img = self.images[s.image]
+        size = self.geom.size
+        if self.augment:
+            m = patch_transform(
+                s.ellipse,
+                self.geom,
+                scale=float(np.exp(rng.uniform(np.log(0.8), np.log(1.25)))),
+                rotation_deg=float(rng.uniform(-180, 180)),
+                shift=tuple(rng.uniform(-0.08, 0.08, 2)),
+            )
+        else:
+            m = patch_transform(s.ellipse, self.geom)
+        patch = warp_image(img.rgb, m, size)
+        coarse = coarse_patch(s.ellipse, m, size)
+        target = warp_mask(img.masks[s.ellipse.lesion], m, size) & coarse
+        if self.augment:
+            if rng.random() < 0.3:
+                patch = cv2.GaussianBlur(patch, (0, 0), float(rng.uniform(0.5, 1.5)))
+            if rng.random() < 0.5:
+                alpha, beta = rng.uniform(0.8, 1.2), rng.uniform(-20, 20)
+                patch = np.clip(patch.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+        return {
+            "image": torch.from_numpy(normalise_patch(patch)),
+            "mask": torch.from_numpy(coarse[None].astype(np.float32)),
+            "target": torch.from_numpy(target[None].astype(np.float32)),
+            "lesion": s.ellipse.lesion,
+        }

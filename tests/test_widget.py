@@ -25,9 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def annotator(make_napari_viewer, qtbot, flat_folder):
     viewer = make_napari_viewer()
     viewer.open(str(flat_folder), plugin="napari-retina")
-    widget = LesionAnnotator(viewer)
+    widget = LesionAnnotator(viewer, preload_model=False)
+    widget.auto_refine.setChecked(False)  # manual annotation only; refinement has its own tests
     viewer.window.add_dock_widget(widget, name="Lesion annotator")
-    qtbot.waitUntil(lambda: widget.fov is not None, timeout=5000)
+    qtbot.waitUntil(lambda: widget.fov is not None and bool(widget.summary), timeout=5000)
     yield viewer, widget
     widget.flush()
     widget._timer.stop()
@@ -166,7 +167,7 @@ KILL_SCRIPT = textwrap.dedent(
     folder = sys.argv[1]
     viewer = napari.Viewer(show=False)
     viewer.open(folder, plugin="napari-retina")
-    w = LesionAnnotator(viewer)
+    w = LesionAnnotator(viewer, preload_model=False)
     def edit():
         layer = w.lesion_layer("HE")
         layer.brush_size = 5

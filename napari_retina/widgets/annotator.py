@@ -73,7 +73,9 @@ class _SaveSignals(QObject):
 class LesionAnnotator(QWidget):
     """Dock widget: pick the lesion class, draw ellipses, paint; everything is autosaved."""
 
-    def __init__(self, napari_viewer: napari.Viewer, parent: QWidget | None = None, model_dir=None):
+    def __init__(
+        self, napari_viewer: napari.Viewer, parent: QWidget | None = None, model_dir=None, preload_model: bool = True
+    ):
         super().__init__(parent)
         self.refinement = EllipseRefinement(self, model_dir=model_dir)
         self.viewer = napari_viewer
@@ -104,7 +106,8 @@ class LesionAnnotator(QWidget):
         self._timer.start()
         self.refinement.model_ready.connect(self._on_model_ready)
         self._adopt_layers()
-        self.refinement.load_model()  # in the background: the first ellipse is then refined at once
+        if preload_model:
+            self.refinement.load_model()  # in the background: the first ellipse is then refined at once
 
     # --- UI ----------------------------------------------------------------------------
     def _build_ui(self) -> None:

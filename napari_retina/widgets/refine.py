@@ -8,6 +8,7 @@ the grader painted by hand, also after the project was closed and reopened.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -36,7 +37,7 @@ class EllipseRefinement(QObject):
     def __init__(self, annotator: "LesionAnnotator", model_dir=None):
         super().__init__(annotator)
         self.ann_widget = annotator
-        self.model_dir = model_dir
+        self.model_dir = Path(model_dir) if model_dir is not None else None
         self.refiner = None
         self.model_error: str | None = None
         self.enabled = True
@@ -52,8 +53,15 @@ class EllipseRefinement(QObject):
     def load_model(self) -> None:
         if self.refiner is not None or self._loading or self.model_error:
             return
+        from ..models.folder import CONFIG, WEIGHTS
+        from ..models.refiner import default_model_dir
+
+        model_dir = self.model_dir or default_model_dir()
+        if not ((model_dir / WEIGHTS).is_file() and (model_dir / CONFIG).is_file()):
+            self.model_error = f"no refinement model in {model_dir}"
+            self.ann_widget.model_label.setText("no refinement model: ellipses are kept as drawn")
+            return
         self._loading = True
-        model_dir = self.model_dir
 
         @thread_worker
         def load():

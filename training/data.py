@@ -122,8 +122,12 @@ class RefinerPatches:
     shift-scale-rotate, blur and brightness-contrast (paper 3.1).
     """
 
-    def __init__(self, images, samples, geom, augment: bool, seed: int = 0, length: int | None = None):
+    def __init__(
+        self, images, samples, geom, augment: bool, seed: int = 0, length: int | None = None, ellipse_jitter: float = 0.2
+    ):
         self.images, self.samples, self.geom, self.augment = images, samples, geom, augment
+        # graders draw tighter or looser than the simulator: vary each semi-axis by up to this fraction
+        self.ellipse_jitter = float(ellipse_jitter)
         self.seed = seed
         self.length = length or len(samples)
         self.epoch = 0
@@ -156,19 +160,28 @@ class RefinerPatches:
         s = self._pick(idx, rng)
         img = self.images[s.image]
         size = self.geom.size
+        e = s.ellipse
+        if self.augment and self.ellipse_jitter > 0 and rng.random() < 0.5:
+            j = self.ellipse_jitter
+            e = Ellipse(
+                e.lesion,
+                e.center_xy,
+                tuple(max(1.0, a * rng.uniform(1 - j, 1 + j)) for a in e.semi_axes),
+                (e.angle_deg + rng.uniform(-15, 15)) % 360,
+            )
         if self.augment:
             m = patch_transform(
-                s.ellipse,
+                e,
                 self.geom,
                 scale=float(np.exp(rng.uniform(np.log(0.8), np.log(1.25)))),
                 rotation_deg=float(rng.uniform(-180, 180)),
                 shift=tuple(rng.uniform(-0.08, 0.08, 2)),
             )
         else:
-            m = patch_transform(s.ellipse, self.geom)
+            m = patch_transform(e, self.geom)
         patch = warp_image(img.rgb, m, size)
-        coarse = coarse_patch(s.ellipse, m, size)
-        target = warp_mask(img.masks[s.ellipse.lesion], m, size) & coarse
+        coarse = coarse_patch(e, m, size)
+        target = warp_mask(img.masks[e.lesion], m, size) & coarse
         if self.augment:
             if rng.random() < 0.3:
                 patch = cv2.GaussianBlur(patch, (0, 0), float(rng.uniform(0.5, 1.5)))
@@ -179,5 +192,5 @@ class RefinerPatches:
             "image": torch.from_numpy(normalise_patch(patch)),
             "mask": torch.from_numpy(coarse[None].astype(np.float32)),
             "target": torch.from_numpy(target[None].astype(np.float32)),
-            "lesion": s.ellipse.lesion,
+            "lesion": e.lesion,
         }

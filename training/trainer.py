@@ -1,0 +1,862 @@
+"""The one trainer every model recipe reuses: device, seeds, AMP, DDP, checkpoints, resume, log.
+
+Like nnU-Net, every training concern lives here and a recipe only says what to
+train: a model, a loss `loss_fn(outputs, batch)`, datasets of dicts of tensors,
+and optionally how to validate and what to export at the end of an epoch.
+
+Output folder (`out_dir`):
+
+    log.jsonl              one JSON object a line, flushed at once, so the train
+                           widget (or `tail -f`) can follow: "start", "step",
+                           "epoch", "end" (or "error") events
+    checkpoints/last.pt    everything needed to resume, written atomically every epoch
+    checkpoints/best.pt    the same for the epoch with the best monitored metric
+
+Multi-GPU: `torchrun --nproc_per_node=N -m training <model> ...` sets WORLD_SIZE,
+RANK and LOCAL_RANK; the Trainer then joins the process group (NCCL on CUDA,
+Gloo on CPU), wraps the model in DistributedDataParallel, shards the training
+data with a DistributedSampler, and only rank 0 validates, logs, saves and runs
+the epoch hooks. `batch_size` is per process.
+
+Imports only torch, NumPy and napari_retina's headless core (GUIDE.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import itertools
+import json
+import math
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from napari_retina.io.atomic import atomic_write
+from napari_retina.io.errors import RetinaInputError
+
+__all__ = [
+    "TrainingError",
+    "select_device",
+    "seed_everything",
+    "amp_policy",
+    "amp_settings",
+    "world_size",
+    "rank",
+    "is_main_process",
+    "unwrap",
+    "count_parameters",
+    "save_checkpoint",
+    "load_checkpoint",
+    "Trainer",
+]
+
+CHECKPOINT_FORMAT = 1
+# in DDP the ranks agree on stopping (time budget, cancel) by an all-reduce; doing it
+# every step would stall the GPU pipeline on a host sync, so only every few steps
+DDP_STOP_CHECK_EVERY = 10
+# long enough for rank 0 to validate and export while the other ranks wait
+DDP_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+class TrainingError(RetinaInputError):
+    """A training problem the user can fix (bad device, nothing to resume...); one-line message.
+
+    A ValueError (through RetinaInputError), so the CLI prints it and exits with code 2.
+    """
+
+
+# ---- device ----------------------------------------------------------------------------------------
+
+
+def select_device(spec: str | torch.device = "auto") -> torch.device:
+    """"auto" (CUDA if available, else CPU), "cpu", "cuda", "cuda:N" or "mps" -> a torch.device."""
+    if isinstance(spec, torch.device):
+        spec = str(spec)
+    text = str(spec).strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    if text == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise TrainingError("device 'mps': Apple MPS is not available on this machine")
+        return torch.device("mps")
+    if text == "cuda" or text.startswith("cuda:"):
+        index = None
+        if text != "cuda":
+            suffix = text[len("cuda:"):]
+            if not suffix.isdigit():
+                raise TrainingError(f"device {spec!r}: expected cuda:N with N a GPU number")
+            index = int(suffix)
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+            raise TrainingError(f"device {spec!r}: no CUDA GPU is available (torch {torch.__version__}, {build})")
+        count = torch.cuda.device_count()
+        if index is not None and index >= count:
+            raise TrainingError(f"device {spec!r}: this machine has {count} GPU(s), numbered 0 to {count - 1}")
+        return torch.device("cuda", index) if index is not None else torch.device("cuda")
+    raise TrainingError(f"unknown device {spec!r}: use auto, cpu, cuda, cuda:N or mps")
+
+
+# ---- seeds and random states -------------------------------------------------------------------------
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch (CPU and every GPU).
+
+    With `deterministic`, cuDNN picks deterministic kernels and does no autotuning
+    (benchmark off); otherwise it autotunes, which is faster for fixed patch sizes.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device, lazily
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+
+
+def _derived_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers (seed, epoch, rank...)."""
+    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # torch seeds each DataLoader worker differently, but forked workers share NumPy's and
+    # Python's global state: derive those from torch's per-worker seed
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+def rng_state() -> dict:
+    """The global random states, in a form torch.load(weights_only=True) accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    # never initialise CUDA just to read its state
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` returned (CUDA states only where the GPU count matches)."""
+    random.setstate(_as_tuples(state["python"]))
+    npst = state["numpy"]
+    np.random.set_state(
+        (npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _as_tuples(x):
+    # random.setstate needs tuples; a round trip through some loaders gives lists
+    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# ---- mixed precision ---------------------------------------------------------------------------------
+
+
+def amp_policy(device_type: str, bf16_supported: bool, enabled: bool = True) -> dict:
+    """Which autocast dtype and whether a GradScaler is needed; a pure function, testable without a GPU.
+
+    CUDA: bfloat16 where the GPU does it natively (same range as float32, so no loss
+    scaling), else float16 with a GradScaler (its small range underflows gradients).
+    Anything else: no autocast (CPU autocast is slow for convolutions), no scaler.
+    """
+    if enabled and device_type == "cuda":
+        if bf16_supported:
+            return {"enabled": True, "dtype": torch.bfloat16, "use_scaler": False}
+        return {"enabled": True, "dtype": torch.float16, "use_scaler": True}
+    return {"enabled": False, "dtype": None, "use_scaler": False}
+
+
+def _cuda_bf16_supported() -> bool:
+    try:
+        # emulated bfloat16 (pre-Ampere GPUs) is slower than float16: count only native support
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch without the including_emulation argument
+        return bool(torch.cuda.is_bf16_supported())
+
+
+def amp_settings(
+    device: torch.device | str, enabled: bool = True, bf16_supported: bool | None = None
+) -> tuple[Callable[[], contextlib.AbstractContextManager], torch.amp.GradScaler]:
+    """(autocast context factory, GradScaler) for `device`, following `amp_policy`.
+
+    `bf16_supported=None` asks the GPU; pass a value to decide without touching CUDA.
+    The scaler is disabled (a no-op passthrough) unless float16 is used.
+    """
+    device = torch.device(device)
+    if bf16_supported is None:
+        bf16_supported = device.type == "cuda" and _cuda_bf16_supported()
+    policy = amp_policy(device.type, bf16_supported, enabled)
+    if policy["enabled"]:
+        factory = functools.partial(torch.autocast, device_type=device.type, dtype=policy["dtype"])
+    else:
+        factory = contextlib.nullcontext
+    scaler = torch.amp.GradScaler("cuda", enabled=policy["use_scaler"])
+    return factory, scaler
+
+
+# ---- distributed ---------------------------------------------------------------------------------------
+
+
+def world_size() -> int:
+    """Number of processes: the initialised group's size, else torchrun's WORLD_SIZE, else 1."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    """This process's rank (0 when not distributed); works before the group is initialised."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    """True in the process that logs and saves (rank 0, or the only process)."""
+    return rank() == 0
+
+
+def _init_distributed(device: torch.device) -> tuple[torch.device, bool]:
+    """Join torchrun's process group; returns this rank's device and whether we created the group."""
+    if not torch.distributed.is_available():
+        raise TrainingError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        # one GPU per process: torchrun's LOCAL_RANK picks it
+        if local_rank >= torch.cuda.device_count():
+            raise TrainingError(
+                f"LOCAL_RANK {local_rank} but this machine has {torch.cuda.device_count()} GPU(s)"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if torch.distributed.is_initialized():
+        return device, False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    torch.distributed.init_process_group(backend=backend, timeout=DDP_TIMEOUT)
+    return device, True
+
+
+# ---- models and checkpoints -------------------------------------------------------------------------------
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DistributedDataParallel/DataParallel and torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
+    """Number of (trainable) parameters."""
+    return sum(p.numel() for p in unwrap(model).parameters() if p.requires_grad or not trainable_only)
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
+    """torch.save `state` atomically (temporary file + os.replace): a crash leaves the old file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    scaler: torch.amp.GradScaler | None = None,
+    map_location: str | torch.device = "cpu",
+    restore_rng: bool = False,
+) -> dict:
+    """Read a checkpoint written by the Trainer and load whichever parts are given.
+
+    The model may be wrapped (DDP, compile): weights go into the plain module.
+    Returns the whole checkpoint dict (epoch, step, best, metrics, info...).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingError(f"{path}: checkpoint not found")
+    try:
+        # weights_only: a checkpoint is data, never code to run
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same to the user
+        raise TrainingError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise TrainingError(f"{path}: not a napari-retina training checkpoint")
+    if model is not None:
+        try:
+            unwrap(model).load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise TrainingError(f"{path}: weights do not fit this model ({str(e).splitlines()[0]})") from None
+    if optimizer is not None and ckpt.get("optimizer"):
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if scheduler is not None and ckpt.get("scheduler"):
+        scheduler.load_state_dict(ckpt["scheduler"])
+    # a disabled scaler saves {}; loading {} into an enabled one would raise
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    if restore_rng and ckpt.get("rng"):
+        set_rng_state(ckpt["rng"])
+    return ckpt
+
+
+# ---- batches and the log --------------------------------------------------------------------------------
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor of a (nested) dict/list/tuple batch to `device`; other values stay."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def batch_len(batch: Any) -> int:
+    """Samples in a batch: the leading size of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.ndim else 1
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    for v in values:
+        n = batch_len(v)
+        if n:
+            return n
+    return 0
+
+
+def default_forward(model: nn.Module, batch: dict) -> Any:
+    """The model sees the batch's "image"; recipes with other inputs pass their own forward_fn."""
+    return model(batch["image"])
+
+
+def _jsonable(x: Any) -> Any:
+    """Plain JSON: tensors/NumPy scalars become numbers, NaN and infinities become null."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, torch.Tensor) and x.numel() == 1:
+        x = x.item()
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, (bool, int, str)) or x is None:
+        return x
+    return str(x)
+
+
+class JsonLog:
+    """Append-only JSON-lines log, one flushed line per event, so readers never wait."""
+
+    def __init__(self, path: Path, append: bool):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._file = open(path, "a" if append else "w", encoding="utf-8")
+
+    def write(self, event: str, **fields: Any) -> dict:
+        record = _jsonable({"event": event, "time": round(time.time(), 3), **fields})
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        return record
+
+    def close(self) -> None:
+        self._file.close()
+
+
+# ---- the trainer -------------------------------------------------------------------------------------------
+
+EpochHook = Callable[["Trainer", dict], None]
+
+
+class Trainer:
+    """Trains `model` with Adam + ReduceLROnPlateau; see the module docstring for what it writes.
+
+    `loss_fn(outputs, batch) -> scalar tensor`, with `outputs = forward_fn(model, batch)`
+    (default `model(batch["image"])`). `val_fn(model, val_set, device) -> {name: value}`
+    is called under no_grad with the plain (unwrapped) model in eval mode and no autocast;
+    its names are logged with a "val_" prefix (added if missing). Without `val_fn`, the
+    validation metric is the mean `loss_fn` over `val_set` ("val_loss"). `monitor` names
+    the logged metric that drives the LR schedule and best.pt ("train_loss" works too).
+
+    `epochs` is the total target (a resumed run continues the count); `minutes` is a
+    wall-clock budget for this call: when it is spent the current step finishes, the
+    epoch ends there (logged "partial": true, counted as done), is validated and saved.
+    At least one of the two must be given. SIGTERM/SIGINT (the widget's cancel) and
+    `request_stop()` stop the same way.
+
+    `on_epoch_end` hooks run in the main process after the checkpoints are written,
+    as `hook(trainer, metrics)`; `metrics["is_best"]` says whether best.pt was updated.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, dict], torch.Tensor],
+        train_set: Dataset,
+        val_set: Dataset | None,
+        out_dir: str | os.PathLike,
+        *,
+        device: str | torch.device = "auto",
+        batch_size: int = 8,
+        lr: float = 1e-3,
+        epochs: int | None = None,
+        minutes: float | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        amp: bool = True,
+        val_fn: Callable[[nn.Module, Dataset | None, torch.device], dict] | None = None,
+        monitor: str = "val_loss",
+        mode: str = "min",
+        lr_patience: int = 5,
+        lr_factor: float = 0.5,
+        min_lr: float = 0.0,
+        weight_decay: float = 0.0,
+        grad_clip: float | None = None,
+        log_every_steps: int = 50,
+        forward_fn: Callable[[nn.Module, dict], Any] | None = None,
+        on_epoch_end: Iterable[EpochHook] = (),
+        deterministic: bool = False,
+        find_unused_parameters: bool = False,
+        info: dict | None = None,
+        verbose: bool = True,
+    ):
+        if epochs is None and minutes is None:
+            raise TrainingError("give a number of epochs, a time budget in minutes, or both")
+        if epochs is not None and epochs < 1:
+            raise TrainingError(f"epochs must be at least 1, not {epochs}")
+        if minutes is not None and not minutes > 0:
+            raise TrainingError(f"minutes must be positive, not {minutes}")
+        if batch_size < 1:
+            raise TrainingError(f"batch size must be at least 1, not {batch_size}")
+        if not lr > 0:
+            raise TrainingError(f"learning rate must be positive, not {lr}")
+        if mode not in ("min", "max"):
+            raise TrainingError(f"mode must be 'min' or 'max', not {mode!r}")
+        if len(train_set) == 0:
+            raise TrainingError("the training set is empty")
+        if val_set is not None and len(val_set) == 0:
+            raise TrainingError("the validation set is empty")
+        if val_set is None and val_fn is None and monitor != "train_loss":
+            raise TrainingError(f"no validation set to compute {monitor!r}: give one or monitor 'train_loss'")
+
+        self.loss_fn = loss_fn
+        self.forward_fn = forward_fn or default_forward
+        self.train_set, self.val_set, self.val_fn = train_set, val_set, val_fn
+        self.out_dir = Path(out_dir)
+        self.batch_size, self.lr, self.epochs, self.minutes = batch_size, lr, epochs, minutes
+        self.num_workers, self.seed, self.deterministic = num_workers, seed, deterministic
+        self.monitor, self.mode, self.grad_clip = monitor, mode, grad_clip
+        self.log_every_steps = max(1, int(log_every_steps))
+        self.on_epoch_end: list[EpochHook] = list(on_epoch_end)
+        self.info = dict(info or {})
+        self.verbose = verbose
+
+        device = select_device(device)
+        self.world_size = world_size()
+        self.distributed = self.world_size > 1
+        self._owns_group = False
+        if self.distributed:
+            device, self._owns_group = _init_distributed(device)
+        self.rank = rank()
+        self.is_main = self.rank == 0
+        self.device = device
+
+        model = model.to(device)
+        if self.distributed:
+            model = nn.parallel.DistributedDataParallel(
+                model,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=find_unused_parameters,
+            )
+        self.model = model
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode=mode, factor=lr_factor, patience=lr_patience, min_lr=min_lr
+        )
+        bf16 = device.type == "cuda" and _cuda_bf16_supported()
+        self.amp = amp_policy(device.type, bf16, amp)
+        self._autocast, self.scaler = amp_settings(device, amp, bf16_supported=bf16)
+
+        self.epoch = 0  # epochs completed (a resumed run starts from the checkpoint's)
+        self.step = 0  # optimiser steps, over all epochs
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self._train_seconds_before = 0.0  # training time of earlier (resumed) runs
+        self._stop_requested = False
+        self._log: JsonLog | None = None
+        self._loader_gen = torch.Generator()
+        self._train_loader = self._make_train_loader()
+
+    # -- paths and small helpers
+
+    @property
+    def module(self) -> nn.Module:
+        """The plain model (inside DDP)."""
+        return unwrap(self.model)
+
+    @property
+    def log_path(self) -> Path:
+        return self.out_dir / "log.jsonl"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    @property
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def request_stop(self) -> None:
+        """Stop at the next step boundary, then validate and save as for a finished epoch."""
+        self._stop_requested = True
+
+    def _event(self, event: str, **fields: Any) -> None:
+        if self._log is not None:
+            self._log.write(event, **fields)
+
+    def _say(self, text: str) -> None:
+        if self.verbose and self.is_main:
+            print(text, flush=True)
+
+    def _is_better(self, value: float, best: float | None) -> bool:
+        if not math.isfinite(value):
+            return False
+        if best is None:
+            return True
+        return value < best if self.mode == "min" else value > best
+
+    def _make_train_loader(self) -> DataLoader:
+        if self.distributed:
+            sampler = torch.utils.data.distributed.DistributedSampler(
+                self.train_set, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=self.seed
+            )
+            per_rank = len(sampler)
+        else:
+            sampler = RandomSampler(self.train_set, generator=self._loader_gen)
+            per_rank = len(self.train_set)
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            # a ragged last batch of 1 breaks BatchNorm; keep it only when it is the only batch
+            drop_last=per_rank > self.batch_size,
+            worker_init_fn=_seed_worker,
+            generator=self._loader_gen,
+            # a dataset with set_epoch needs fresh workers to see the new epoch
+            persistent_workers=self.num_workers > 0 and not hasattr(self.train_set, "set_epoch"),
+        )
+
+    def _make_val_loader(self) -> DataLoader:
+        return DataLoader(
+            self.val_set,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            worker_init_fn=_seed_worker,
+        )
+
+    # -- stopping
+
+    def _stop_reason(self, sync: bool) -> str | None:
+        """"requested", "time" or None; in DDP all ranks agree (when `sync`) so they stop together."""
+        local = 0
+        if self._stop_requested:
+            local = 2
+        elif self._deadline is not None and time.monotonic() >= self._deadline:
+            local = 1
+        if self.distributed:
+            if not sync:
+                return None
+            flag = torch.tensor([local], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            local = int(flag.item())
+        return {0: None, 1: "time", 2: "requested"}[local]
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """SIGTERM/SIGINT ask for a clean stop (checkpoint kept); a second SIGINT interrupts at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._stop_requested and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.request_stop()
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    # -- one epoch
+
+    def _train_epoch(self, epoch: int, t_fit: float) -> tuple[dict, str | None]:
+        model, loader = self.model, self._train_loader
+        model.train()
+        if hasattr(self.train_set, "set_epoch"):
+            self.train_set.set_epoch(epoch)
+        if isinstance(loader.sampler, torch.utils.data.distributed.DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        # shuffling and worker seeds depend on (seed, epoch, rank) only: a resumed run sees
+        # the same batches as an uninterrupted one
+        self._loader_gen.manual_seed(_derived_seed(self.seed, epoch, self.rank))
+
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        samples = 0
+        window_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        window_steps = 0
+        batches = len(loader)
+        reason = None
+        i = 0
+        t0 = time.monotonic()
+        for i, batch in enumerate(loader, 1):
+            batch = to_device(batch, self.device)
+            n = batch_len(batch)
+            with self._autocast():
+                outputs = self.forward_fn(model, batch)
+                loss = self.loss_fn(outputs, batch)
+            self.scaler.scale(loss).backward()
+            if self.grad_clip is not None:
+                self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+                nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+
+            # accumulate on the device: a .item() every step would stall the GPU
+            value = loss.detach().double()
+            loss_sum += value * n
+            samples += n
+            window_sum += value
+            window_steps += 1
+            if self.step % self.log_every_steps == 0:
+                self._event(
+                    "step", epoch=epoch, step=self.step, batch=i, batches=batches,
+                    loss=window_sum.item() / window_steps, lr=self.current_lr,
+                    seconds=round(time.monotonic() - t_fit, 3),
+                )
+                window_sum.zero_()
+                window_steps = 0
+            reason = self._stop_reason(sync=i % DDP_STOP_CHECK_EVERY == 0 or i == batches)
+            if reason is not None:
+                break
+        seconds = time.monotonic() - t0
+
+        totals = torch.stack([loss_sum, torch.tensor(float(samples), dtype=torch.float64, device=self.device)])
+        if self.distributed:
+            torch.distributed.all_reduce(totals)
+        loss_total, count = totals.tolist()
+        stats = {
+            "train_loss": loss_total / count if count else float("nan"),
+            "train_seconds": seconds,
+            "samples_per_s": count / seconds if seconds > 0 else float("nan"),
+            "partial": reason is not None and i < batches,
+        }
+        return stats, reason
+
+    def _validate(self) -> dict:
+        """Validation metrics ("val_..." names), computed by rank 0 and shared with the others."""
+        metrics: dict = {}
+        if self.is_main and (self.val_fn is not None or self.val_set is not None):
+            model = self.module
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                raw = self.val_fn(model, self.val_set, self.device) if self.val_fn else {"loss": self._val_loss(model)}
+            model.train(was_training)
+            metrics = {(k if k.startswith("val_") else f"val_{k}"): float(v) for k, v in raw.items()}
+        if self.distributed:
+            box = [metrics]
+            torch.distributed.broadcast_object_list(box, src=0)
+            metrics = box[0]
+        return metrics
+
+    def _val_loss(self, model: nn.Module) -> float:
+        total, count = 0.0, 0
+        for batch in self._make_val_loader():
+            batch = to_device(batch, self.device)
+            n = batch_len(batch)
+            with self._autocast():
+                loss = self.loss_fn(self.forward_fn(model, batch), batch)
+            total += float(loss) * n
+            count += n
+        return total / count if count else float("nan")
+
+    def _checkpoint_state(self, metrics: dict) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "monitor": self.monitor,
+            "mode": self.mode,
+            "metrics": _jsonable(metrics),
+            "train_seconds": self._train_seconds_before + self._seconds(),
+            "rng": rng_state(),
+            "info": _jsonable(self.info),
+        }
+
+    def _seconds(self) -> float:
+        return time.monotonic() - self._t_fit
+
+    # -- the loop
+
+    def _resume(self) -> None:
+        path = self.checkpoint_dir / "last.pt"
+        if not path.is_file():
+            raise TrainingError(f"cannot resume: {path} does not exist")
+        # in DDP every rank would get rank 0's random state; each reseeds per rank instead
+        ckpt = load_checkpoint(
+            path, self.model, self.optimizer, self.scheduler, self.scaler,
+            map_location="cpu", restore_rng=not self.distributed,  # loaders move states to the model's device
+        )
+        if self.distributed:
+            seed_everything(_derived_seed(self.seed, ckpt["epoch"], self.rank) % 2**32, self.deterministic)
+        self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
+        # a best value of another metric means nothing for this one
+        same_metric = ckpt.get("monitor") == self.monitor and ckpt.get("mode") == self.mode
+        self.best = ckpt.get("best") if same_metric else None
+        self.best_epoch = ckpt.get("best_epoch") if same_metric else None
+        self._train_seconds_before = float(ckpt.get("train_seconds", 0.0))
+
+    def fit(self, resume: bool = False) -> dict:
+        """Train until `epochs` (total) are done or `minutes` are spent; returns a summary.
+
+        Summary: epochs (completed, in total), best, best_epoch, monitor, seconds (this
+        call), train_seconds (all runs), steps, stopped ("epochs", "time" or "requested"),
+        device, world_size.
+        """
+        self._t_fit = time.monotonic()
+        self._deadline = None if self.minutes is None else self._t_fit + 60.0 * self.minutes
+        self._stop_requested = False
+        seed_everything(self.seed + self.rank, self.deterministic)
+        if self.is_main:
+            try:
+                self._log = JsonLog(self.log_path, append=resume)
+            except OSError as e:
+                raise TrainingError(f"cannot write the log in {self.out_dir}: {e.strerror or e}") from None
+        try:
+            if resume:
+                self._resume()
+            with self._stop_on_signals():
+                summary = self._loop(resume)
+        except BaseException as e:
+            self._event("error", message=f"{type(e).__name__}: {e}".splitlines()[0])
+            raise
+        finally:
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+            if self._owns_group and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+                self._owns_group = False
+        return summary
+
+    def _loop(self, resume: bool) -> dict:
+        self._event(
+            "start", resume=resume, start_epoch=self.epoch + 1, epochs=self.epochs, minutes=self.minutes,
+            device=str(self.device), world_size=self.world_size,
+            amp=str(self.amp["dtype"]).replace("torch.", "") if self.amp["enabled"] else None,
+            batch_size=self.batch_size, lr=self.current_lr, seed=self.seed,
+            train_samples=len(self.train_set), val_samples=None if self.val_set is None else len(self.val_set),
+            batches_per_epoch=len(self._train_loader), parameters=count_parameters(self.model),
+            monitor=self.monitor, mode=self.mode, info=self.info,
+        )
+        stopped = "epochs"
+        for epoch in itertools.count(self.epoch + 1):
+            if self.epochs is not None and epoch > self.epochs:
+                break
+            t_epoch = time.monotonic()
+            lr = self.current_lr  # the rate this epoch trained with, before the scheduler changes it
+            stats, reason = self._train_epoch(epoch, self._t_fit)
+            metrics = {"train_loss": stats["train_loss"], **self._validate()}
+            if self.monitor not in metrics:
+                raise TrainingError(f"monitored metric {self.monitor!r} is not among {', '.join(sorted(metrics))}")
+            value = float(metrics[self.monitor])
+            self.scheduler.step(value)
+            is_best = self._is_better(value, self.best)
+            if is_best:
+                self.best, self.best_epoch = value, epoch
+            self.epoch = epoch
+            if self.is_main:
+                state = self._checkpoint_state(metrics)
+                save_checkpoint(self.checkpoint_dir / "last.pt", state)
+                if is_best:
+                    save_checkpoint(self.checkpoint_dir / "best.pt", state)
+            record = {
+                "epoch": epoch, **metrics, "lr": lr, "seconds": round(time.monotonic() - t_epoch, 3),
+                "samples_per_s": stats["samples_per_s"], "device": str(self.device), "step": self.step,
+                "best": self.best, "is_best": is_best, "partial": stats["partial"],
+            }
+            self._event("epoch", **record)
+            total = f"/{self.epochs}" if self.epochs else ""
+            shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+            self._say(f"epoch {epoch}{total}  {shown}  lr {lr:.3g}  {record['seconds']:.1f} s{'  *' if is_best else ''}")
+            if self.is_main:
+                for hook in self.on_epoch_end:
+                    hook(self, dict(record))
+            if reason is None and self.epochs is not None and epoch >= self.epochs:
+                break  # done: "epochs", even if the time budget ran out meanwhile
+            if reason is None:
+                reason = self._stop_reason(sync=True)
+            if reason is not None:
+                stopped = reason
+                break
+        summary = {
+            "epochs": self.epoch, "best": self.best, "best_epoch": self.best_epoch, "monitor": self.monitor,
+            "seconds": round(self._seconds(), 3),
+            "train_seconds": round(self._train_seconds_before + self._seconds(), 3),
+            "steps": self.step, "stopped": stopped, "device": str(self.device), "world_size": self.world_size,
+        }
+        self._event("end", **summary)
+        best = "none" if self.best is None else f"{self.best:.4g}"
+        self._say(f"done: {self.epoch} epochs, best {self.monitor} {best} (epoch {self.best_epoch}), "
+                  f"{summary['seconds']:.1f} s on {self.device}, stopped by {stopped}")
+        return summary

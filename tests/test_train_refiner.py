@@ -69,6 +69,10 @@ def test_training_writes_a_model_folder_that_refines_and_resume_continues(lesion
     assert len(split["val"]) == 1 and len(split["train"]) == 3
     assert config["validation_images"] == split["val"]
     assert config["net"]["variant"] == "prototype" and config["geometry"]["size"] == 64
+    # both prototype forms were validated; the shipped switch is the better one
+    t = config["training"]
+    better_sp = t["val_patch_iou_superpixels"] > t["val_patch_iou_plain"]
+    assert config["superpixels"] is better_sp
     card = (out / "card.md").read_text()
     assert split["val"][0] in card and config["weights_sha256"] in card and "--epochs 2" in card
 

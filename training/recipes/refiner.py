@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", metavar="MODEL_DIR", help="start from this model folder's weights (fine-tuning)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (paper: 1e-4)")
+    p.add_argument("--grad-clip", type=float, default=1.0,
+                   help="clip the gradient norm (the prototype head's alpha = 20 makes early gradients spiky); 0: off")
     p.add_argument("--samples-per-epoch", type=int, default=2000, help="training patches per epoch")
     p.add_argument("--patch-size", type=int, default=256, help="patch side in pixels (multiple of 8)")
     p.add_argument("--reduction", type=float, nargs="+", default=[1.0],
@@ -101,7 +103,7 @@ def val_samples(samples, seed: int, per_lesion: int = VAL_PER_LESION):
     return out
 
 
-def patch_iou_table(model, val_set, device, thresholds=THRESHOLDS) -> dict:
+def patch_iou_table(model, val_set, device, thresholds=THRESHOLDS, superpixels: bool | None = None) -> dict:
     """Mean patch IoU (%) per lesion at each threshold, over `val_set` (inside the ellipse)."""
     import torch
 
@@ -109,7 +111,8 @@ def patch_iou_table(model, val_set, device, thresholds=THRESHOLDS) -> dict:
     t = torch.tensor(thresholds).view(1, -1, 1, 1)
     per = {c: [] for c in REFINER_LESIONS}
     for batch in loader:
-        prob = torch.sigmoid(model(batch["image"].to(device), batch["mask"].to(device))).float().cpu()
+        kw = {} if superpixels is None else {"superpixels": superpixels}
+        prob = torch.sigmoid(model(batch["image"].to(device), batch["mask"].to(device), **kw)).float().cpu()
         inside = batch["mask"] > 0.5
         pred = (prob >= t) & inside  # (B, T, H, W)
         target = batch["target"] > 0.5
@@ -121,19 +124,47 @@ def patch_iou_table(model, val_set, device, thresholds=THRESHOLDS) -> dict:
     return {c: (torch.stack(v).mean(0) * 100).tolist() for c, v in per.items() if v}
 
 
+def best_threshold(table: dict, thresholds=THRESHOLDS) -> dict:
+    """The threshold with the best mean IoU over the lesions, and the figures there."""
+    macro = np.mean([table[c] for c in table], axis=0)  # per threshold
+    k = int(np.argmax(macro))
+    out = {"iou": float(macro[k]), "threshold": float(thresholds[k])}
+    out.update({f"iou_{c}": float(v[k]) for c, v in table.items()})
+    return out
+
+
 def make_val_fn(thresholds=THRESHOLDS):
     def val_fn(model, val_set, device) -> dict:
-        table = patch_iou_table(model, val_set, device, thresholds)
-        macro = np.mean([table[c] for c in table], axis=0)  # per threshold
-        k = int(np.argmax(macro))
-        out = {"iou": float(macro[k]), "threshold": float(thresholds[k])}
-        out.update({f"iou_{c}": float(v[k]) for c, v in table.items()})
-        return out
+        return best_threshold(patch_iou_table(model, val_set, device, thresholds), thresholds)
 
     return val_fn
 
 
-def render_card(info: dict, metrics: dict, summary: dict) -> str:
+def superpixel_choice(trainer, val_set, metrics: dict) -> dict:
+    """Validate the prototype net with superpixel weighting too; ship whichever scores better.
+
+    Training runs without superpixels (maskSLIC per sample would dominate a CPU step);
+    the weighting is an inference-time option whose worth this measures (paper 2.2).
+    """
+    import torch
+
+    net = trainer.module
+    was = net.training
+    net.eval()
+    with torch.no_grad():
+        sp = best_threshold(patch_iou_table(net, val_set, trainer.device, superpixels=True))
+    net.train(was)
+    plain = {"iou": metrics["val_iou"], "threshold": metrics["val_threshold"]}
+    chosen = sp if sp["iou"] > plain["iou"] else plain
+    return {
+        "superpixels": chosen is sp,
+        "threshold": chosen["threshold"],
+        "val_patch_iou_plain": round(float(plain["iou"]), 2),
+        "val_patch_iou_superpixels": round(float(sp["iou"]), 2),
+    }
+
+
+def render_card(info: dict, metrics: dict, summary: dict, choice: dict) -> str:
     val = info["validation_images"]
     figures = "\n".join(
         f"| {c} | {metrics.get(f'val_iou_{c}', float('nan')):.1f} |" for c in REFINER_LESIONS
@@ -148,7 +179,7 @@ on a truncated U-Net, trained by napari-retina {__version__}.
 
 - Data: {', '.join(info['data'])} ({info['train_count']} training images, {len(val)} validation images)
 - Coarse ellipses: simulated from the fine masks at reduction {', '.join(str(r) for r in info['reduction'])}, seed {info['seed']}
-- Patches: {info['patch_size']}x{info['patch_size']}, {info['samples_per_epoch']} per epoch, batch {info['batch_size']}, Adam lr {info['lr']}
+- Patches: {info['patch_size']}x{info['patch_size']}, {info['samples_per_epoch']} per epoch, batch {info['batch_size']}, Adam lr {info['lr']}, gradient norm clipped at {info['grad_clip'] or 'off'}
 - Epochs: {summary['epochs']} (best epoch {summary['best_epoch']}), training time {summary['train_seconds'] / 60:.1f} min
 - Device: {summary['device']} ({platform.machine()}, torch {info['torch']})
 - Parent model: {info.get('init') or 'none (trained from scratch)'}
@@ -161,6 +192,10 @@ on a truncated U-Net, trained by napari-retina {__version__}.
 {figures}
 | average | {metrics.get('val_iou', float('nan')):.1f} |
 
+Superpixel-guided weighting at inference: {'on' if choice['superpixels'] else 'off'}{
+    f" (validation patch IoU {choice['val_patch_iou_superpixels']:.1f} with it, {choice['val_patch_iou_plain']:.1f} without; threshold {choice['threshold']:.2f})"
+    if 'val_patch_iou_superpixels' in choice else ''}.
+
 Image-level figures: `napari-retina evaluate refine --data DIR --model THIS_FOLDER --split val`.
 
 Validation images (held out by image): {', '.join(val)}
@@ -171,9 +206,14 @@ weights.safetensors SHA-256: {{sha256}}
 """
 
 
-def export_model(trainer, metrics: dict, out: Path, info: dict, geom) -> None:
+def export_model(trainer, metrics: dict, out: Path, info: dict, geom, val_set) -> None:
     """Write the model folder from the trainer's current weights (called on each best epoch)."""
     from napari_retina.models.folder import write_model_folder
+
+    if info["variant"] == "prototype":
+        choice = superpixel_choice(trainer, val_set, metrics)
+    else:
+        choice = {"superpixels": False, "threshold": metrics.get("val_threshold", 0.5)}
 
     net = trainer.module
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
@@ -189,9 +229,8 @@ def export_model(trainer, metrics: dict, out: Path, info: dict, geom) -> None:
         "net": net.config(),
         "geometry": geom.to_dict(),
         "normalisation": {"mean": 127.5, "scale": 63.75, "channels": "RGB"},
-        "threshold": round(float(metrics.get("val_threshold", 0.5)), 3),
-        # trained without superpixels (cheap); the weighting applies at inference (paper 2.2)
-        "superpixels": info["variant"] == "prototype",
+        "threshold": round(float(choice["threshold"]), 3),
+        "superpixels": bool(choice["superpixels"]),
         "lesions": list(REFINER_LESIONS),
         "validation_images": info["validation_images"],
         "training": {
@@ -199,12 +238,13 @@ def export_model(trainer, metrics: dict, out: Path, info: dict, geom) -> None:
             "minutes": round(summary["train_seconds"] / 60, 1),
             "device": summary["device"],
             "val_patch_iou": round(float(metrics.get("val_iou", float("nan"))), 2),
+            **{k: v for k, v in choice.items() if k.startswith("val_")},
             "command": info["command"],
             "parent": info.get("init"),
             "trained": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
     }
-    write_model_folder(out, state, config, render_card(info, metrics, summary))
+    write_model_folder(out, state, config, render_card(info, metrics, summary, choice))
 
 
 def run(a: argparse.Namespace, argv: list[str]) -> int:
@@ -268,6 +308,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
         "samples_per_epoch": a.samples_per_epoch,
         "batch_size": a.batch_size,
         "lr": a.lr,
+        "grad_clip": a.grad_clip,
         "init": a.init,
         "torch": torch.__version__,
         "command": "python -m training refiner " + shlex.join(argv),
@@ -280,8 +321,8 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
         net, loss_fn, train_set, val_set, run_dir,
         device=a.device, batch_size=a.batch_size, lr=a.lr, epochs=a.epochs, minutes=a.minutes,
         num_workers=a.workers, seed=a.seed, val_fn=make_val_fn(), monitor="val_iou", mode="max",
-        lr_patience=4, forward_fn=lambda m, b: m(b["image"], b["mask"]),
-        on_epoch_end=[lambda tr, m: export_model(tr, m, out, info, geom) if m["is_best"] else None],
+        lr_patience=4, grad_clip=a.grad_clip or None, forward_fn=lambda m, b: m(b["image"], b["mask"]),
+        on_epoch_end=[lambda tr, m: export_model(tr, m, out, info, geom, val_set) if m["is_best"] else None],
         info={k: info[k] for k in ("variant", "version", "data", "command")}, verbose=not a.quiet,
     )
     summary = trainer.fit(resume=a.resume)

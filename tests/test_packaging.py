@@ -166,3 +166,12 @@ def test_python_name_resolves(python_name):
     for attr in attr_path.split("."):
         obj = getattr(obj, attr)
     assert callable(obj), f"{python_name} is not callable"
+
+
+def test_wheel_carries_the_shipped_refinement_model(wheel):
+    names = wheel.namelist()
+    for f in ("weights.safetensors", "config.json", "card.md"):
+        assert f"napari_retina/models/weights/refiner/{f}" in names
+    info = wheel.getinfo("napari_retina/models/weights/refiner/weights.safetensors")
+    assert info.file_size <= 15 * 2**20
+    assert not [n for n in names if "/run/" in n or n.endswith(".pt")], "training checkpoints leaked into the wheel"

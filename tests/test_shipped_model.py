@@ -1,0 +1,39 @@
+"""The refinement model shipped in the package: loads offline, is what its card says, refines."""
+
+import json
+
+import numpy as np
+
+from conftest import fundus_rgb
+from napari_retina.io.ellipses import Ellipse, rasterize_ellipse
+from napari_retina.models.folder import MAX_WEIGHTS_BYTES, sha256_of
+from napari_retina.models.refiner import EllipseRefiner, default_model_dir
+
+
+def test_shipped_model_folder_is_complete_and_its_checksum_matches():
+    d = default_model_dir()
+    weights = d / "weights.safetensors"
+    config = json.loads((d / "config.json").read_text())
+    card = (d / "card.md").read_text()
+    assert weights.stat().st_size <= MAX_WEIGHTS_BYTES
+    assert config["weights_sha256"] == sha256_of(weights) and config["weights_sha256"] in card
+    # the card names the held-out images, and the split is by image
+    val = config["validation_images"]
+    assert len(val) >= 5 and all(name in card for name in val)
+    assert config["net"]["variant"] == "prototype"
+    assert 0 < config["threshold"] < 1
+
+
+def test_shipped_model_refines_inside_the_ellipse_only():
+    refiner = EllipseRefiner()  # the default: the shipped folder, no network access involved
+    rgb = fundus_rgb(3)
+    rgb[40:50, 60:72] = (250, 240, 120)  # a bright exudate-like spot
+    e = Ellipse("EX", (66.0, 45.0), (14.0, 11.0), 0.0)
+    prob = refiner.refine_probability(rgb, [e], superpixels=False)
+    inside = rasterize_ellipse(e, rgb.shape[:2])
+    assert np.all(prob[~inside] == 0)
+    assert 0.0 <= prob.min() and prob.max() <= 1.0
+    spot = np.zeros_like(inside)
+    spot[40:50, 60:72] = True
+    # a trained model favours the bright lesion over the rest of the ellipse
+    assert prob[spot & inside].mean() > prob[inside & ~spot].mean() + 0.2

@@ -77,6 +77,7 @@ def main() -> int:
         for code in list(per_lesion):
             if per_lesion[code]:
                 ellipses.append(per_lesion[code].pop(int(rng.integers(len(per_lesion[code])))))
+    ellipses = ellipses[: a.n + a.warmup]
 
     shown: list[float] = []
     done = {"t": None}

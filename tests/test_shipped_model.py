@@ -37,3 +37,23 @@ def test_shipped_model_refines_inside_the_ellipse_only():
     spot[40:50, 60:72] = True
     # a trained model favours the bright lesion over the rest of the ellipse
     assert prob[spot & inside].mean() > prob[inside & ~spot].mean() + 0.2
+
+
+def test_traced_inference_equals_the_network_for_any_batch_and_thin_ellipses():
+    import torch
+
+    refiner = EllipseRefiner()
+    rgb = fundus_rgb(5)
+    # a thin ellipse too: its 1/4-scale coarse mask needs the "any coverage" fallback of the pooling
+    ellipses = [
+        Ellipse("EX", (60.0, 50.0), (14.0, 9.0), 20.0),
+        Ellipse("MA", (90.0, 70.0), (3.0, 2.0), 0.0),
+        Ellipse("HE", (40.0, 80.0), (40.0, 0.6), 45.0),
+    ]
+    for batch in (ellipses[:1], ellipses):
+        _, traced = refiner.patch_probabilities(rgb, batch, superpixels=False)
+        _, imgs, masks = refiner._batch(rgb, batch)
+        with torch.inference_mode():
+            eager = refiner.net.predict_proba(torch.from_numpy(imgs), torch.from_numpy(masks), superpixels=False)
+        np.testing.assert_allclose(traced, eager[:, 0].numpy(), atol=1e-5)
+    assert sorted(refiner._traces) == [1, 3]

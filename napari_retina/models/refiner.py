@@ -67,6 +67,29 @@ class EllipseRefiner:
         self.superpixels = self.config.get("superpixels", False) if superpixels is None else superpixels
         self.version = str(self.config.get("version", "unknown"))
         self.batch_size = 16
+        self._traces: dict[int, object] = {}
+
+    def _traced(self, batch: int):
+        """The plain (no superpixel) network as TorchScript, one trace per batch size.
+
+        A traced graph runs without taking Python's GIL between operators: in the annotator
+        the GUI thread (napari's drawing is Python) would otherwise slow the worker several-fold.
+        """
+        import torch
+
+        if batch not in self._traces:
+            import warnings
+
+            size = self.geometry.size
+            example = (
+                torch.zeros(batch, 3, size, size, device=self.device),
+                torch.zeros(batch, 1, size, size, device=self.device),
+            )
+            example[1][..., size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1
+            with warnings.catch_warnings(), torch.inference_mode():
+                warnings.simplefilter("ignore")  # the shape checks become constants: the patch size is fixed
+                self._traces[batch] = torch.jit.trace(_PlainForward(self.net), example, check_trace=False)
+        return self._traces[batch]
 
     @property
     def description(self) -> dict:
@@ -91,10 +114,12 @@ class EllipseRefiner:
         for i in range(0, len(ellipses), self.batch_size):
             chunk = ellipses[i : i + self.batch_size]
             mats, imgs, masks = self._batch(rgb, chunk)
+            img_t, mask_t = torch.from_numpy(imgs).to(self.device), torch.from_numpy(masks).to(self.device)
             with torch.inference_mode():
-                p = self.net.predict_proba(
-                    torch.from_numpy(imgs).to(self.device), torch.from_numpy(masks).to(self.device), superpixels=sp
-                )
+                if sp:  # maskSLIC runs in Python (scikit-image) between the network's two halves
+                    p = self.net.predict_proba(img_t, mask_t, superpixels=True)
+                else:
+                    p = torch.sigmoid(self._traced(len(chunk))(img_t, mask_t))
             mats_all.extend(mats)
             probs_all.append(p[:, 0].float().cpu().numpy())
         if not probs_all:
@@ -137,3 +162,23 @@ def _to_origin(m: np.ndarray, c0: int, r0: int) -> np.ndarray:
     out = m.copy()
     out[:, 2] = m[:, 2] + m[:, :2] @ np.array([c0, r0], np.float64)
     return out
+
+
+def _plain_forward_class():
+    import torch
+
+    class PlainForward(torch.nn.Module):
+        """forward(image, mask) without the superpixel switch: what torch.jit.trace records."""
+
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, image, mask):
+            return self.net(image, mask, superpixels=False)
+
+    return PlainForward
+
+
+def _PlainForward(net):  # noqa: N802 - torch is imported lazily, so the class is made on first use
+    return _plain_forward_class()(net)

@@ -97,8 +97,8 @@ def binarise_mask(soft: torch.Tensor) -> torch.Tensor:
     """
     hard = soft >= 0.5
     empty = ~hard.flatten(1).any(dim=1)
-    if bool(empty.any()):
-        hard = torch.where(empty.view(-1, *([1] * (soft.dim() - 1))), soft > 0, hard)
+    # branch-free, so that a traced network (inference) keeps the fallback
+    hard = torch.where(empty.view(-1, *([1] * (soft.dim() - 1))), soft > 0, hard)
     return hard.to(soft.dtype)
 
 

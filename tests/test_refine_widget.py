@@ -62,6 +62,22 @@ def test_drawn_ellipse_is_refined_inside_it_and_delete_keeps_hand_pixels(annotat
     np.testing.assert_array_equal((layer.data != 0), hand)
 
 
+def test_each_drawn_ellipse_gets_its_own_id_and_keeps_its_pixels(annotator, qtbot):
+    viewer, widget = annotator
+    first = Ellipse("EX", (40.0, 40.0), (10.0, 7.0), 0.0)
+    second = Ellipse("EX", (90.0, 70.0), (10.0, 7.0), 30.0)
+    for e in (first, second):
+        with qtbot.waitSignal(widget.refinement.refined, timeout=10000):
+            _draw(widget, e)
+    ids = list(widget.ellipses_layer.features["id"])
+    assert len(set(ids)) == 2 and all(ids)
+    assert set(widget.refinement.results) == set(ids)
+    layer = widget.lesion_layer("EX")
+    # the second ellipse adds pixels; it never takes away the first one's
+    for e in (first, second):
+        assert (layer.data[rasterize_ellipse(e, layer.data.shape)] != 0).any()
+
+
 def test_hand_pixels_survive_deleting_an_ellipse_after_reopening(annotator, qtbot, flat_folder, make_napari_viewer, model_dir):
     viewer, widget = annotator
     e = Ellipse("EX", (40.0, 50.0), (12.0, 9.0), 0.0)

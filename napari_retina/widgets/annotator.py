@@ -431,6 +431,8 @@ class LesionAnnotator(QWidget):
                 self._extras[eid] = {"author": grader, "created": now_iso()}
                 colours[i] = QColor(lesion(feats.at[i, "lesion"]).colour).getRgbF()
         shapes.features = feats
+        # napari takes the defaults for the next shape from the last row: a fresh shape must get a fresh id
+        shapes.feature_defaults["id"] = ""
         shapes.edge_color = colours
 
     def _paint_handler(self, code: str):

@@ -43,11 +43,11 @@ def wait(cond, seconds=60):
         app.processEvents()
         time.sleep(0.01)
         if time.monotonic() > end:
-            raise SystemExit(f"timed out: layers {[l.name for l in viewer.layers]}, {widget.status_label.text()!r}, {widget.model_label.text()!r}, drawn {drawn}, shapes {len(widget.ellipses_layer.data)}, current {len(widget.current_ellipses())}, known {len(widget.refinement.known)}, results {len(widget.refinement.results)}, queue {len(widget.refinement._queue)}")
+            raise SystemExit(f"timed out after {seconds} s")
 
 
 wait(lambda: widget.ellipses_layer is not None)  # the model loads at the first ellipse
-centre, half = np.array([1450.0, 2150.0]), 420.0  # (row, col) of a region with haemorrhages and exudates
+centre, half = np.array([1450.0, 2150.0]), 420.0  # (row, col) of a region rich in exudates
 drawn = 0
 for code, path in idrid_sample_masks().items():
     if code not in ("HE", "EX"):
@@ -58,7 +58,7 @@ for code, path in idrid_sample_masks().items():
             widget.set_lesion(code, activate=False)
             widget.ellipses_layer.add(ellipse_to_corners(e), shape_type="ellipse")
             drawn += 1
-wait(lambda: len(widget.refinement.results) >= drawn and not widget.refinement._busy, 120)
+wait(lambda: len(widget.refinement.results) >= drawn, 120)
 widget.set_lesion("HE")
 viewer.layers.selection.active = widget.ellipses_layer
 viewer.camera.center = tuple(centre)

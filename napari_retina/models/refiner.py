@@ -75,10 +75,12 @@ class EllipseRefiner:
         A traced graph runs without taking Python's GIL between operators: in the annotator
         the GUI thread (napari's drawing is Python) would otherwise slow the worker several-fold.
         """
-        import torch
-
         if batch not in self._traces:
             import warnings
+
+            import torch
+
+            from ..nets.refiner import PlainRefinerForward
 
             size = self.geometry.size
             example = (
@@ -88,8 +90,13 @@ class EllipseRefiner:
             example[1][..., size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1
             with warnings.catch_warnings(), torch.inference_mode():
                 warnings.simplefilter("ignore")  # the shape checks become constants: the patch size is fixed
-                self._traces[batch] = torch.jit.trace(_PlainForward(self.net), example, check_trace=False)
+                self._traces[batch] = torch.jit.trace(PlainRefinerForward(self.net), example, check_trace=False)
         return self._traces[batch]
+
+    def warm_up(self) -> None:
+        """Trace the one-ellipse network now (in a loader thread), not when the first ellipse is drawn."""
+        if not self.superpixels:
+            self._traced(1)
 
     @property
     def description(self) -> dict:
@@ -163,22 +170,3 @@ def _to_origin(m: np.ndarray, c0: int, r0: int) -> np.ndarray:
     out[:, 2] = m[:, 2] + m[:, :2] @ np.array([c0, r0], np.float64)
     return out
 
-
-def _plain_forward_class():
-    import torch
-
-    class PlainForward(torch.nn.Module):
-        """forward(image, mask) without the superpixel switch: what torch.jit.trace records."""
-
-        def __init__(self, net):
-            super().__init__()
-            self.net = net
-
-        def forward(self, image, mask):
-            return self.net(image, mask, superpixels=False)
-
-    return PlainForward
-
-
-def _PlainForward(net):  # noqa: N802 - torch is imported lazily, so the class is made on first use
-    return _plain_forward_class()(net)

@@ -26,6 +26,7 @@ from torch import nn
 
 __all__ = [
     "RefinerNet",
+    "PlainRefinerForward",
     "masked_average_prototype",
     "cosine_distance",
     "prototype_logits",
@@ -366,3 +367,14 @@ class RefinerNet(nn.Module):
     def predict_proba(self, image: torch.Tensor, mask: torch.Tensor, superpixels: bool | None = None) -> torch.Tensor:
         """sigmoid(forward(...)): P(lesion) per pixel, (B, 1, H, W), without gradients."""
         return torch.sigmoid(self(image, mask, superpixels=superpixels))
+
+
+class PlainRefinerForward(nn.Module):
+    """``forward(image, mask)`` of a RefinerNet without the superpixel switch: what torch.jit.trace records."""
+
+    def __init__(self, net: RefinerNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.net(image, mask, superpixels=False)

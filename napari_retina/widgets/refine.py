@@ -65,12 +65,11 @@ class EllipseRefinement(QObject):
 
         @thread_worker
         def load():
-            import torch
-
             from ..models.refiner import EllipseRefiner
 
-            torch.set_num_threads(max(1, torch.get_num_threads()))
-            return EllipseRefiner(model_dir)
+            refiner = EllipseRefiner(model_dir)
+            refiner.warm_up()  # trace here, not when the grader draws the first ellipse
+            return refiner
 
         worker = load()
         worker.returned.connect(self._model_loaded)

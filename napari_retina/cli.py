@@ -8,6 +8,7 @@ headless subcommands start fast on machines without a display.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -58,11 +59,22 @@ def build_parser() -> argparse.ArgumentParser:
     esub = e.add_subparsers(dest="what", metavar="{refine}")
     er = esub.add_parser(
         "refine",
-        help="coarse ellipse refinement: image-level IoU per lesion (paper Table 1) and latency",
-        description="Simulate coarse ellipses from the fine masks of DIR, refine them and print JSON.",
+        help="coarse ellipse refinement: image-level IoU per lesion (paper Table 1, Fig. 3), IoU by ellipse size, latency",
+        description=(
+            "Simulate coarse ellipses from the fine masks of DIR, refine them and print JSON: image-level IoU "
+            "per lesion at --reduction (iou_percent) and at each of --reductions (by_reduction), IoU inside "
+            "the ellipses pooled by semi-major axis < 32, 32-128, > 128 px (by_size), and the latency per ellipse."
+        ),
     )
     er.add_argument("--data", required=True, metavar="DIR", help="IDRiD-layout (official or flat) or project folder")
     er.add_argument("--reduction", type=float, default=1.0, help="ellipses = connected lesions / reduction (default 1.0)")
+    er.add_argument(
+        "--reductions",
+        nargs="*",
+        metavar="R",
+        default=None,
+        help="reductions of the by_reduction and by_size figures (default 1.0 1.5 2.0; 'none' or no value: skip them)",
+    )
     er.add_argument("--model", metavar="DIR", help="refiner model folder (default: the shipped one)")
     er.add_argument("--baseline", metavar="DIR", help="baseline (non-prototypical) model folder to compare")
     er.add_argument("--split", choices=("val", "all"), default="all", help="val: only the model card's validation images")
@@ -157,6 +169,26 @@ def cmd_refine(args) -> int:
     return 0
 
 
+def _parse_reductions(values: list[str] | None) -> list[float]:
+    """--reductions: absent -> the default factors; no value or 'none' -> none; else factors >= 1.0."""
+    from .evaluation import DEFAULT_REDUCTIONS
+
+    if values is None:
+        return list(DEFAULT_REDUCTIONS)
+    if values == [] or [v.lower() for v in values] == ["none"]:
+        return []
+    out = []
+    for v in values:
+        try:
+            r = float(v)
+        except ValueError:
+            raise CliError(f"--reductions takes numbers >= 1.0 or 'none', not {v!r}") from None
+        if not (math.isfinite(r) and r >= 1.0):
+            raise CliError(f"--reductions must be at least 1.0, not {v}")
+        out.append(r)
+    return out
+
+
 def cmd_evaluate(args) -> int:
     import json
 
@@ -167,13 +199,15 @@ def cmd_evaluate(args) -> int:
     data = Path(args.data)
     if not data.is_dir():
         raise CliError(f"{data}: not a folder")
-    if args.reduction < 1.0:
+    if not (math.isfinite(args.reduction) and args.reduction >= 1.0):
         raise CliError(f"--reduction must be at least 1.0, not {args.reduction}")
+    reductions = _parse_reductions(args.reductions)
     result = evaluate_refine(
         data,
         model_dir=args.model,
         baseline_dir=args.baseline,
         reduction=args.reduction,
+        reductions=reductions,
         split=args.split,
         seed=args.seed,
         limit=args.limit,

@@ -33,7 +33,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .io.ellipses import Ellipse, EllipseFile, normalize_angle_deg, rasterize_ellipses
-from .lesions import LESION_CODES, lesion as _lesion
+from .lesions import LESION_CODES, REFINED_LESIONS, lesion as _lesion
 
 __all__ = [
     "CoarseParams",
@@ -45,8 +45,8 @@ __all__ = [
     "cluster_components",
 ]
 
-# the lesions the paper simulates; OD only when asked for
-SIMULATED_LESIONS: tuple[str, ...] = ("MA", "SE", "EX", "HE")
+# the lesions the paper simulates (lesions.REFINED_LESIONS, kept under this name for callers); OD only when asked for
+SIMULATED_LESIONS: tuple[str, ...] = REFINED_LESIONS
 
 _EIGHT = np.ones((3, 3), dtype=bool)  # 8-connectivity, the project-wide convention
 # a pixel is a unit square: its own variance 1/12 keeps one-pixel regions from a zero-size fit

@@ -40,6 +40,11 @@ LESIONS: tuple[Lesion, ...] = (
 )
 
 LESION_CODES: tuple[str, ...] = tuple(l.code for l in LESIONS)
+
+# the lesions that coarse ellipses are simulated for, refined and scored (the paper's four);
+# the optic disc is left out: it is segmented whole, not annotated with ellipses
+REFINED_LESIONS: tuple[str, ...] = ("MA", "SE", "EX", "HE")
+
 _BY_CODE = {l.code: l for l in LESIONS}
 
 

@@ -121,3 +121,87 @@ def test_evaluate_val_split_without_named_images_is_one_line_exit_2(tmp_path, ev
                    "--split", "val"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "validation" in err
+
+
+def _evaluate(capsys, *args) -> dict:
+    rc = cli.main(["evaluate", "refine", *map(str, args)])
+    assert rc == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_evaluate_reports_every_reduction_and_size_bucket_on_an_idrid_folder(tmp_path, idrid_folder, capsys):
+    model = _model(tmp_path / "proto")
+    base = _model(tmp_path / "base", variant="baseline")
+    result = _evaluate(capsys, "--data", idrid_folder, "--model", model, "--baseline", base)
+    assert result["images"] == ["IDRiD_01", "IDRiD_02", "IDRiD_55"]
+    assert result["reductions"] == [1.0, 1.5, 2.0]
+    assert set(result["by_reduction"]) == set(result["by_size"]) == {"1.0", "1.5", "2.0"}
+    lesions = {"MA", "SE", "EX", "HE"}
+    for r, methods in result["by_reduction"].items():
+        assert set(methods) == {"initial", "model", "baseline"}
+        for table in methods.values():
+            assert set(table) == lesions | {"average"}
+            assert set(table["average"]) == {"mean", "std"}
+        for method in result["by_size"][r].values():
+            assert set(method) == set(result["size_buckets"]) == {"lt_32", "32_128", "gt_128"}
+            for bucket in method.values():
+                assert set(bucket) == lesions | {"all"}
+                assert bucket["all"]["ellipses"] == sum(bucket[c]["ellipses"] for c in lesions)
+    # at the main reduction, Fig. 3's rows are Table 1's: the model ships without superpixels
+    assert result["by_reduction"]["1.0"]["initial"] == result["iou_percent"]["initial"]
+    assert result["by_reduction"]["1.0"]["model"] == result["iou_percent"]["prototype"]
+    assert result["by_reduction"]["1.0"]["baseline"] == result["iou_percent"]["baseline"]
+    # every simulated ellipse falls in exactly one bucket
+    for code, n in result["ellipses"].items():
+        assert sum(b[code]["ellipses"] for b in result["by_size"]["1.0"]["initial"].values()) == n
+    assert result["ellipses"]["EX"] == 3 and result["ellipses"]["MA"] == 1  # 2 EX blobs in IDRiD_01, 1 in IDRiD_55
+
+
+def test_score_refinement_gives_the_figures_evaluate_prints(tmp_path, eval_folder, capsys):
+    from napari_retina.evaluation import score_refinement
+    from napari_retina.io.datasets import open_dataset
+    from napari_retina.io.images import read_fundus
+    from napari_retina.models.refiner import EllipseRefiner
+
+    model = _model(tmp_path / "proto")
+    result = _evaluate(capsys, "--data", eval_folder, "--model", model, "--reductions", "1.5", "--seed", 5)
+    images = []
+    for rec in open_dataset(eval_folder).records:
+        rgb = read_fundus(rec.image)
+        images.append((rec.stem, rgb, {c: read_mask(p) for c, p in rec.masks.items()}))
+    scored = score_refinement(EllipseRefiner(model), images, reduction=1.5, seed=5)
+    assert scored["iou_percent"]["model"] == result["by_reduction"]["1.5"]["model"]
+    assert scored["iou_percent"]["initial"] == result["by_reduction"]["1.5"]["initial"]
+    assert scored["by_size"]["model"] == result["by_size"]["1.5"]["model"]
+
+
+@pytest.mark.parametrize("flag", [["--reductions", "none"], ["--reductions"]])
+def test_evaluate_without_reductions_skips_them(tmp_path, eval_folder, capsys, flag):
+    result = _evaluate(capsys, "--data", eval_folder, "--model", _model(tmp_path / "m"), "--limit", 1, *flag)
+    assert result["reductions"] == [] and result["by_reduction"] == {} and result["by_size"] == {}
+    assert result["iou_percent"]["initial"]["EX"]["images"] == 1
+
+
+@pytest.mark.parametrize("flag, words", [
+    (["--reductions", "1.0", "0.5"], "--reductions must be at least 1.0, not 0.5"),
+    (["--reductions", "two"], "--reductions takes numbers"),
+    (["--reduction", "nan"], "--reduction must be at least 1.0"),
+])
+def test_evaluate_bad_reductions_are_one_line_exit_2(tmp_path, eval_folder, capsys, flag, words):
+    rc = cli.main(["evaluate", "refine", "--data", str(eval_folder), "--model", str(tmp_path), *flag])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and words in err
+
+
+def test_evaluate_scores_the_lesions_of_the_model_config(tmp_path, eval_folder, capsys):
+    model = _model(tmp_path / "ex")
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(dict(cfg, lesions=["EX"])))
+    result = _evaluate(capsys, "--data", eval_folder, "--model", model, "--reductions", "2")
+    assert set(result["iou_percent"]["initial"]) == {"EX", "average"}
+    assert set(result["by_size"]["2.0"]["model"]["lt_32"]) == {"EX", "all"}
+    assert result["ellipses"] == {"EX": 6}  # two blobs in each of the three images
+    (model / "config.json").write_text(json.dumps(dict(cfg, lesions=["EX", "XX"])))
+    rc = cli.main(["evaluate", "refine", "--data", str(eval_folder), "--model", str(model)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "XX" in err

@@ -10,10 +10,12 @@ from napari_retina.coarse import (
     CoarseParams,
     cluster_components,
     coarse_mask,
+    SIMULATED_LESIONS,
     simulate_coarse_ellipses,
     simulate_coarse_file,
 )
 from napari_retina.io.ellipses import EllipseFile, rasterize_ellipse
+from napari_retina.lesions import REFINED_LESIONS
 
 NO_JITTER = CoarseParams(blur_sigma=0, dilation_radius=0, expansion=1.0, min_semi_axis=1.0,
                          centre_jitter=0, axis_jitter=0, angle_jitter_deg=0)
@@ -256,6 +258,12 @@ def test_simulate_coarse_file_covers_each_lesion_and_skips_od_unless_asked():
     assert sum(e.lesion == "OD" for e in with_od.ellipses) == 1
     # each lesion's ellipses do not depend on which other lesions were asked for
     assert as_dicts([e for e in with_od.ellipses if e.lesion != "OD"]) == as_dicts(f.ellipses)
+
+
+def test_the_simulated_lesions_are_the_refined_lesions_of_the_lesion_table():
+    # one definition: the simulator's default is lesions.REFINED_LESIONS, the disc left out
+    assert SIMULATED_LESIONS is REFINED_LESIONS
+    assert REFINED_LESIONS == ("MA", "SE", "EX", "HE")
 
 
 def test_coarse_mask_is_the_union_of_that_lesions_ellipses():

@@ -7,7 +7,15 @@ import math
 import numpy as np
 import pytest
 
-from napari_retina.metrics import dice, image_level_iou, iou, precision_recall_f1
+from napari_retina.metrics import (
+    dice,
+    image_level_iou,
+    iou,
+    overlap_counts,
+    pooled_iou,
+    precision_recall_f1,
+    summarise_image_ious,
+)
 
 
 def rect(r0, r1, c0, c1, shape=(10, 10)) -> np.ndarray:
@@ -69,6 +77,35 @@ def test_image_level_iou_with_no_image_counting():
     mean, std = image_level_iou([(EMPTY, EMPTY)])
     assert math.isnan(mean) and math.isnan(std)
     assert all(math.isnan(v) for v in image_level_iou([]))
+
+
+def test_image_level_iou_counts_a_prediction_without_the_lesion_as_zero():
+    # an image with no lesion where the model predicts one scores 0 and counts
+    mean, std = image_level_iou([(A, A), (B, EMPTY), (EMPTY, EMPTY)])
+    assert (mean, std) == pytest.approx((0.5, 0.5))
+
+
+def test_summarise_image_ious_is_the_image_level_average():
+    assert summarise_image_ious([1 / 7, math.nan, 1.0]) == pytest.approx(((1 / 7 + 1) / 2, (1 - 1 / 7) / 2, 2))
+    mean, std, n = summarise_image_ious([math.nan])
+    assert math.isnan(mean) and math.isnan(std) and n == 0
+
+
+def test_overlap_counts_inside_a_region():
+    assert overlap_counts(A, B) == (4, 28)
+    # region rows 0-2, cols 0-9: A there is rows 0-2 cols 0-3 (12 px), B rows 2 cols 2-5 (4 px), both row 2 cols 2-3
+    assert overlap_counts(A, B, rect(0, 3, 0, 10)) == (2, 14)
+    assert overlap_counts(A, B, EMPTY) == (0, 0)
+    with pytest.raises(ValueError, match="region"):
+        overlap_counts(A, B, np.ones((3, 3), bool))
+
+
+def test_pooled_iou_sums_before_dividing():
+    # a large region with IoU 20/40 and a small one with 1/1: pooled 21/41, not the mean 0.75
+    assert pooled_iou([(20, 40), (1, 1)]) == pytest.approx(21 / 41)
+    assert pooled_iou([(0, 0), (3, 4)]) == pytest.approx(3 / 4)  # an empty region adds nothing
+    assert math.isnan(pooled_iou([(0, 0)]))
+    assert math.isnan(pooled_iou([]))
 
 
 def test_shape_mismatch_is_an_error():

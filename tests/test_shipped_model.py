@@ -56,4 +56,4 @@ def test_traced_inference_equals_the_network_for_any_batch_and_thin_ellipses():
         with torch.inference_mode():
             eager = refiner.net.predict_proba(torch.from_numpy(imgs), torch.from_numpy(masks), superpixels=False)
         np.testing.assert_allclose(traced, eager[:, 0].numpy(), atol=1e-5)
-    assert sorted(refiner._traces) == [1, 3]
+    assert sorted(refiner._traces) == [("forward", 1), ("forward", 3)]

@@ -71,7 +71,7 @@ def test_training_writes_a_model_folder_that_refines_and_resume_continues(lesion
     assert config["net"]["variant"] == "prototype" and config["geometry"]["size"] == 64
     # both prototype forms were validated; the shipped switch is the better one
     t = config["training"]
-    better_sp = t["val_patch_iou_superpixels"] > t["val_patch_iou_plain"]
+    better_sp = t["val_image_iou_superpixels"] > t["val_image_iou_plain"]
     assert config["superpixels"] is better_sp
     card = (out / "card.md").read_text()
     assert split["val"][0] in card and config["weights_sha256"] in card and "--epochs 2" in card
@@ -96,6 +96,21 @@ def test_training_writes_a_model_folder_that_refines_and_resume_continues(lesion
     ckpt = torch.load(out / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 3
     assert json.loads((out / "run" / "split.json").read_text()) == split
+
+
+def test_fine_tuning_keeps_counting_epochs_and_the_parents_split(lesion_folder, tmp_path):
+    parent = tmp_path / "parent"
+    assert training_main(["refiner", "--data", str(lesion_folder), "--out", str(parent), "--epochs", "1",
+                          "--val-images", "IDRiD_03.jpg", *TINY]) == 0
+    child = tmp_path / "child"
+    assert training_main(["refiner", "--data", str(lesion_folder), "--out", str(child), "--epochs", "2",
+                          "--init", str(parent), *TINY]) == 0
+    p, c = (json.loads((d / "config.json").read_text()) for d in (parent, child))
+    assert c["validation_images"] == ["IDRiD_03.jpg"]  # the parent's held-out image stays held out
+    assert c["training"]["epochs"] == p["training"]["epochs"] + c["training"]["epochs_this_run"]
+    assert c["training"]["minutes"] >= p["training"]["minutes"]
+    assert c["training"]["parent"] == str(parent) and str(parent) in (child / "card.md").read_text()
+    assert c["geometry"]["max_scale"] == 2.0 and c["training"]["early_stopping_patience"] == 8
 
 
 def test_baseline_variant_and_named_validation_images(lesion_folder, tmp_path):

@@ -19,7 +19,10 @@ from napari_retina.io.ellipses import Ellipse
 from napari_retina.io.images import read_fundus
 from napari_retina.io.masks import read_mask
 
-REFINER_LESIONS = ("MA", "SE", "EX", "HE")
+try:  # one definition of the refined lesions (napari_retina.lesions)
+    from napari_retina.lesions import REFINED_LESIONS as REFINER_LESIONS
+except ImportError:
+    REFINER_LESIONS = ("MA", "SE", "EX", "HE")
 
 
 class DataError(ValueError):
@@ -149,11 +152,35 @@ class RefinerPatches:
         group = self.by_lesion[rng.integers(len(self.by_lesion))]
         return self.samples[int(group[rng.integers(len(group))])]
 
+    def _window(self, e: Ellipse, rng, tries: int = 8):
+        """(transform, coarse mask) of one `size` window of a large ellipse at `max_scale`.
+
+        Inference covers such an ellipse with windows at exactly that scale; here each sample is
+        one of them, centred on a random point of the ellipse and turned at random. A window
+        with no pixel outside the ellipse has no background prototype, so a few are redrawn.
+        """
+        from napari_retina.models.patches import coarse_patch, similarity_transform
+
+        size = self.geom.size
+        px = self.geom.max_scale * (rng.uniform(0.85, 1.0) if self.augment else 1.0)
+        th = np.deg2rad(e.angle_deg)
+        for _ in range(tries):
+            # a uniform point of the ellipse: radius sqrt(u) in the unit disc, then the ellipse's axes
+            r, phi = np.sqrt(rng.random()), rng.uniform(0, 2 * np.pi)
+            u, v = r * np.cos(phi) * e.semi_axes[0], r * np.sin(phi) * e.semi_axes[1]
+            centre = (e.center_xy[0] + u * np.cos(th) - v * np.sin(th), e.center_xy[1] + u * np.sin(th) + v * np.cos(th))
+            rot = float(rng.uniform(-180, 180)) if self.augment else 0.0
+            m = similarity_transform(centre, px, rot, (size, size))
+            coarse = coarse_patch(e, m, size)
+            if coarse.mean() < 0.97:
+                break
+        return m, coarse
+
     def __getitem__(self, idx: int) -> dict:
         import cv2
         import torch
 
-        from napari_retina.models.patches import coarse_patch, patch_transform, warp_image, warp_mask
+        from napari_retina.models.patches import coarse_patch, natural_side, patch_transform, warp_image, warp_mask
         from napari_retina.models.refiner import normalise_patch
 
         rng = np.random.default_rng([self.seed, self.epoch, idx])
@@ -169,18 +196,23 @@ class RefinerPatches:
                 tuple(max(1.0, a * rng.uniform(1 - j, 1 + j)) for a in e.semi_axes),
                 (e.angle_deg + rng.uniform(-15, 15)) % 360,
             )
-        if self.augment:
+        scale = float(np.exp(rng.uniform(np.log(0.8), np.log(1.25)))) if self.augment else 1.0
+        if natural_side(e, self.geom) * scale / size > self.geom.max_scale:
+            # larger than one patch at the training scale: a window of it, as inference sees it
+            m, coarse = self._window(e, rng)
+        elif self.augment:
             m = patch_transform(
                 e,
                 self.geom,
-                scale=float(np.exp(rng.uniform(np.log(0.8), np.log(1.25)))),
+                scale=scale,
                 rotation_deg=float(rng.uniform(-180, 180)),
                 shift=tuple(rng.uniform(-0.08, 0.08, 2)),
             )
+            coarse = coarse_patch(e, m, size)
         else:
             m = patch_transform(e, self.geom)
+            coarse = coarse_patch(e, m, size)
         patch = warp_image(img.rgb, m, size)
-        coarse = coarse_patch(e, m, size)
         target = warp_mask(img.masks[e.lesion], m, size) & coarse
         if self.augment:
             if rng.random() < 0.3:

@@ -413,6 +413,9 @@ class Trainer:
     validation metric is the mean `loss_fn` over `val_set` ("val_loss"). `monitor` names
     the logged metric that drives the LR schedule and best.pt ("train_loss" works too).
 
+    `early_stop_patience`: stop ("early") once the monitored metric has not improved for
+    that many epochs (the checkpoints keep the best epoch).
+
     `epochs` is the total target (a resumed run continues the count); `minutes` is a
     wall-clock budget for this call: when it is spent the current step finishes, the
     epoch ends there (logged "partial": true, counted as done), is validated and saved.
@@ -443,6 +446,7 @@ class Trainer:
         monitor: str = "val_loss",
         mode: str = "min",
         lr_patience: int = 5,
+        early_stop_patience: int | None = None,
         lr_factor: float = 0.5,
         min_lr: float = 0.0,
         weight_decay: float = 0.0,
@@ -481,6 +485,9 @@ class Trainer:
         self.batch_size, self.lr, self.epochs, self.minutes = batch_size, lr, epochs, minutes
         self.num_workers, self.seed, self.deterministic = num_workers, seed, deterministic
         self.monitor, self.mode, self.grad_clip = monitor, mode, grad_clip
+        if early_stop_patience is not None and early_stop_patience < 1:
+            raise TrainingError(f"early-stopping patience must be at least 1 epoch, not {early_stop_patience}")
+        self.early_stop_patience = early_stop_patience
         self.log_every_steps = max(1, int(log_every_steps))
         self.on_epoch_end: list[EpochHook] = list(on_epoch_end)
         self.info = dict(info or {})
@@ -770,7 +777,7 @@ class Trainer:
         """Train until `epochs` (total) are done or `minutes` are spent; returns a summary.
 
         Summary: epochs (completed, in total), best, best_epoch, monitor, seconds (this
-        call), train_seconds (all runs), steps, stopped ("epochs", "time" or "requested"),
+        call), train_seconds (all runs), steps, stopped ("epochs", "time", "early" or "requested"),
         device, world_size.
         """
         self._t_fit = time.monotonic()
@@ -846,6 +853,9 @@ class Trainer:
                 break  # done: "epochs", even if the time budget ran out meanwhile
             if reason is None:
                 reason = self._stop_reason(sync=True)
+            if (reason is None and self.early_stop_patience is not None and self.best_epoch is not None
+                    and epoch - self.best_epoch >= self.early_stop_patience):
+                reason = "early"  # the monitored metric has not improved for `early_stop_patience` epochs
             if reason is not None:
                 stopped = reason
                 break

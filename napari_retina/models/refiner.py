@@ -1,8 +1,19 @@
 """Coarse ellipse -> pixel mask with the prototype refinement network (inference).
 
-`EllipseRefiner` loads a model folder (the shipped one by default), cuts one
-patch per ellipse (models.patches), runs the network on a batch of them, and
-maps the probabilities back, keeping the maximum where patches overlap.
+`EllipseRefiner` loads a model folder (the shipped one by default) and refines
+each ellipse at the scale the network was trained on:
+
+- an ellipse whose patch (ellipse plus context) is at most `geometry.max_scale`
+  full-resolution pixels per network pixel is cut as one `size` x `size` patch
+  (models.patches), batched with the others;
+- a larger one (a grader circling a whole lesion cluster) is laid on a grid at
+  exactly `max_scale` and covered with overlapping windows; the network's local
+  part (features) runs window by window and is blended with complementary ramps,
+  and its prototype head runs once over the blended map, as one pass over the
+  whole grid would. No ellipse is ever seen coarser than in training.
+
+Each result is a probability map on the ellipse's full-resolution box, zero
+outside the ellipse; where ellipses overlap, the maximum counts (paper 2.1).
 """
 
 from __future__ import annotations
@@ -11,14 +22,27 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 
-from ..io.ellipses import Ellipse
+from ..io.ellipses import Ellipse, rasterize_ellipse
 from ..io.errors import RetinaInputError
 from .folder import load_state_dict, read_config
-from .patches import PatchGeometry, coarse_patch, paste_max, patch_box, patch_transform, warp_image
+from .patches import (
+    PatchGeometry,
+    blend_weights,
+    coarse_patch,
+    needs_windows,
+    paste_max,
+    patch_box,
+    patch_transform,
+    transform_ellipse,
+    warp_image,
+    window_overlap,
+    window_plan,
+)
 
-# patches are scaled to [-2, 2]: fixed constants, so a model folder alone defines its input
+# patches are scaled to [-2, 2] unless the model folder's config.json says otherwise
 NORM_MEAN = 127.5
 NORM_SCALE = 63.75
 DEFAULT_THRESHOLD = 0.5
@@ -28,9 +52,9 @@ def default_model_dir() -> Path:
     return Path(__file__).resolve().parent / "weights" / "refiner"
 
 
-def normalise_patch(patch: np.ndarray) -> np.ndarray:
+def normalise_patch(patch: np.ndarray, mean: float = NORM_MEAN, scale: float = NORM_SCALE) -> np.ndarray:
     """uint8 (S, S, 3) -> float32 (3, S, S) as the network sees it."""
-    return ((patch.astype(np.float32) - NORM_MEAN) / NORM_SCALE).transpose(2, 0, 1).copy()
+    return ((patch.astype(np.float32) - mean) / scale).transpose(2, 0, 1).copy()
 
 
 @dataclass
@@ -49,38 +73,55 @@ class EllipseRefiner:
     """The refinement model of a model folder, ready to refine ellipses on CPU or GPU."""
 
     def __init__(self, model_dir: str | Path | None = None, device: str = "cpu", superpixels: bool | None = None):
-        import torch
-
         from ..nets.refiner import RefinerNet
 
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
-        self.config = read_config(self.model_dir)
+        config = read_config(self.model_dir)
         try:
-            self.net = RefinerNet.from_config(self.config["net"])
-            self.net.load_state_dict(load_state_dict(self.model_dir), strict=True)
+            net = RefinerNet.from_config(config["net"])
+            net.load_state_dict(load_state_dict(self.model_dir), strict=True)
         except (KeyError, RuntimeError, TypeError) as e:
             raise RetinaInputError(f"{self.model_dir}: weights do not match config.json ({e})") from None
-        self.net.eval().to(device)
-        self.device = torch.device(device)
-        self.geometry = PatchGeometry(**self.config.get("geometry", {}))
-        self.threshold = float(self.config.get("threshold", DEFAULT_THRESHOLD))
-        self.superpixels = self.config.get("superpixels", False) if superpixels is None else superpixels
-        self.version = str(self.config.get("version", "unknown"))
-        self.batch_size = 16
-        self._traces: dict[int, object] = {}
+        self._setup(net, config, device, superpixels)
 
-    def _traced(self, batch: int):
-        """The plain (no superpixel) network as TorchScript, one trace per batch size.
+    @classmethod
+    def from_network(cls, net, config: dict, device: str = "cpu", superpixels: bool | None = None) -> "EllipseRefiner":
+        """A refiner around a network held in memory (training validates with this)."""
+        self = cls.__new__(cls)
+        self.model_dir = None
+        self._setup(net, config, device, superpixels)
+        return self
+
+    def _setup(self, net, config: dict, device, superpixels: bool | None) -> None:
+        import torch
+
+        self.config = config
+        self.net = net.eval().to(device)
+        self.device = torch.device(device)
+        self.geometry = PatchGeometry.from_dict(config.get("geometry", {}))
+        norm = config.get("normalisation", {})
+        self.norm_mean = float(norm.get("mean", NORM_MEAN))
+        self.norm_scale = float(norm.get("scale", NORM_SCALE))
+        self.threshold = float(config.get("threshold", DEFAULT_THRESHOLD))
+        self.superpixels = config.get("superpixels", False) if superpixels is None else superpixels
+        self.version = str(config.get("version", "unknown"))
+        self.lesions = tuple(config.get("lesions", ()))
+        self.batch_size = 16
+        self._traces: dict[tuple[str, int], object] = {}
+
+    def _traced(self, kind: str, batch: int):
+        """The plain network ("forward") or its local part ("features") as TorchScript, per batch size.
 
         A traced graph runs without taking Python's GIL between operators: in the annotator
         the GUI thread (napari's drawing is Python) would otherwise slow the worker several-fold.
         """
-        if batch not in self._traces:
+        key = (kind, batch)
+        if key not in self._traces:
             import warnings
 
             import torch
 
-            from ..nets.refiner import PlainRefinerForward
+            from ..nets.refiner import PlainRefinerForward, RefinerFeatures
 
             size = self.geometry.size
             example = (
@@ -88,32 +129,37 @@ class EllipseRefiner:
                 torch.zeros(batch, 1, size, size, device=self.device),
             )
             example[1][..., size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1
+            module = PlainRefinerForward(self.net) if kind == "forward" else RefinerFeatures(self.net)
             with warnings.catch_warnings(), torch.inference_mode():
                 warnings.simplefilter("ignore")  # the shape checks become constants: the patch size is fixed
-                self._traces[batch] = torch.jit.trace(PlainRefinerForward(self.net), example, check_trace=False)
-        return self._traces[batch]
+                self._traces[key] = torch.jit.trace(module, example, check_trace=False)
+        return self._traces[key]
 
     def warm_up(self) -> None:
         """Trace the one-ellipse network now (in a loader thread), not when the first ellipse is drawn."""
         if not self.superpixels:
-            self._traced(1)
+            self._traced("forward", 1)
 
     @property
     def description(self) -> dict:
         return {"model": "refiner", "version": self.version, "folder": str(self.model_dir)}
 
+    def _normalise(self, patch: np.ndarray) -> np.ndarray:
+        return normalise_patch(patch, self.norm_mean, self.norm_scale)
+
+    # --- ellipses that fit one patch ------------------------------------------------------------
     def _batch(self, rgb: np.ndarray, ellipses: list[Ellipse]):
         size = self.geometry.size
         mats, imgs, masks = [], [], []
         for e in ellipses:
             m = patch_transform(e, self.geometry)
             mats.append(m)
-            imgs.append(normalise_patch(warp_image(rgb, m, size)))
+            imgs.append(self._normalise(warp_image(rgb, m, size)))
             masks.append(coarse_patch(e, m, size)[None].astype(np.float32))
         return mats, np.stack(imgs), np.stack(masks)
 
     def patch_probabilities(self, rgb: np.ndarray, ellipses: list[Ellipse], superpixels: bool | None = None):
-        """(transforms, probabilities (N, S, S)) for each ellipse."""
+        """(transforms, probabilities (N, S, S)) for ellipses that fit one patch each."""
         import torch
 
         sp = self.superpixels if superpixels is None else superpixels
@@ -126,19 +172,75 @@ class EllipseRefiner:
                 if sp:  # maskSLIC runs in Python (scikit-image) between the network's two halves
                     p = self.net.predict_proba(img_t, mask_t, superpixels=True)
                 else:
-                    p = torch.sigmoid(self._traced(len(chunk))(img_t, mask_t))
+                    p = torch.sigmoid(self._traced("forward", len(chunk))(img_t, mask_t))
             mats_all.extend(mats)
             probs_all.append(p[:, 0].float().cpu().numpy())
         if not probs_all:
             return [], np.zeros((0, self.geometry.size, self.geometry.size), np.float32)
         return mats_all, np.concatenate(probs_all)
 
+    # --- larger ellipses: windows at the training scale ----------------------------------------
+    def grid_probability(self, rgb: np.ndarray, e: Ellipse, superpixels: bool | None = None, window: int | None = None):
+        """(transform, probability on the grid) of a large ellipse, computed window by window.
+
+        `window` (network pixels, default the patch size) only exists so that tests can compare
+        the windowed result with one pass over the whole grid (a window as large as the grid).
+        """
+        import torch
+        import torch.nn.functional as F
+
+        from ..nets.refiner import FEATURE_STRIDE
+
+        sp = self.superpixels if superpixels is None else superpixels
+        geom = self.geometry
+        plan = window_plan(e, geom)
+        h, w = plan.shape
+        grid_img = self._normalise(warp_image_rect(rgb, plan.m, (h, w)))
+        grid_mask = rasterize_ellipse(transform_ellipse(e, plan.m), (h, w)).astype(np.float32)[None]
+        (th, tw), origins, traced = (geom.size, geom.size), plan.origins, True
+        if window is not None and window != geom.size:
+            th, tw, traced = min(window, h), min(window, w), False
+            origins = _origins(plan.shape, window, window_overlap(geom))
+        k = FEATURE_STRIDE
+        overlap = window_overlap(geom) // k
+        fused_sum = None
+        with torch.inference_mode():
+            for i in range(0, len(origins), self.batch_size):
+                chunk = origins[i : i + self.batch_size]
+                imgs = np.stack([grid_img[:, y : y + th, x : x + tw] for y, x in chunk])
+                masks = np.stack([grid_mask[:, y : y + th, x : x + tw] for y, x in chunk])
+                img_t, mask_t = torch.from_numpy(imgs).to(self.device), torch.from_numpy(masks).to(self.device)
+                if traced:
+                    fused, _ = self._traced("features", len(chunk))(img_t, mask_t)
+                else:
+                    fused, _ = self.net.features(img_t, mask_t)
+                fused = fused.float().cpu().numpy()
+                if fused_sum is None:
+                    fused_sum = np.zeros((fused.shape[1], h // k, w // k), np.float32)
+                for (y, x), f in zip(chunk, fused):
+                    cy, cx, ny, nx = y // k, x // k, th // k, tw // k
+                    wy = blend_weights(ny, cy, h // k, overlap)
+                    wx = blend_weights(nx, cx, w // k, overlap)
+                    fused_sum[:, cy : cy + ny, cx : cx + nx] += f * np.outer(wy, wx).astype(np.float32)
+            fused_t = torch.from_numpy(fused_sum)[None].to(self.device)
+            soft = F.avg_pool2d(torch.from_numpy(grid_mask)[None].to(self.device), k)
+            logits = self.net.head(fused_t, soft, bool(sp))
+            prob = torch.sigmoid(F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False))
+        return plan.m, prob[0, 0].float().cpu().numpy()
+
+    # --- results -----------------------------------------------------------------------------------
     def refine_each(self, rgb: np.ndarray, ellipses: list[Ellipse], superpixels: bool | None = None) -> list[RefinedEllipse]:
         """One result per ellipse, each on its own box (what the annotator keeps per ellipse)."""
-        mats, probs = self.patch_probabilities(rgb, ellipses, superpixels)
+        small = [i for i, e in enumerate(ellipses) if not needs_windows(e, self.geometry)]
+        mats, probs = self.patch_probabilities(rgb, [ellipses[i] for i in small], superpixels)
+        mapped: dict[int, tuple[np.ndarray, np.ndarray]] = dict(zip(small, zip(mats, probs)))
+        for i, e in enumerate(ellipses):
+            if i not in mapped:
+                mapped[i] = self.grid_probability(rgb, e, superpixels)
         out = []
-        for e, m, p in zip(ellipses, mats, probs):
-            r0, r1, c0, c1 = patch_box(m, self.geometry.size, rgb.shape[:2])
+        for i, e in enumerate(ellipses):
+            m, p = mapped[i]
+            r0, r1, c0, c1 = patch_box(m, p.shape, rgb.shape[:2])
             local = np.zeros((max(r1 - r0, 0), max(c1 - c0, 0)), np.float32)
             e_local = Ellipse(e.lesion, (e.center_xy[0] - c0, e.center_xy[1] - r0), e.semi_axes, e.angle_deg)
             # paste into a box-sized canvas with the box origin at (0, 0)
@@ -147,11 +249,12 @@ class EllipseRefiner:
         return out
 
     def refine_probability(self, rgb: np.ndarray, ellipses: list[Ellipse], superpixels: bool | None = None) -> np.ndarray:
-        """Full-size lesion probability: the maximum over the ellipses' patches (paper 2.1)."""
+        """Full-size lesion probability: the maximum over the ellipses' results (paper 2.1)."""
         full = np.zeros(rgb.shape[:2], np.float32)
-        mats, probs = self.patch_probabilities(rgb, ellipses, superpixels)
-        for e, m, p in zip(ellipses, mats, probs):
-            paste_max(full, p, m, e)
+        for r in self.refine_each(rgb, ellipses, superpixels):
+            r0, r1, c0, c1 = r.box
+            region = full[r0:r1, c0:c1]
+            np.maximum(region, r.prob, out=region)
         return full
 
     def refine_mask(self, rgb, ellipses, threshold: float | None = None, superpixels: bool | None = None) -> np.ndarray:
@@ -170,3 +273,16 @@ def _to_origin(m: np.ndarray, c0: int, r0: int) -> np.ndarray:
     out[:, 2] = m[:, 2] + m[:, :2] @ np.array([c0, r0], np.float64)
     return out
 
+
+
+def warp_image_rect(rgb: np.ndarray, m: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """`warp_image` onto a (rows, cols) grid."""
+    return cv2.warpAffine(rgb, m, (shape[1], shape[0]), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def _origins(shape: tuple[int, int], window: int, overlap: int) -> tuple[tuple[int, int], ...]:
+    """Window origins covering `shape` (a window as large as the grid gives one)."""
+    stride = window - overlap
+    ys = list(range(0, max(shape[0] - window, 0) + 1, stride)) if shape[0] > window else [0]
+    xs = list(range(0, max(shape[1] - window, 0) + 1, stride)) if shape[1] > window else [0]
+    return tuple((y, x) for y in ys for x in xs)

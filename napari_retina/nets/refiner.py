@@ -27,6 +27,8 @@ from torch import nn
 __all__ = [
     "RefinerNet",
     "PlainRefinerForward",
+    "RefinerFeatures",
+    "FEATURE_STRIDE",
     "masked_average_prototype",
     "cosine_distance",
     "prototype_logits",
@@ -347,11 +349,20 @@ class RefinerNet(nn.Module):
         if use_sp and self.variant != "prototype":
             raise ValueError("superpixel weighting needs the prototype variant")
         fused, soft = self.features(image, mask)
+        return F.interpolate(self.head(fused, soft, use_sp), size=image.shape[2:], mode="bilinear", align_corners=False)
+
+    def head(self, fused: torch.Tensor, soft: torch.Tensor, superpixels: bool = False) -> torch.Tensor:
+        """1/4-scale logits (B, 1, H/4, W/4) from ``features()``'s output.
+
+        Kept apart from ``features`` (which is local: a convolution stack) because the head is
+        not: its prototypes pool over the whole region. Large ellipses are refined by computing
+        features window by window and running the head once over the blended feature map.
+        """
+        if superpixels and self.variant != "prototype":
+            raise ValueError("superpixel weighting needs the prototype variant")
         if self.variant == "baseline":
-            logits = self.classifier(fused)
-        else:
-            logits = self._prototype_head(fused, soft, use_sp)
-        return F.interpolate(logits, size=image.shape[2:], mode="bilinear", align_corners=False)
+            return self.classifier(fused)
+        return self._prototype_head(fused, soft, superpixels)
 
     def _prototype_head(self, fused: torch.Tensor, soft: torch.Tensor, use_sp: bool) -> torch.Tensor:
         # in float32 even under AMP: fp16 would flush EPS**2 to zero and give zero vectors NaN gradients
@@ -378,3 +389,14 @@ class PlainRefinerForward(nn.Module):
 
     def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.net(image, mask, superpixels=False)
+
+
+class RefinerFeatures(nn.Module):
+    """``features(image, mask)`` of a RefinerNet as a module: what the windowed path traces."""
+
+    def __init__(self, net: RefinerNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net.features(image, mask)

@@ -4,13 +4,22 @@
         [--variant prototype|baseline] [--device auto|cpu|cuda] [--epochs N | --minutes M] [--resume]
 
 Coarse ellipses are simulated from the fine masks of every IDRiD-layout, flat or
-annotation project folder given (paper 3.1), whole images are held out for
-validation, and patches around the ellipses train the network with Dice + BCE,
-Adam and ReduceLROnPlateau (paper 2 and 3.1). After every epoch that improves
-the validation IoU the model folder (weights.safetensors, config.json, card.md)
-is written to MODEL_DIR, so a stopped run always leaves a usable model. The
-run's log (log.jsonl), checkpoints and split live in MODEL_DIR/run unless
---run-dir says otherwise; --resume continues from its last checkpoint.
+annotation project folder given (paper 3.1), at several reduction factors (one
+ellipse over several lesion groups, as graders draw); whole images are held out
+for validation, and patches around the ellipses train the network with Dice +
+BCE, Adam and ReduceLROnPlateau (paper 2 and 3.1). No patch is coarser than
+--max-scale full-resolution pixels per network pixel: a larger ellipse gives a
+window of itself at that scale, as inference refines it.
+
+Validation is the image-level IoU average on the held-out images, the figure
+`napari-retina evaluate refine --split val` prints; training stops early when it
+has not improved for --patience epochs. After every epoch that improves it the
+model folder (weights.safetensors, config.json, card.md) is written to MODEL_DIR,
+so a stopped run always leaves a usable model; at the end the superpixel
+weighting is decided on the same images. The run's log (log.jsonl), checkpoints
+and split live in MODEL_DIR/run unless --run-dir says otherwise; --resume
+continues from its last checkpoint; --init MODEL_DIR fine-tunes a model folder
+and keeps counting its epochs and hours.
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ import shlex
 import sys
 import time
 from pathlib import Path
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -40,7 +51,6 @@ from ..data import (
     write_split,
 )
 
-VAL_PER_LESION = 80  # validation patches per lesion: enough for a stable IoU, quick on a CPU
 THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
 
 
@@ -69,8 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clip the gradient norm (the prototype head's alpha = 20 makes early gradients spiky); 0: off")
     p.add_argument("--samples-per-epoch", type=int, default=2000, help="training patches per epoch")
     p.add_argument("--patch-size", type=int, default=256, help="patch side in pixels (multiple of 8)")
-    p.add_argument("--reduction", type=float, nargs="+", default=[1.0],
-                   help="reduction factors of the simulated ellipses (one set per factor)")
+    p.add_argument("--reduction", type=float, nargs="+", default=[1.0, 1.5, 2.0],
+                   help="reduction factors of the simulated training ellipses, one set per factor "
+                        "(default 1.0 1.5 2.0: graders circle groups of lesions too; validation uses 1.0)")
+    p.add_argument("--max-scale", type=float, default=2.0,
+                   help="largest full-resolution pixels per network pixel: larger ellipses are trained and "
+                        "refined window by window at this scale (default 2.0)")
+    p.add_argument("--patience", type=int, default=8,
+                   help="stop when the image-level validation IoU has not improved for this many epochs (default 8)")
+    p.add_argument("--val-reduction", type=float, default=1.0, help="reduction of the validation ellipses")
     p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of images held out")
     p.add_argument("--val-images", nargs="+", metavar="NAME", help="hold out exactly these images instead")
     p.add_argument("--seed", type=int, default=0)
@@ -92,39 +109,54 @@ def _validate_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--reduction factors must be >= 1.0")
     if a.samples_per_epoch < 1:
         p.error("--samples-per-epoch must be at least 1")
+    if not a.max_scale > 0:
+        p.error(f"--max-scale must be positive, not {a.max_scale}")
+    if a.patience < 1:
+        p.error(f"--patience must be at least 1, not {a.patience}")
 
 
-def val_samples(samples, seed: int, per_lesion: int = VAL_PER_LESION):
-    """A fixed, class-balanced subset of the validation ellipses (the same every epoch)."""
-    rng = np.random.default_rng(seed)
+@dataclass
+class ValImage:
+    """One validation image with its fine masks and the coarse ellipses simulated from them."""
+
+    stem: str
+    rgb: np.ndarray
+    masks: dict  # lesion -> bool mask
+    ellipses: dict  # lesion -> [Ellipse]
+
+
+def validation_images(images, reduction: float, seed: int) -> list[ValImage]:
+    """The split's images with their ellipses, simulated once (as `evaluate refine` does: seed + k)."""
+    from napari_retina.coarse import simulate_coarse_ellipses
+
     out = []
-    for code in REFINER_LESIONS:
-        group = [s for s in samples if s.ellipse.lesion == code]
-        if len(group) > per_lesion:
-            group = [group[i] for i in sorted(rng.choice(len(group), per_lesion, replace=False))]
-        out.extend(group)
+    for k, img in enumerate(images):
+        ells = {c: simulate_coarse_ellipses(m, c, reduction=reduction, seed=seed + k) for c, m in img.masks.items()}
+        out.append(ValImage(img.stem, img.rgb, img.masks, ells))
     return out
 
 
-def patch_iou_table(model, val_set, device, thresholds=THRESHOLDS, superpixels: bool | None = None) -> dict:
-    """Mean patch IoU (%) per lesion at each threshold, over `val_set` (inside the ellipse)."""
-    import torch
+def image_level_table(refiner, val_images: list[ValImage], thresholds=THRESHOLDS, superpixels=None) -> dict:
+    """Image-level IoU (%) per lesion at each threshold: the figure `evaluate refine` prints.
 
-    loader = torch.utils.data.DataLoader(val_set, batch_size=16, shuffle=False)
-    t = torch.tensor(thresholds).view(1, -1, 1, 1)
-    per = {c: [] for c in REFINER_LESIONS}
-    for batch in loader:
-        kw = {} if superpixels is None else {"superpixels": superpixels}
-        prob = torch.sigmoid(model(batch["image"].to(device), batch["mask"].to(device), **kw)).float().cpu()
-        inside = batch["mask"] > 0.5
-        pred = (prob >= t) & inside  # (B, T, H, W)
-        target = batch["target"] > 0.5
-        i = (pred & target).sum((2, 3)).double()
-        u = (pred | target).sum((2, 3)).double()
-        iou = torch.where(u > 0, i / u.clamp_min(1), torch.ones_like(u))
-        for k, code in enumerate(batch["lesion"]):
-            per[code].append(iou[k])
-    return {c: (torch.stack(v).mean(0) * 100).tolist() for c, v in per.items() if v}
+    Each image's probability map is computed once and thresholded at every candidate; the
+    IoU rule is `metrics.image_level_iou` (an image counts where the lesion or a prediction is).
+    """
+    from napari_retina.metrics import image_level_iou
+
+    pairs = {c: [[] for _ in thresholds] for c in REFINER_LESIONS}
+    for v in val_images:
+        for code, ells in v.ellipses.items():
+            if not ells:
+                continue
+            prob = refiner.refine_probability(v.rgb, ells, superpixels=superpixels)
+            for j, t in enumerate(thresholds):
+                pairs[code][j].append((prob >= t, v.masks[code]))
+    table = {}
+    for code, per_t in pairs.items():
+        if per_t[0]:
+            table[code] = [100.0 * image_level_iou(p)[0] for p in per_t]
+    return table
 
 
 def best_threshold(table: dict, thresholds=THRESHOLDS) -> dict:
@@ -136,46 +168,60 @@ def best_threshold(table: dict, thresholds=THRESHOLDS) -> dict:
     return out
 
 
-def make_val_fn(thresholds=THRESHOLDS):
-    def val_fn(model, val_set, device) -> dict:
-        return best_threshold(patch_iou_table(model, val_set, device, thresholds), thresholds)
+def make_val_fn(val_images: list[ValImage], config_of, thresholds=THRESHOLDS):
+    """Validation = the image-level average on the held-out images (early stopping monitors it)."""
+
+    def val_fn(model, _val_set, device) -> dict:
+        from napari_retina.models.refiner import EllipseRefiner
+
+        # a fresh refiner each epoch: its TorchScript traces hold this epoch's weights
+        refiner = EllipseRefiner.from_network(model, config_of(), device=str(device), superpixels=False)
+        try:
+            return best_threshold(image_level_table(refiner, val_images, thresholds, superpixels=False), thresholds)
+        finally:
+            model.train()  # the trainer restores the mode too; be explicit since from_network sets eval
 
     return val_fn
 
 
-def superpixel_choice(trainer, val_set, metrics: dict) -> dict:
-    """Validate the prototype net in its other form too (with/without superpixel weighting); ship the better.
+def superpixel_choice(net, config: dict, val_images: list[ValImage], device, plain: dict) -> dict:
+    """Validate the best weights with the superpixel weighting too and ship the better form (paper 2.2).
 
-    The epoch's validation used the form the net trains with; the weighting is a
-    switch at inference, so both are measured on the same patches (paper 2.2).
+    The weighting is a switch at inference, so both forms are measured on the same images.
     """
-    import torch
+    from napari_retina.models.refiner import EllipseRefiner
 
-    net = trainer.module
-    trained_sp = bool(net.superpixels)
-    was = net.training
-    net.eval()
-    with torch.no_grad():
-        other = best_threshold(patch_iou_table(net, val_set, trainer.device, superpixels=not trained_sp))
-    net.train(was)
-    same = {"iou": metrics["val_iou"], "threshold": metrics["val_threshold"]}
-    sp, plain = (same, other) if trained_sp else (other, same)
-    chosen = sp if sp["iou"] > plain["iou"] else plain
+    refiner = EllipseRefiner.from_network(net, config, device=str(device), superpixels=True)
+    sp = best_threshold(image_level_table(refiner, val_images, superpixels=True))
+    # compared as the card shows them (2 decimals): the plain figure comes rounded from config.json
+    chosen = sp if round(sp["iou"], 2) > round(plain["iou"], 2) else plain
     return {
         "superpixels": chosen is sp,
         "threshold": chosen["threshold"],
-        "val_patch_iou_plain": round(float(plain["iou"]), 2),
-        "val_patch_iou_superpixels": round(float(sp["iou"]), 2),
-        "trained_with_superpixels": trained_sp,
+        "val_image_iou_plain": round(float(plain["iou"]), 2),
+        "val_image_iou_superpixels": round(float(sp["iou"]), 2),
+        **{f"val_image_iou_{c}": round(float(chosen[f'iou_{c}']), 2) for c in REFINER_LESIONS if f"iou_{c}" in chosen},
     }
 
 
-def render_card(info: dict, metrics: dict, summary: dict, choice: dict) -> str:
-    val = info["validation_images"]
-    figures = "\n".join(
-        f"| {c} | {metrics.get(f'val_iou_{c}', float('nan')):.1f} |" for c in REFINER_LESIONS
+def render_card(config: dict, info: dict) -> str:
+    t = config["training"]
+    val = config["validation_images"]
+    figures = "\n".join(f"| {c} | {t.get(f'val_image_iou_{c}', float('nan')):.1f} |" for c in REFINER_LESIONS)
+    sp = t.get("val_image_iou_superpixels")
+    sp_line = (
+        f"decided on the validation images at the end of training: {t['val_image_iou_superpixels']:.1f} with the "
+        f"weighting, {t['val_image_iou_plain']:.1f} without; shipped **{'on' if config['superpixels'] else 'off'}**."
+        if sp is not None else "not yet decided (training stopped before the end-of-run comparison); shipped off."
     )
-    return f"""# Ellipse refinement model ({info['variant']}) {info['version']}
+    parent = info.get("parent_training") or {}
+    history = (
+        f"- Parent model: `{info['init']}` ({parent.get('epochs', '?')} epochs, {parent.get('minutes', '?')} min on "
+        f"{parent.get('device', '?')}); the counts below include its training\n"
+        if info.get("init") else "- Parent model: none (trained from scratch)\n"
+    )
+    geom = config["geometry"]
+    return f"""# Ellipse refinement model ({info['variant']}) {config['version']}
 
 Turns a coarse ellipse around a lesion (MA, SE, EX, HE) into a pixel mask:
 {'a prototype network with superpixel-guided weighting' if info['variant'] == 'prototype' else 'the non-prototypical baseline (1x1 conv classifier)'}
@@ -184,25 +230,25 @@ on a truncated U-Net, trained by napari-retina {__version__}.
 ## Training
 
 - Data: {', '.join(info['data'])} ({info['train_count']} training images, {len(val)} validation images)
-- Coarse ellipses: simulated from the fine masks at reduction {', '.join(str(r) for r in info['reduction'])}, seed {info['seed']}
-- Patches: {info['patch_size']}x{info['patch_size']}, {info['samples_per_epoch']} per epoch, batch {info['batch_size']}, Adam lr {info['lr']}, gradient norm clipped at {info['grad_clip'] or 'off'}
-- Epochs: {summary['epochs']} (best epoch {summary['best_epoch']}), training time {summary['train_seconds'] / 60:.1f} min
-- Device: {summary['device']} ({platform.machine()}, torch {info['torch']})
-- Parent model: {info.get('init') or 'none (trained from scratch)'}
-- Command: `{info['command']}`
+- Coarse ellipses: simulated from the fine masks at reductions {', '.join(str(r) for r in info['reduction'])}, seed {info['seed']}
+- Patches: {geom['size']}x{geom['size']}, at most {geom['max_scale']} full-resolution pixels per network pixel (larger
+  ellipses: windows at that scale), {info['samples_per_epoch']} per epoch, batch {info['batch_size']}, Adam lr {info['lr']},
+  gradient norm clipped at {info['grad_clip'] or 'off'}
+{history}- Epochs: {t['epochs']} in all (best epoch {t['best_epoch']}), training time {t['minutes']:.0f} min in all ({t['minutes'] / 60:.1f} h)
+- Device: {t['device']} ({platform.machine()}, torch {info['torch']})
+- Early stopping: on the image-level validation average below, patience {t['early_stopping_patience']} epochs
+- Command: `{t['command']}`
 
-## Validation (patch IoU %, inside the ellipse, threshold {metrics.get('val_threshold', 0.5):.2f})
+## Validation (image-level IoU %, coarse ellipses at reduction {t['val_reduction']}, threshold {config['threshold']:.2f})
 
 | Lesion | IoU |
 |---|---|
 {figures}
-| average | {metrics.get('val_iou', float('nan')):.1f} |
+| average | {t.get('val_image_iou', float('nan')):.1f} |
 
-Trained {'with' if choice.get('trained_with_superpixels') else 'without'} the superpixel-guided weighting; at inference: {'on' if choice['superpixels'] else 'off'}{
-    f" (validation patch IoU {choice['val_patch_iou_superpixels']:.1f} with it, {choice['val_patch_iou_plain']:.1f} without; threshold {choice['threshold']:.2f})"
-    if 'val_patch_iou_superpixels' in choice else ''}.
+The same figure as `napari-retina evaluate refine --data DIR --model THIS_FOLDER --split val`.
 
-Image-level figures: `napari-retina evaluate refine --data DIR --model THIS_FOLDER --split val`.
+Superpixel-guided weighting at inference: {sp_line}
 
 Validation images (held out by image): {', '.join(val)}
 
@@ -212,51 +258,85 @@ weights.safetensors SHA-256: {{sha256}}
 """
 
 
-def export_model(trainer, metrics: dict, out: Path, info: dict, geom, val_set) -> None:
-    """Write the model folder from the trainer's current weights (called on each best epoch)."""
-    from napari_retina.models.folder import write_model_folder
-
-    if info["variant"] == "prototype":
-        choice = superpixel_choice(trainer, val_set, metrics)
-    else:
-        choice = {"superpixels": False, "threshold": metrics.get("val_threshold", 0.5)}
-
-    net = trainer.module
-    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    summary = {
-        "epochs": metrics["epoch"],
-        "best_epoch": metrics["epoch"],
-        "train_seconds": trainer._train_seconds_before + trainer._seconds(),
-        "device": str(trainer.device),
-    }
-    config = {
+def model_config(net, info: dict, geom, metrics: dict, trainer, choice: dict | None = None) -> dict:
+    """config.json of the model folder for the trainer's current weights."""
+    parent = info.get("parent_training") or {}
+    epochs_here = int(metrics["epoch"])
+    minutes_here = (trainer._train_seconds_before + trainer._seconds()) / 60
+    choice = choice or {}
+    return {
         "model": "refiner",
         "version": info["version"],
         "net": net.config(),
         "geometry": geom.to_dict(),
-        "normalisation": {"mean": 127.5, "scale": 63.75, "channels": "RGB"},
-        "threshold": round(float(choice["threshold"]), 3),
-        "superpixels": bool(choice["superpixels"]),
+        "normalisation": {"mean": NORM["mean"], "scale": NORM["scale"], "channels": "RGB"},
+        "threshold": round(float(choice.get("threshold", metrics.get("val_threshold", 0.5))), 3),
+        "superpixels": bool(choice.get("superpixels", False)),
         "lesions": list(REFINER_LESIONS),
         "validation_images": info["validation_images"],
         "training": {
-            "epochs": summary["epochs"],
-            "minutes": round(summary["train_seconds"] / 60, 1),
-            "device": summary["device"],
-            "val_patch_iou": round(float(metrics.get("val_iou", float("nan"))), 2),
-            **{k: v for k, v in choice.items() if k.startswith(("val_", "trained_"))},
+            "epochs": int(parent.get("epochs", 0)) + epochs_here,
+            "best_epoch": int(parent.get("epochs", 0)) + epochs_here,
+            "epochs_this_run": epochs_here,
+            "minutes": round(float(parent.get("minutes", 0.0)) + minutes_here, 1),
+            "device": str(trainer.device),
+            "val_reduction": info["val_reduction"],
+            "val_image_iou": round(float(metrics.get("val_iou", float("nan"))), 2),
+            **{f"val_image_iou_{c}": round(float(metrics[f"val_iou_{c}"]), 2) for c in REFINER_LESIONS if f"val_iou_{c}" in metrics},
+            **{k: v for k, v in choice.items() if k.startswith("val_")},
+            "early_stopping_patience": info["patience"],
             "command": info["command"],
             "parent": info.get("init"),
+            "parent_version": parent.get("version"),
             "trained": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
     }
-    write_model_folder(out, state, config, render_card(info, metrics, summary, choice))
+
+
+NORM = {"mean": 127.5, "scale": 63.75}
+
+
+def export_model(trainer, metrics: dict, out: Path, info: dict, geom) -> None:
+    """Write the model folder from the trainer's current weights (called on each best epoch)."""
+    from napari_retina.models.folder import write_model_folder
+
+    net = trainer.module
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    config = model_config(net, info, geom, metrics, trainer)
+    write_model_folder(out, state, config, render_card(config, info))
+
+
+def finish_model(out: Path, info: dict, val_images, device) -> dict | None:
+    """After training: decide the superpixel weighting on the best weights and rewrite the folder."""
+    import json as _json
+
+    from napari_retina.models.folder import CONFIG, load_state_dict, write_model_folder
+    from napari_retina.nets.refiner import RefinerNet
+
+    if not (out / CONFIG).is_file():
+        return None
+    config = _json.loads((out / CONFIG).read_text())
+    if info["variant"] != "prototype":
+        return config
+    state = load_state_dict(out)
+    net = RefinerNet.from_config(config["net"])
+    net.load_state_dict(state)
+    t = config["training"]
+    plain = {"iou": t["val_image_iou"], "threshold": config["threshold"],
+             **{f"iou_{c}": t[f"val_image_iou_{c}"] for c in REFINER_LESIONS if f"val_image_iou_{c}" in t}}
+    choice = superpixel_choice(net, config, val_images, device, plain)
+    config["superpixels"], config["threshold"] = choice["superpixels"], choice["threshold"]
+    config["training"].update({k: v for k, v in choice.items() if k.startswith("val_")})
+    config.pop("weights_sha256", None)
+    config.pop("weights_dtype", None)
+    write_model_folder(out, state, config, render_card(config, info))
+    return config
 
 
 def run(a: argparse.Namespace, argv: list[str]) -> int:
     import torch
 
-    from napari_retina.models.folder import load_state_dict
+    from napari_retina.models.folder import load_state_dict, read_config
     from napari_retina.models.patches import PatchGeometry
     from napari_retina.nets.refiner import RefinerNet
     from training.losses import bce_dice_loss
@@ -269,8 +349,11 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
     records = gather_records(a.data)
     split_file = run_dir / "split.json"
     val_names = a.val_images
+    parent_config = read_config(Path(a.init)) if a.init else None
     if a.resume and split_file.is_file() and not val_names:
         val_names = json.loads(split_file.read_text())["val"]  # a resumed run keeps its split
+    elif parent_config and not val_names and parent_config.get("validation_images"):
+        val_names = parent_config["validation_images"]  # fine-tuning keeps the parent's held-out images
     train_recs, val_recs = split_by_image(records, a.val_fraction, a.seed, val_names)
     if not val_recs:
         raise DataError("no validation image: give at least two images")
@@ -282,18 +365,17 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
     train_imgs = [load_image(r) for r in train_recs]
     val_imgs = [load_image(r) for r in val_recs]
     train_samples = [s for red in a.reduction for s in simulate_samples(train_imgs, red, a.seed)]
-    val_all = simulate_samples(val_imgs, a.reduction[0], a.seed)
+    val_images = validation_images(val_imgs, a.val_reduction, a.seed)
     if not train_samples:
         raise DataError("no lesions (MA, SE, EX, HE) in the training images' masks")
-    if not val_all:
+    if not any(e for v in val_images for e in v.ellipses.values()):
         raise DataError("no lesions in the validation images' masks")
     counts = {c: sum(s.ellipse.lesion == c for s in train_samples) for c in REFINER_LESIONS}
     say(f"{len(train_imgs)} training images ({', '.join(f'{c} {n}' for c, n in counts.items())} ellipses), "
         f"{len(val_imgs)} validation images; loaded in {time.monotonic() - t0:.0f} s")
 
-    geom = PatchGeometry(size=a.patch_size)
+    geom = PatchGeometry(size=a.patch_size, max_scale=a.max_scale)
     train_set = RefinerPatches(train_imgs, train_samples, geom, augment=True, seed=a.seed, length=a.samples_per_epoch)
-    val_set = RefinerPatches(val_imgs, val_samples(val_all, a.seed), geom, augment=False)
 
     net = RefinerNet(
         base_channels=a.base_channels, variant=a.variant,
@@ -312,13 +394,15 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
         "train_count": len(train_imgs),
         "validation_images": [r.image.name for r in val_recs],
         "reduction": a.reduction,
+        "val_reduction": a.val_reduction,
         "seed": a.seed,
-        "patch_size": a.patch_size,
         "samples_per_epoch": a.samples_per_epoch,
         "batch_size": a.batch_size,
         "lr": a.lr,
         "grad_clip": a.grad_clip,
+        "patience": a.patience,
         "init": a.init,
+        "parent_training": dict(parent_config.get("training", {}), version=parent_config.get("version")) if parent_config else None,
         "torch": torch.__version__,
         "command": "python -m training refiner " + shlex.join(argv),
     }
@@ -326,18 +410,27 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
     def loss_fn(logits, batch):
         return bce_dice_loss(logits, batch["target"])
 
+    def config_of():
+        return {"geometry": geom.to_dict(), "normalisation": NORM, "threshold": 0.5, "superpixels": False}
+
     trainer = Trainer(
-        net, loss_fn, train_set, val_set, run_dir,
+        net, loss_fn, train_set, None, run_dir,
         device=a.device, batch_size=a.batch_size, lr=a.lr, epochs=a.epochs, minutes=a.minutes,
-        num_workers=a.workers, seed=a.seed, val_fn=make_val_fn(), monitor="val_iou", mode="max",
-        lr_patience=4, grad_clip=a.grad_clip or None, forward_fn=lambda m, b: m(b["image"], b["mask"]),
-        on_epoch_end=[lambda tr, m: export_model(tr, m, out, info, geom, val_set) if m["is_best"] else None],
+        num_workers=a.workers, seed=a.seed, val_fn=make_val_fn(val_images, config_of), monitor="val_iou", mode="max",
+        lr_patience=max(1, a.patience // 2), early_stop_patience=a.patience,
+        grad_clip=a.grad_clip or None, forward_fn=lambda m, b: m(b["image"], b["mask"]),
+        on_epoch_end=[lambda tr, m: export_model(tr, m, out, info, geom) if m["is_best"] else None],
         info={k: info[k] for k in ("variant", "version", "data", "command")}, verbose=not a.quiet,
     )
     summary = trainer.fit(resume=a.resume)
     if is_main_process():
-        say(f"model folder: {out} (best epoch {summary['best_epoch']}, val IoU {summary['best']:.1f} %)"
-            if summary["best"] is not None else f"no usable epoch; nothing written to {out}")
+        if summary["best"] is None:
+            say(f"no usable epoch; nothing written to {out}")
+            return 0
+        config = finish_model(out, info, val_images, trainer.device)
+        sp = f", superpixel weighting {'on' if config and config['superpixels'] else 'off'}" if a.variant == "prototype" else ""
+        say(f"model folder: {out} (best epoch {summary['best_epoch']}, image-level val IoU {summary['best']:.1f} %{sp}; "
+            f"stopped by {summary['stopped']})")
     return 0
 
 

@@ -99,6 +99,8 @@ def _read_record(record: ImageRecord, dataset=None, project_root=None):
     except RetinaInputError as e:
         notify_error(str(e))
         return NULL_LAYER
+    if opened.annotation.notes:  # e.g. a mask of the wrong size: left out, the rest opens
+        notify_error("; ".join(opened.annotation.notes))
     return layer_data(opened)
 
 

@@ -16,7 +16,8 @@ from .io.datasets import Dataset, ImageRecord
 from .io.ellipses import Ellipse, EllipseFile, corners_to_ellipse, ellipse_to_corners
 from .io.images import read_fundus
 from .io.masks import read_mask
-from .io.project import Annotation, ProjectFolder, default_project_dir
+from .io.errors import RetinaInputError
+from .io.project import Annotation, ProjectFolder, default_project_dir, leave_out
 from .lesions import LESION_CODES, LESIONS, lesion
 
 META_KEY = "napari_retina"
@@ -52,7 +53,9 @@ def open_record(
 ) -> OpenedImage:
     """Read an image and its annotation: the project folder if it exists, else its masks.
 
-    Raises RetinaInputError (one clear line) for a broken image or mask.
+    Raises RetinaInputError (one clear line) for a broken image. A broken mask costs only
+    that mask: the lesion starts empty, `annotation.notes` says why, and its file is not
+    overwritten until the grader edits that lesion.
     """
     project_dir = project_dir_for(record, project_root)
     project = ProjectFolder(project_dir)
@@ -66,7 +69,10 @@ def open_record(
         rgb = read_fundus(record.image)
         ann = Annotation.empty(record.image.name, rgb.shape[:2])
         for code, path in record.masks.items():
-            ann.masks[code] = read_mask(path, expected_shape=rgb.shape[:2])
+            try:
+                ann.masks[code] = read_mask(path, expected_shape=rgb.shape[:2])
+            except RetinaInputError as e:
+                leave_out(ann, code, str(e))
         if record.masks:
             ann.provenance["initial_masks"] = {c: str(p) for c, p in sorted(record.masks.items())}
         from_project = False
@@ -81,8 +87,6 @@ def open_record(
 
 
 def _resize_guard(ann: Annotation, rgb: np.ndarray) -> Annotation:
-    from .io.errors import RetinaInputError
-
     raise RetinaInputError(
         f"{ann.image_name}: the image is {rgb.shape[1]}x{rgb.shape[0]} but its annotation "
         f"is {ann.shape[1]}x{ann.shape[0]}"
@@ -111,9 +115,9 @@ def _meta(opened: OpenedImage, role: str, **extra) -> dict:
 def layer_data(opened: OpenedImage) -> list[tuple]:
     """napari LayerDataTuples: the RGB image, one Labels layer per lesion, the ellipses."""
     ann = opened.annotation
-    out: list[tuple] = [
-        (opened.rgb, {"name": opened.stem, "rgb": True, "metadata": _meta(opened, "image")}, "image")
-    ]
+    # lesions whose mask file was unreadable: the annotator must not overwrite those files
+    image_meta = _meta(opened, "image", unreadable=dict(ann.unreadable))
+    out: list[tuple] = [(opened.rgb, {"name": opened.stem, "rgb": True, "metadata": image_meta}, "image")]
     for les in LESIONS:
         data = ann.masks[les.code].astype(np.uint8) * np.uint8(les.label)
         out.append(

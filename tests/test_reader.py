@@ -80,10 +80,27 @@ def test_broken_image_gives_one_notification_and_no_layer(tmp_path, notes, conte
     assert len(notes) == 1 and expect in notes[0] and "\n" not in notes[0]
 
 
-def test_mask_of_the_wrong_size_gives_one_notification(flat_folder, notes):
+def test_mask_of_the_wrong_size_is_left_out_with_one_notification(flat_folder, notes):
     Image.fromarray(np.zeros((10, 12), np.uint8)).save(flat_folder / "IDRiD_02_MA.tif")
-    assert _read(flat_folder / "IDRiD_02.jpg") == [(None,)]
-    assert len(notes) == 1 and "IDRiD_02_MA.tif" in notes[0]
+    write_rgba_mask(flat_folder / "IDRiD_02_SE.tif", blob_mask([(40, 40)]))
+    layers = _by_name(_read(flat_folder / "IDRiD_02.jpg"))
+    assert layers["IDRiD_02"][0].shape == (96, 128, 3)  # the image opens
+    assert not layers["MA microaneurysms"][0].any()  # the bad mask is left out...
+    np.testing.assert_array_equal(layers["SE soft exudates"][0] != 0, blob_mask([(40, 40)]))  # ...the good one is not
+    assert len(notes) == 1 and "IDRiD_02_MA.tif" in notes[0] and "12x10" in notes[0] and "\n" not in notes[0]
+    # the annotator learns which file it must not overwrite
+    assert set(layers["IDRiD_02"][1]["metadata"]["napari_retina"]["unreadable"]) == {"MA"}
+
+
+def test_a_folder_whose_first_image_has_a_bad_mask_still_opens(tmp_path, notes):
+    d = tmp_path / "flat"
+    d.mkdir()
+    for stem in ("IDRiD_22", "IDRiD_23"):
+        Image.fromarray(fundus_rgb(2)).save(d / f"{stem}.jpg", quality=95)
+    Image.fromarray(np.zeros((100, 100), np.uint8)).save(d / "IDRiD_22_EX.tif")
+    layers = _by_name(_read(d))
+    assert layers["IDRiD_22"][2] == "image" and not layers["EX hard exudates"][0].any()
+    assert len(notes) == 1 and "IDRiD_22_EX.tif" in notes[0]
 
 
 def test_a_mask_file_opens_as_labels(tmp_path, notes):

@@ -71,7 +71,8 @@ def test_each_drawn_ellipse_gets_its_own_id_and_keeps_its_pixels(annotator, qtbo
             _draw(widget, e)
     ids = list(widget.ellipses_layer.features["id"])
     assert len(set(ids)) == 2 and all(ids)
-    assert set(widget.refinement.results) == set(ids)
+    record = widget.opened.annotation.record
+    assert {p.description["ellipse_id"] for p in record.find(model="refiner")} == set(ids)
     layer = widget.lesion_layer("EX")
     # the second ellipse adds pixels; it never takes away the first one's
     for e in (first, second):
@@ -96,8 +97,8 @@ def test_hand_pixels_survive_deleting_an_ellipse_after_reopening(annotator, qtbo
     assert (layer.data[stroke] == 1).all() and (stroke & model_px).any() and (stroke & ~inside).any()
     widget.flush()
     proj = flat_folder / "IDRiD_02.retina"
-    sources = json.loads((proj / "sources.json").read_text())
-    assert any(d.get("ellipse_id") for d in sources["sources"].values())
+    table = json.loads((proj / "proposals.json").read_text())
+    assert [p["description"]["ellipse_id"] for p in table["proposals"]] == list(widget.ellipses_layer.features["id"])
 
     viewer2 = make_napari_viewer()
     viewer2.open(str(flat_folder / "IDRiD_02.jpg"), plugin="napari-retina")

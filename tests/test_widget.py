@@ -21,6 +21,11 @@ from napari_retina.widgets.annotator import LesionAnnotator
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _temporaries(folder):
+    """Leftover temporary files of atomic writes (hidden `.<name>.<random>.tmp<suffix>`)."""
+    return [p for p in Path(folder).rglob(".*.tmp*")]
+
+
 @pytest.fixture
 def annotator(make_napari_viewer, qtbot, flat_folder):
     viewer = make_napari_viewer()
@@ -159,6 +164,149 @@ def test_unwritable_project_folder_keeps_edits_and_says_so(annotator, qtbot, tmp
     assert read_mask(good / "IDRiD_01.retina" / "IDRiD_01_OD.tif")[48, 90]
 
 
+def test_autosave_writes_only_the_changed_mask(annotator, qtbot, flat_folder):
+    viewer, widget = annotator
+    proj = flat_folder / "IDRiD_01.retina"
+    _paint_disc(widget.lesion_layer("MA"), (20, 30), 3)
+    qtbot.waitUntil(lambda: (proj / "IDRiD_01_MA.tif").exists() and not widget.has_unsaved_changes(), timeout=6000)
+    files = [f"IDRiD_01_{c}.tif" for c in ("EX", "HE", "MA", "SE", "OD")] + ["ellipses.json"]
+    assert all((proj / f).exists() for f in files)  # a new project gets every file
+    before = {f: (proj / f).stat().st_mtime_ns for f in files}
+    written = []
+    import napari_retina.io.project as project_module
+
+    real_write_mask = project_module.write_mask
+    project_module.write_mask = lambda path, mask: (written.append(Path(path).name), real_write_mask(path, mask))[1]
+    try:
+        time.sleep(0.02)
+        _paint_disc(widget.lesion_layer("SE"), (60, 70), 4)
+        qtbot.waitUntil(lambda: bool(written) and not widget.has_unsaved_changes(), timeout=6000)
+    finally:
+        project_module.write_mask = real_write_mask
+    assert written == ["IDRiD_01_SE.tif"]
+    after = {f: (proj / f).stat().st_mtime_ns for f in files}
+    assert [f for f in files if after[f] != before[f]] == ["IDRiD_01_SE.tif"]
+    assert read_mask(proj / "IDRiD_01_SE.tif")[60, 70]
+
+
+def test_erasing_and_undo_reach_the_file(annotator, qtbot, flat_folder):
+    viewer, widget = annotator
+    layer = widget.lesion_layer("EX")
+    saved = flat_folder / "IDRiD_01.retina" / "IDRiD_01_EX.tif"
+    layer.brush_size = 5
+    layer.mode = "erase"
+    layer.paint((30, 40), 0)  # the first EX blob's centre
+    qtbot.waitUntil(lambda: saved.exists() and not read_mask(saved)[30, 40], timeout=6000)
+    assert read_mask(saved)[60, 50]
+    layer.undo()  # napari restores the data without a paint event
+    qtbot.waitUntil(lambda: read_mask(saved)[30, 40], timeout=6000)
+    np.testing.assert_array_equal(read_mask(saved), blob_mask(EX_BLOBS))
+    layer.redo()
+    qtbot.waitUntil(lambda: not read_mask(saved)[30, 40], timeout=6000)
+
+
+def test_all_lesion_rows_of_the_count_table_are_visible(make_napari_viewer, qtbot, flat_folder):
+    viewer = make_napari_viewer(show=True)  # napari's default window size
+    viewer.open(str(flat_folder), plugin="napari-retina")
+    widget = LesionAnnotator(viewer, preload_model=False)
+    viewer.window.add_dock_widget(widget)
+    table = widget.counts
+    qtbot.waitUntil(lambda: table.isVisible() and table.viewport().height() > 0, timeout=3000)
+    qtbot.wait(100)
+    assert table.rowCount() == 5
+    for i in range(5):  # each row wholly inside the table's visible area
+        rect = table.visualItemRect(table.item(i, 0))
+        assert rect.top() >= 0 and rect.bottom() < table.viewport().height(), (i, rect, table.viewport().height())
+    widget.flush()
+    widget._timer.stop()
+
+
+@pytest.fixture
+def bad_mask_folder(tmp_path):
+    """IDRiD_22 with an EX mask of the wrong size (100x100) and a good HE mask, then IDRiD_23."""
+    from PIL import Image
+
+    from conftest import fundus_rgb, write_palette_mask
+
+    d = tmp_path / "bad"
+    d.mkdir()
+    for i, stem in enumerate(("IDRiD_22", "IDRiD_23")):
+        Image.fromarray(fundus_rgb(i)).save(d / f"{stem}.jpg", quality=95)
+    Image.fromarray(np.full((100, 100), 255, np.uint8)).save(d / "IDRiD_22_EX.tif")
+    write_palette_mask(d / "IDRiD_22_HE.tif", blob_mask([(50, 60)]))
+    return d
+
+
+def test_one_bad_mask_costs_only_that_mask(make_napari_viewer, qtbot, bad_mask_folder, monkeypatch):
+    import napari_retina._npe2 as npe2_entry
+    import napari_retina.widgets.annotator as annotator_module
+
+    notes = []
+    monkeypatch.setattr(npe2_entry, "notify_error", notes.append)
+    monkeypatch.setattr(annotator_module, "show_error", notes.append)
+    bad = bad_mask_folder / "IDRiD_22_EX.tif"
+    bad_bytes = bad.read_bytes()
+    viewer = make_napari_viewer()
+    viewer.open(str(bad_mask_folder), plugin="napari-retina")
+    widget = LesionAnnotator(viewer, preload_model=False)
+    widget.auto_refine.setChecked(False)
+    viewer.window.add_dock_widget(widget)
+    assert [widget.image_list.item(i).text() for i in range(widget.image_list.count())] == ["IDRiD_22.jpg", "IDRiD_23.jpg"]
+    assert widget.opened.stem == "IDRiD_22"
+    assert not widget.lesion_layer("EX").data.any() and widget.lesion_layer("HE").data[50, 60]
+    assert len(notes) == 1 and "IDRiD_22_EX.tif" in notes[0]
+    # editing another lesion saves the project without an (empty) EX mask
+    _paint_disc(widget.lesion_layer("MA"), (20, 30), 3)
+    widget.flush()
+    proj = bad_mask_folder / "IDRiD_22.retina"
+    assert read_mask(proj / "IDRiD_22_MA.tif")[20, 30] and read_mask(proj / "IDRiD_22_HE.tif")[50, 60]
+    assert not (proj / "IDRiD_22_EX.tif").exists()
+    assert bad.read_bytes() == bad_bytes
+    # the next image is reachable
+    qtbot.mouseClick(widget.next_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: widget.opened.stem == "IDRiD_23", timeout=6000)
+    assert len(notes) == 1
+    widget.flush()
+    widget._timer.stop()
+
+
+def test_a_bad_mask_inside_a_project_is_not_overwritten_until_edited(make_napari_viewer, qtbot, flat_folder, monkeypatch):
+    import napari_retina._npe2 as npe2_entry
+    import napari_retina.widgets.annotator as annotator_module
+
+    from PIL import Image
+
+    viewer = make_napari_viewer()
+    viewer.open(str(flat_folder / "IDRiD_01.jpg"), plugin="napari-retina")
+    widget = LesionAnnotator(viewer, preload_model=False)
+    _paint_disc(widget.lesion_layer("MA"), (20, 30), 3)
+    widget.flush()
+    widget._timer.stop()
+    proj = flat_folder / "IDRiD_01.retina"
+    bad = proj / "IDRiD_01_HE.tif"
+    Image.fromarray(np.zeros((7, 9), np.uint8)).save(bad)  # damaged outside napari
+    bad_bytes = bad.read_bytes()
+
+    notes = []
+    monkeypatch.setattr(npe2_entry, "notify_error", notes.append)
+    monkeypatch.setattr(annotator_module, "show_error", notes.append)
+    viewer2 = make_napari_viewer()
+    viewer2.open(str(proj), plugin="napari-retina")
+    w2 = LesionAnnotator(viewer2, preload_model=False)
+    assert len(notes) == 1 and "IDRiD_01_HE.tif" in notes[0]
+    assert w2.lesion_layer("MA").data[20, 30] and not w2.lesion_layer("HE").data.any()
+    _paint_disc(w2.lesion_layer("SE"), (40, 40), 4)
+    w2.flush()
+    assert bad.read_bytes() == bad_bytes and read_mask(proj / "IDRiD_01_SE.tif")[40, 40]
+    _paint_disc(w2.lesion_layer("HE"), (70, 70), 2)  # the grader edits HE: now it is written
+    w2.flush()
+    w2._timer.stop()
+    np.testing.assert_array_equal(read_mask(bad), w2.lesion_layer("HE").data != 0)
+    assert read_mask(bad)[70, 70]
+    assert (proj / "IDRiD_01_HE.tif.unreadable").read_bytes() == bad_bytes
+    assert len(notes) == 1
+
+
 KILL_SCRIPT = textwrap.dedent(
     """
     import sys, numpy as np, napari
@@ -211,4 +359,23 @@ def test_killed_mid_session_reopen_restores_everything(flat_folder, tmp_path, ma
     shapes = viewer.layers["ellipses"]
     assert shapes.features["lesion"].tolist() == ["EX"]
     np.testing.assert_allclose(shapes.data[0].mean(axis=0), [65, 30])
-    assert not list((flat_folder / "IDRiD_01.retina").glob("*.tmp"))
+    assert _temporaries(flat_folder / "IDRiD_01.retina") == []
+
+
+def test_opening_after_a_kill_mid_save_removes_its_temporary_files(flat_folder, make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    viewer.open(str(flat_folder), plugin="napari-retina")
+    widget = LesionAnnotator(viewer, preload_model=False)
+    _paint_disc(widget.lesion_layer("MA"), (20, 30), 3)
+    widget.flush()
+    widget._timer.stop()
+    proj = flat_folder / "IDRiD_01.retina"
+    left = proj / ".overlay.x7_k2m9q.tmp.png"  # what a save killed while writing the overlay leaves
+    left.write_bytes(b"\x89PNG half")
+    mine = proj / "notes.tmp.txt"
+    mine.write_text("not a temporary file of ours")
+    assert _temporaries(proj) == [left]
+    viewer2 = make_napari_viewer()
+    viewer2.open(str(flat_folder / "IDRiD_01.jpg"), plugin="napari-retina")
+    assert viewer2.layers["MA microaneurysms"].data[20, 30] == 3
+    assert _temporaries(proj) == [] and mine.exists()

@@ -7,15 +7,30 @@ so an autosave interrupted by a crash, a full disk or a killed process loses not
 from __future__ import annotations
 
 import os
+import re
 import stat
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import RetinaInputError
 
-__all__ = ["atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_text"]
+__all__ = [
+    "atomic_path",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "is_atomic_temporary",
+    "remove_stale_temporaries",
+]
+
+# `.<stem>.<8 random characters of tempfile>.tmp<suffix>`, as atomic_path names its temporary files
+_TEMPORARY_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\.[^.]+)?$")
+# temporary files this process is writing now: never swept as leftovers
+_in_flight: set[str] = set()
+_in_flight_lock = threading.Lock()
 
 
 def _umask() -> int:
@@ -105,6 +120,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise _cannot_write(target, e) from None
     os.close(fd)
     tmp = Path(name)
+    with _in_flight_lock:
+        _in_flight.add(os.path.abspath(name))
     try:
         yield tmp
         os.chmod(tmp, _final_mode(target))
@@ -115,6 +132,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if isinstance(e, OSError) and e.filename in (None, name, str(target), tmp, target):
             raise _cannot_write(target, e) from None
         raise
+    finally:
+        with _in_flight_lock:
+            _in_flight.discard(os.path.abspath(name))
     _fsync_dir(target.parent)
 
 
@@ -139,3 +159,33 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
             f.write(text)
 
     return atomic_write(path, write)
+
+
+def is_atomic_temporary(name: str) -> bool:
+    """True for the name of a temporary file `atomic_path` makes (left behind only by a killed process)."""
+    return _TEMPORARY_NAME.match(name) is not None
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed writer left in `folder`; returns those deleted.
+
+    Only names of `atomic_path`'s pattern go, and never one this process is writing now.
+    """
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        if not is_atomic_temporary(p.name):
+            continue
+        with _in_flight_lock:
+            busy = os.path.abspath(p) in _in_flight
+        if busy or not p.is_file():
+            continue
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed

@@ -9,11 +9,16 @@ Layout (self-contained, so it can be moved to a training machine)::
         provenance.json         grader, tool and model versions, times, image SHA-256
         overlay.png             downscaled image with the lesions blended, for review
         lesions.csv             per lesion: connected lesions, area in px and % of FOV
-        sources.json            who contributed pixels: 1 = the grader's hand, 2.. = models
-        sources/<LESION>.png    uint16 map of the contributor of each lesion pixel
+        proposals.json          the live model proposals (napari_retina.proposals): id, lesion,
+                                box, threshold, who proposed it
+        proposals/<id>.npz      one proposal's pixels on its box: probabilities (or mask),
+                                pixels the grader erased, the grader's own pixels
 
-A lesion without `sources/<LESION>.png` was painted entirely by hand, so a
-hand-only project costs nothing extra. Every file is written atomically.
+Mask pixels no proposal claims are the grader's, so a hand-only project has no proposal
+files. Projects of earlier versions (`sources.json` + `sources/<LESION>.png`, one
+contributor per pixel) still open; their next save writes the proposal files instead.
+Every file is written atomically; opening a project removes temporary files a killed
+save left behind.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import csv
 import getpass
 import io
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -31,15 +37,20 @@ import numpy as np
 
 from .. import __version__
 from ..lesions import LESION_CODES, LESIONS
-from .atomic import atomic_path, atomic_write_bytes, atomic_write_text
+from ..proposals import PixelRecord, RecordChanges
+from .atomic import atomic_path, atomic_write, atomic_write_bytes, atomic_write_text, remove_stale_temporaries
 from .datasets import PROJECT_SUFFIX, project_image
 from .ellipses import EllipseFile, load_ellipses, save_ellipses
 from .errors import RetinaInputError
 from .images import image_shape, sha256_file
 from .masks import read_mask, write_mask
 
-SOURCE_NONE = 0
-SOURCE_HAND = 1
+PROPOSALS_TABLE = "proposals.json"
+PROPOSALS_DIR = "proposals"
+LEGACY_SOURCES_TABLE = "sources.json"  # earlier versions: one contributor per pixel
+LEGACY_SOURCES_DIR = "sources"
+LEGACY_SOURCE_HAND = 1
+UNREADABLE_SUFFIX = ".unreadable"  # an unreadable mask file is kept under this name when the grader replaces it
 
 
 def now_iso() -> str:
@@ -55,17 +66,26 @@ def default_project_dir(image: str | Path, root: str | Path | None = None) -> Pa
 
 @dataclass
 class Annotation:
-    """The grader's work on one image, in memory."""
+    """The grader's work on one image, in memory.
+
+    `record` says who set each mask pixel (napari_retina.proposals); all pixel edits,
+    the grader's and the models', go through it, so it also knows what to save next.
+    """
 
     image_name: str
     shape: tuple[int, int]
     masks: dict[str, np.ndarray]  # lesion code -> bool (H, W), every lesion present
     ellipses: EllipseFile
     provenance: dict = field(default_factory=dict)
-    # lesion code -> uint16 (H, W) contributor id per pixel; absent = all hand-painted
-    sources: dict[str, np.ndarray] = field(default_factory=dict)
-    # contributor id -> description ({"kind": "hand"} or {"kind": "model", ...})
-    source_table: dict[int, dict] = field(default_factory=lambda: {SOURCE_HAND: {"kind": "hand"}})
+    # lesion code -> why its mask file could not be read: left out, and its file is not
+    # overwritten until the grader edits that lesion
+    unreadable: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what opening left out, one line each
+    record: PixelRecord = field(init=False, repr=False)
+    legacy_sources: bool = field(default=False, repr=False)  # restored from sources.json: rewrite all
+
+    def __post_init__(self) -> None:
+        self.record = PixelRecord(self.masks)
 
     @classmethod
     def empty(cls, image_name: str, shape: tuple[int, int]) -> "Annotation":
@@ -76,48 +96,59 @@ class Annotation:
             ellipses=EllipseFile(image=image_name, ellipses=[], extra={}),
         )
 
-    def add_source(self, description: dict) -> int:
-        """Register a model contribution (e.g. one refined ellipse); returns its id."""
-        new_id = max(self.source_table, default=SOURCE_HAND) + 1
-        if new_id > np.iinfo(np.uint16).max:
-            raise RetinaInputError("too many model contributions in one image (65535)")
-        self.source_table[new_id] = dict(description)
-        return new_id
+    def snapshot(self, ellipses: EllipseFile | None = None, all_lesions: bool = False) -> "ProjectSnapshot":
+        """What the next save writes, copied now: only masks and proposals that changed.
 
-    def source_map(self, code: str) -> np.ndarray:
-        """The contributor map of a lesion, created (all hand) on first use."""
-        if code not in self.sources:
-            m = np.zeros(self.shape, np.uint16)
-            m[self.masks[code]] = SOURCE_HAND
-            self.sources[code] = m
-        return self.sources[code]
+        `ellipses`: the ellipses if they changed (None: not written). `all_lesions`: a new
+        project gets every mask file. A lesion whose file was unreadable is written only
+        once the grader has edited it.
+        """
+        changes = self.record.take_changes()
+        edited = set(changes.lesions)
+        replaced = {c for c in edited if self.unreadable.pop(c, None) is not None}
+        codes = set(LESION_CODES) if all_lesions else edited
+        codes -= set(self.unreadable)
+        rec = self.record
+        table = None
+        arrays: dict[int, dict] = {}
+        removed = set(changes.removed)
+        legacy = False
+        if changes.table or changes.proposals or changes.removed or (self.legacy_sources and changes):
+            table = rec.table()
+            ids = set(rec.proposals) if self.legacy_sources else changes.proposals
+            arrays = {i: rec.arrays(i) for i in ids if i in rec.proposals}
+            legacy, self.legacy_sources = self.legacy_sources, False
+        return ProjectSnapshot(
+            image_name=self.image_name,
+            masks={c: self.masks[c].copy() for c in LESION_CODES if c in codes},
+            ellipses=ellipses,
+            provenance=json.loads(json.dumps(self.provenance)),
+            proposal_table=table,
+            proposal_arrays=arrays,
+            removed_proposals=removed,
+            drop_legacy_sources=legacy,
+            replaces_unreadable=replaced,
+            changes=changes,
+        )
 
-    def add_model_pixels(self, code: str, pixels: np.ndarray, source_id: int) -> None:
-        """Add model-proposed pixels; pixels the grader painted stay the grader's."""
-        src = self.source_map(code)
-        new = pixels & (src != SOURCE_HAND)
-        src[new] = source_id
-        self.masks[code] |= pixels
 
-    def remove_source(self, code: str, source_id: int) -> int:
-        """Remove what one contributor added to a lesion; hand-painted pixels stay. Returns pixels removed."""
-        if code not in self.sources:
-            return 0
-        src = self.sources[code]
-        gone = src == source_id
-        n = int(gone.sum())
-        src[gone] = SOURCE_NONE
-        self.masks[code][gone] = False
-        return n
+@dataclass
+class ProjectSnapshot:
+    """One save's content, taken on the GUI thread in a few milliseconds, written in the background."""
 
-    def mark_hand(self, code: str, painted: np.ndarray, erased: np.ndarray | None = None) -> None:
-        """Record a brush stroke: painted pixels become the grader's, erased ones nobody's."""
-        if code not in self.sources:
-            return  # hand-only lesion: nothing to track
-        src = self.sources[code]
-        src[painted] = SOURCE_HAND
-        if erased is not None:
-            src[erased] = SOURCE_NONE
+    image_name: str
+    masks: dict[str, np.ndarray]  # copies of the lesions to write
+    ellipses: EllipseFile | None  # None: unchanged
+    provenance: dict
+    proposal_table: dict | None  # None: unchanged
+    proposal_arrays: dict[int, dict]  # proposal id -> its arrays, for the files to (re)write
+    removed_proposals: set[int]
+    drop_legacy_sources: bool = False
+    replaces_unreadable: set[str] = field(default_factory=set)
+    changes: RecordChanges = field(default_factory=RecordChanges)  # handed back if the save fails
+
+    def has_content(self) -> bool:
+        return bool(self.masks) or self.ellipses is not None or self.proposal_table is not None
 
 
 class ProjectFolder:
@@ -144,6 +175,9 @@ class ProjectFolder:
 
     def mask_path(self, code: str) -> Path:
         return self.path / f"{self.stem}_{code}.tif"
+
+    def proposal_path(self, proposal_id: int) -> Path:
+        return self.path / PROPOSALS_DIR / f"{int(proposal_id)}.npz"
 
     def exists(self) -> bool:
         return self.image_path is not None
@@ -183,50 +217,94 @@ class ProjectFolder:
         return project
 
     # --- reading ---------------------------------------------------------------------
+    def remove_leftovers(self) -> list[Path]:
+        """Temporary files a killed save left behind (only names of the atomic-write pattern)."""
+        return remove_stale_temporaries(self.path) + remove_stale_temporaries(self.path / PROPOSALS_DIR)
+
     def load(self) -> Annotation:
+        """The project's annotation. An unreadable mask is left out (noted in `unreadable`, `notes`)."""
         image = self.image_path
         if image is None:
             raise RetinaInputError(f"{self.path}: not an annotation project (no image inside)")
+        self.remove_leftovers()
         shape = image_shape(image)
         ann = Annotation.empty(image.name, shape)
         for code in LESION_CODES:
             p = self.mask_path(code)
             if p.exists():
-                ann.masks[code] = read_mask(p, expected_shape=shape)
+                try:
+                    ann.masks[code] = read_mask(p, expected_shape=shape)
+                except RetinaInputError as e:
+                    leave_out(ann, code, str(e))
+        self.load_bookkeeping(ann)
+        return ann
+
+    def load_bookkeeping(self, ann: Annotation) -> None:
+        """Ellipses, provenance and who set which pixels, into `ann` whose masks are loaded (e.g. from layers)."""
         ell = self.path / "ellipses.json"
         if ell.exists():
             ann.ellipses = load_ellipses(ell)
         prov = self.path / "provenance.json"
         if prov.exists():
             ann.provenance = _read_json(prov)
-        self._load_sources(ann)
-        return ann
+        self.load_record(ann)
 
-    def _load_sources(self, ann: Annotation) -> None:
-        table = self.path / "sources.json"
-        if not table.exists():
-            return
-        raw = _read_json(table)
+    def load_record(self, ann: Annotation) -> None:
+        """Restore who set which pixels into `ann`, whose masks are loaded; a broken record is noted, not fatal."""
         try:
-            ann.source_table = {int(k): v for k, v in raw.get("sources", {}).items()}
+            if (self.path / PROPOSALS_TABLE).exists():
+                self._load_proposals(ann)
+            elif (self.path / LEGACY_SOURCES_TABLE).exists():
+                self._load_legacy_sources(ann)
+        except RetinaInputError as e:
+            # the masks are the truth: without the record every pixel counts as the grader's
+            ann.notes.append(f"{e}; model proposals of this image now count as your own pixels")
+
+    def _load_proposals(self, ann: Annotation) -> None:
+        table = _read_json(self.path / PROPOSALS_TABLE)
+        entries = table.get("proposals")
+        if not isinstance(entries, list):
+            raise RetinaInputError(f"{self.path / PROPOSALS_TABLE}: malformed proposal table")
+        arrays = {}
+        for entry in entries:
+            try:
+                pid = int(entry["id"])
+                with np.load(self.proposal_path(pid), allow_pickle=False) as z:
+                    arrays[pid] = {k: z[k] for k in z.files}
+            except (KeyError, TypeError, ValueError, OSError) as e:
+                ann.notes.append(f"{self.path.name}: proposal {entry!r:.60} unreadable ({e}); its pixels count as your own")
+        ann.record.restore(table, arrays)
+
+    def _load_legacy_sources(self, ann: Annotation) -> None:
+        """`sources.json` + `sources/<LESION>.png` (one contributor per pixel) -> mask proposals."""
+        table_path = self.path / LEGACY_SOURCES_TABLE
+        raw = _read_json(table_path)
+        try:
+            described = {int(k): v for k, v in raw.get("sources", {}).items()}
         except (ValueError, AttributeError):
-            raise RetinaInputError(f"{table}: malformed source table") from None
-        ann.source_table.setdefault(SOURCE_HAND, {"kind": "hand"})
+            raise RetinaInputError(f"{table_path}: malformed source table") from None
         import cv2  # lazily: only projects with model contributions need it
 
+        entries, arrays = [], {}
         for code in raw.get("lesions", []):
-            p = self.path / "sources" / f"{code}.png"
-            if code not in ann.masks or not p.exists():
+            p = self.path / LEGACY_SOURCES_DIR / f"{code}.png"
+            if code not in ann.masks or code in ann.unreadable or not p.exists():
                 continue
-            m = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
-            if m is None or m.shape != tuple(ann.shape):
+            src = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
+            if src is None or src.shape != tuple(ann.shape):
                 raise RetinaInputError(f"{p}: unreadable or of the wrong size")
-            src = m.astype(np.uint16)
-            # the mask file is the truth: a pixel outside it has no contributor
-            src[~ann.masks[code]] = SOURCE_NONE
-            # a lesion pixel with no contributor was painted by hand (e.g. edited outside napari)
-            src[ann.masks[code] & (src == SOURCE_NONE)] = SOURCE_HAND
-            ann.sources[code] = src
+            src = np.where(ann.masks[code], src, 0)  # the mask file is the truth
+            for sid in np.unique(src):
+                if sid <= LEGACY_SOURCE_HAND:
+                    continue
+                rows, cols = np.nonzero(src == sid)
+                box = [int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1]
+                arrays[int(sid)] = {"mask": src[box[0] : box[1], box[2] : box[3]] == sid}
+                desc = dict(described.get(int(sid), {"kind": "model"}))
+                desc.pop("lesion", None)
+                entries.append({"id": int(sid), "lesion": code, "box": box, "description": desc})
+        ann.record.restore({"proposals": entries}, arrays)
+        ann.legacy_sources = True
 
     # --- writing ---------------------------------------------------------------------
     def save(
@@ -237,69 +315,93 @@ class ProjectFolder:
         lesions: set[str] | None = None,
         grader: str | None = None,
     ) -> None:
-        """Write the annotation; `lesions` limits the mask files rewritten to those changed.
+        """Write the whole annotation (headless use); `lesions` limits the mask files to those.
 
-        Each file is replaced atomically, so a crash leaves the previous version of
-        any file that was being written.
+        Each file is replaced atomically, so a crash leaves the previous version of any
+        file that was being written.
         """
+        snap = ann.snapshot(ellipses=ann.ellipses, all_lesions=True)
+        if lesions is not None:
+            snap.masks = {c: m for c, m in snap.masks.items() if c in lesions}
+        snap.proposal_table = ann.record.table()
+        snap.proposal_arrays = {i: ann.record.arrays(i) for i in ann.record.proposals}
+        snap.drop_legacy_sources, ann.legacy_sources = snap.drop_legacy_sources or ann.legacy_sources, False
+        self.write(snap, grader=grader, fov_area_px=fov_area_px)
+        self.write_summary(ann.masks, rgb=rgb, fov_area_px=fov_area_px, provenance=ann.provenance)
+
+    def write(self, snap: ProjectSnapshot, grader: str | None = None, fov_area_px: int | None = None) -> None:
+        """Write what a snapshot holds: its masks, ellipses, proposals and the provenance."""
         if not self.path.is_dir():
             raise RetinaInputError(f"{self.path}: the project folder is gone")
-        codes = LESION_CODES if lesions is None else [c for c in LESION_CODES if c in lesions]
-        for code in codes:
-            write_mask(self.mask_path(code), ann.masks[code])
-        save_ellipses(self.path / "ellipses.json", ann.ellipses)
-        self._save_sources(ann, codes)
-        self._save_lesion_table(ann, fov_area_px)
-        if rgb is not None:
-            self._save_overlay(ann, rgb)
-        self._save_provenance(ann, grader, fov_area_px)
+        for code, mask in snap.masks.items():
+            target = self.mask_path(code)
+            if code in snap.replaces_unreadable and target.exists():
+                # the grader now edits a lesion whose file could not be read: keep those bytes
+                os.replace(target, target.with_name(target.name + UNREADABLE_SUFFIX))
+            write_mask(target, mask)
+        if snap.ellipses is not None:
+            save_ellipses(self.path / "ellipses.json", snap.ellipses)
+        self._write_proposals(snap)
+        self._save_provenance(snap.provenance, snap.image_name, grader, fov_area_px)
 
-    def _save_sources(self, ann: Annotation, codes) -> None:
-        if not ann.sources:
+    def _write_proposals(self, snap: ProjectSnapshot) -> None:
+        if snap.proposal_table is None:
             return
-        import cv2
+        if snap.proposal_arrays:
+            (self.path / PROPOSALS_DIR).mkdir(exist_ok=True)
+        for pid, arrays in snap.proposal_arrays.items():
+            atomic_write(self.proposal_path(pid), lambda tmp, a=arrays: _save_npz(tmp, a))
+        # the table last: every proposal it names is on disk by then
+        atomic_write_text(self.path / PROPOSALS_TABLE, json.dumps(snap.proposal_table, indent=1) + "\n")
+        for pid in snap.removed_proposals:
+            _remove_quietly(self.proposal_path(pid))
+        if snap.drop_legacy_sources:
+            _remove_quietly(self.path / LEGACY_SOURCES_TABLE)
+            shutil.rmtree(self.path / LEGACY_SOURCES_DIR, ignore_errors=True)
 
-        (self.path / "sources").mkdir(exist_ok=True)
-        for code in codes:
-            if code in ann.sources:
-                ok, buf = cv2.imencode(".png", ann.sources[code])
-                if not ok:
-                    raise RetinaInputError(f"cannot encode the source map of {code}")
-                atomic_write_bytes(self.path / "sources" / f"{code}.png", buf.tobytes())
-        table = {
-            "lesions": sorted(ann.sources),
-            "sources": {str(k): v for k, v in sorted(ann.source_table.items())},
-        }
-        atomic_write_text(self.path / "sources.json", json.dumps(table, indent=2) + "\n")
+    def write_summary(
+        self,
+        masks: dict[str, np.ndarray],
+        rgb: np.ndarray | None = None,
+        fov_area_px: int | None = None,
+        provenance: dict | None = None,
+        counts: dict[str, int] | None = None,
+    ) -> None:
+        """lesions.csv and (given the image) overlay.png, from all five masks."""
+        self._save_lesion_table(masks, fov_area_px, provenance or {}, counts)
+        if rgb is not None:
+            self._save_overlay(masks, rgb)
 
-    def _save_lesion_table(self, ann: Annotation, fov_area_px: int | None) -> None:
+    def _save_lesion_table(self, masks, fov_area_px, provenance, counts) -> None:
         from ..fundus import count_lesions
 
-        total = fov_area_px or ann.provenance.get("fov_area_px") or ann.shape[0] * ann.shape[1]
+        h, w = next(iter(masks.values())).shape
+        total = fov_area_px or provenance.get("fov_area_px") or h * w
         out = io.StringIO()
-        w = csv.writer(out, lineterminator="\n")
-        w.writerow(["lesion", "name", "count", "area_px", "area_pct_fov"])
+        wr = csv.writer(out, lineterminator="\n")
+        wr.writerow(["lesion", "name", "count", "area_px", "area_pct_fov"])
         for les in LESIONS:
-            m = ann.masks[les.code]
+            m = masks[les.code]
             area = int(m.sum())
-            w.writerow([les.code, les.name, count_lesions(m) if area else 0, area, f"{100.0 * area / total:.4f}"])
+            n = counts[les.code] if counts and les.code in counts else (count_lesions(m) if area else 0)
+            wr.writerow([les.code, les.name, n, area, f"{100.0 * area / total:.4f}"])
         atomic_write_text(self.path / "lesions.csv", out.getvalue())
 
-    def _save_overlay(self, ann: Annotation, rgb: np.ndarray) -> None:
+    def _save_overlay(self, masks, rgb: np.ndarray) -> None:
         import cv2
 
         from ..fundus import overlay_rgb
 
-        ov = overlay_rgb(rgb, ann.masks)
+        ov = overlay_rgb(rgb, masks)
         ok, buf = cv2.imencode(".png", cv2.cvtColor(ov, cv2.COLOR_RGB2BGR))
         if ok:
             atomic_write_bytes(self.path / "overlay.png", buf.tobytes())
 
-    def _save_provenance(self, ann: Annotation, grader: str | None, fov_area_px: int | None) -> None:
+    def _save_provenance(self, provenance: dict, image_name: str, grader: str | None, fov_area_px: int | None) -> dict:
         p = self.path / "provenance.json"
         prov = _read_json(p) if p.exists() else {}
-        prov.update({k: v for k, v in ann.provenance.items() if k not in ("created",)})
-        prov.setdefault("image", ann.image_name)
+        prov.update({k: v for k, v in provenance.items() if k not in ("created",)})
+        prov.setdefault("image", image_name)
         prov.setdefault("created", now_iso())
         prov.setdefault("grader", grader or _user())
         if grader:
@@ -315,8 +417,90 @@ class ProjectFolder:
         prov["tool_version"] = __version__
         prov.setdefault("models", {})
         prov["modified"] = now_iso()
-        ann.provenance = prov
         atomic_write_text(p, json.dumps(prov, indent=2) + "\n")
+        return prov
+
+
+class ProjectWriter:
+    """Writes one image's successive snapshots into its project folder, from one background thread.
+
+    It keeps its own copy of the five masks as last written (updated from each snapshot's
+    changed lesions), so the lesion counts, lesions.csv and overlay.png never need the GUI
+    thread's masks.
+    """
+
+    def __init__(
+        self,
+        project_dir: str | Path,
+        image: str | Path,
+        rgb: np.ndarray,
+        masks: dict[str, np.ndarray],
+        grader: str | None = None,
+    ):
+        self.project = ProjectFolder(project_dir)
+        self.image = Path(image)
+        self.rgb = rgb
+        self.masks = {c: m.copy() for c, m in masks.items()}  # the writer's own: the GUI edits the originals
+        self.grader = grader
+        self.fov: np.ndarray | None = None
+        self._rows: dict[str, dict] = {}
+        self._stale: set[str] = set(self.masks)  # lesions whose counts are not computed yet
+
+    def write(self, snap: ProjectSnapshot, summary: bool = False, grader: str | None = None) -> list[dict]:
+        """Write the snapshot (creating the folder first if needed); returns the lesion rows."""
+        if grader:
+            self.grader = grader
+        if not self.project.exists():
+            self.project = ProjectFolder.create(self.project.path, self.image, grader=self.grader)
+        fov_area = int(self.fov.sum()) if self.fov is not None else None
+        self.project.write(snap, grader=self.grader, fov_area_px=fov_area)
+        for code, m in snap.masks.items():
+            self.masks[code] = m
+            self._stale.add(code)
+        rows = self.counts()
+        if summary:
+            self.project.write_summary(
+                self.masks,
+                rgb=self.rgb,
+                fov_area_px=fov_area,
+                provenance=snap.provenance,
+                counts={r["lesion"]: r["count"] for r in rows},
+            )
+        return rows
+
+    def counts(self) -> list[dict]:
+        """Lesion rows (count, area, % of FOV) of the masks as last written; only changed ones are recounted."""
+        from ..fundus import lesion_summary
+
+        if self._stale:
+            rows = lesion_summary({c: self.masks[c] for c in self._stale}, self.fov)
+            self._rows.update({r["lesion"]: r for r in rows if r["lesion"] in self._stale})
+            self._stale.clear()
+        return [self._rows[les.code] for les in LESIONS]
+
+    def set_fov(self, fov: np.ndarray | None) -> None:
+        """The field of view is known: areas become % of it."""
+        self.fov = fov
+        self._stale = set(self.masks)
+
+
+def leave_out(ann: Annotation, code: str, reason: str) -> None:
+    """An unreadable mask: the lesion starts empty and its file is not overwritten until edited."""
+    ann.masks[code] = np.zeros(ann.shape, bool)
+    ann.unreadable[code] = reason
+    ann.notes.append(f"{reason}; {code} left out (the file is kept until you edit {code})")
+
+
+def _save_npz(tmp: Path, arrays: dict[str, np.ndarray]) -> None:
+    with open(tmp, "wb") as f:  # a file object: numpy would append ".npz" to a name
+        np.savez_compressed(f, **arrays)
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
 
 
 def _user() -> str:

@@ -2,13 +2,17 @@
 
 Painting, erasing and undo are napari's own Labels tools; this dock manages
 the layers (one Labels layer per lesion, one Shapes layer of ellipses),
-steps through a folder's images and autosaves into the annotation project
-folder. The GUI thread never waits on a disk write or an image decode.
+forwards every pixel change to the image's `PixelRecord` (brush strokes from
+paint events, undo/redo from the layer's data events), steps through a
+folder's images and autosaves into the annotation project folder. The record
+says what changed, so a save copies and writes only that. The GUI thread
+never waits on a disk write or an image decode.
 """
 
 from __future__ import annotations
 
 import getpass
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +29,7 @@ from qtpy.QtWidgets import (
     QComboBox,
     QCheckBox,
     QFileDialog,
+    QFrame,
     QGridLayout,
     QGroupBox,
     QHBoxLayout,
@@ -33,6 +38,8 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QListWidget,
     QPushButton,
+    QScrollArea,
+    QSizePolicy,
     QSlider,
     QTableWidget,
     QTableWidgetItem,
@@ -45,8 +52,9 @@ from ..fundus import enhance_contrast, field_of_view_mask, green_channel
 from ..io.datasets import Dataset, ImageRecord, open_dataset
 from ..io.ellipses import Ellipse, EllipseFile, load_ellipses, new_id
 from ..io.errors import RetinaInputError
-from ..io.project import Annotation, ProjectFolder, now_iso
+from ..io.project import Annotation, ProjectFolder, ProjectSnapshot, ProjectWriter, now_iso
 from ..lesions import LESION_CODES, LESIONS, lesion
+from ..proposals import PixelChange
 from ..session import (
     META_KEY,
     OpenedImage,
@@ -54,9 +62,15 @@ from ..session import (
     layer_data,
     open_record,
 )
+from .labels_region import write_box
 from .refine import EllipseRefinement
 
-AUTOSAVE_TICK_MS = 1000  # a change reaches disk within about two ticks
+AUTOSAVE_TICK_MS = 250
+SAVE_WHEN_QUIET_S = 0.5  # a burst of edits is written once it pauses...
+SAVE_AT_LATEST_S = 1.5  # ...or this long after its first unsaved edit: a crash loses at most ~2 s
+SUMMARY_EVERY_S = 5.0  # overlay.png and lesions.csv are whole-image work: at most this often,
+SUMMARY_WHEN_QUIET_S = 1.0  # while the grader pauses (and no refinement is running),
+SUMMARY_AT_LATEST_S = 30.0  # or anyway this long after the masks changed
 DISPLAY_MODES = ("colour", "green channel", "contrast-enhanced (CLAHE)")
 FOV_LAYER = "field of view"
 
@@ -67,7 +81,36 @@ def _role(layer: Layer) -> str | None:
 
 
 class _SaveSignals(QObject):
-    done = Signal(object)  # (project_dir, summary rows | None, error message | None)
+    done = Signal(object)  # (project_dir, lesion rows | None, error message | None, snapshot | None)
+    counted = Signal(object)  # (project writer, lesion rows)
+
+
+class _CountsTable(QTableWidget):
+    """The lesion count table, always tall enough for all its rows (the dock scrolls instead)."""
+
+    def __init__(self, rows: int, cols: int):
+        super().__init__(rows, cols)
+        self.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.setSizePolicy(self.sizePolicy().horizontalPolicy(), QSizePolicy.Policy.Fixed)
+        self.verticalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)  # rows as tall as the text
+        # napari's style sheet arrives when the dock is added: follow the row and header heights
+        self.verticalHeader().sectionResized.connect(lambda *_: self.updateGeometry())
+        self.horizontalHeader().geometriesChanged.connect(self.updateGeometry)
+
+    def _rows_height(self) -> int:
+        header = self.horizontalHeader()
+        header_h = header.height() if header.isVisible() and header.height() > 0 else header.sizeHint().height()
+        return header_h + self.verticalHeader().length() + 2 * self.frameWidth()
+
+    def sizeHint(self):
+        hint = super().sizeHint()
+        hint.setHeight(self._rows_height())
+        return hint
+
+    def minimumSizeHint(self):
+        hint = super().minimumSizeHint()
+        hint.setHeight(self._rows_height())
+        return hint
 
 
 class LesionAnnotator(QWidget):
@@ -87,8 +130,15 @@ class LesionAnnotator(QWidget):
         self.fov: np.ndarray | None = None
         self.summary: list[dict] = []
         self.last_saved: datetime | None = None
-        self._saved_masks: dict[str, np.ndarray] = {}
+        self.project_writer: ProjectWriter | None = None  # used only from the writer thread
+        self._project_started = False  # the first save of a new project writes every mask
         self._saved_ellipses: list[dict] | None = None
+        self._first_unsaved: float | None = None  # monotonic time of the oldest unsaved edit
+        self._last_edit = 0.0
+        self._summary_since: float | None = None  # masks changed since overlay/lesions.csv were written
+        self._last_summary = 0.0
+        self._writing_layers = False  # our own box writes: not the grader's edits
+        self._resync_due: set[str] = set()
         self._extras: dict[str, dict] = {}
         self._last_error: str | None = None
         self._loading = False
@@ -97,6 +147,7 @@ class LesionAnnotator(QWidget):
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-retina-save")
         self._signals = _SaveSignals()
         self._signals.done.connect(self._on_saved)
+        self._signals.counted.connect(self._on_counted)
         self._build_ui()
         self._bind_keys()
         self.viewer.layers.events.inserted.connect(self._on_layer_inserted)
@@ -111,7 +162,17 @@ class LesionAnnotator(QWidget):
 
     # --- UI ----------------------------------------------------------------------------
     def _build_ui(self) -> None:
-        lay = QVBoxLayout(self)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        # in a short window the dock scrolls; squeezed, the count table would hide rows
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        outer.addWidget(scroll)
+        content = QWidget()
+        scroll.setWidget(content)
+        lay = QVBoxLayout(content)
         self.image_label = QLabel("Open a fundus image or a folder (File > Open)")
         self.image_label.setWordWrap(True)
         lay.addWidget(self.image_label)
@@ -189,10 +250,11 @@ class LesionAnnotator(QWidget):
         vl.addWidget(self.fov_check)
         lay.addWidget(view)
 
-        self.counts = QTableWidget(len(LESIONS), 3)
+        self.counts = _CountsTable(len(LESIONS), 3)
         self.counts.setHorizontalHeaderLabels(["lesion", "count", "% of FOV"])
         self.counts.verticalHeader().setVisible(False)
         self.counts.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        self.counts.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.ResizeToContents)
         self.counts.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
         for i, les in enumerate(LESIONS):
             item = QTableWidgetItem(les.layer_name)
@@ -200,7 +262,6 @@ class LesionAnnotator(QWidget):
             self.counts.setItem(i, 0, item)
             self.counts.setItem(i, 1, QTableWidgetItem("0"))
             self.counts.setItem(i, 2, QTableWidgetItem("0"))
-        self.counts.setMaximumHeight(28 * (len(LESIONS) + 1))
         lay.addWidget(self.counts)
 
         imgs = QGroupBox("Images (PageUp / PageDown)")
@@ -232,7 +293,7 @@ class LesionAnnotator(QWidget):
         self.choose_button.setToolTip("Save projects under another folder instead of beside the images")
         self.choose_button.clicked.connect(self._choose_project_root)
         self.save_button = QPushButton("Save now")
-        self.save_button.clicked.connect(self.save)
+        self.save_button.clicked.connect(lambda: self.save(summary=True))
         pl.addWidget(self.choose_button, 2, 0)
         pl.addWidget(self.save_button, 2, 1)
         self.status_label = QLabel("")
@@ -241,6 +302,8 @@ class LesionAnnotator(QWidget):
         lay.addWidget(proj)
         lay.addStretch(1)
         self.class_buttons.button(0).setChecked(True)
+        # as wide as the content: only the height scrolls
+        scroll.setMinimumWidth(content.sizeHint().width() + scroll.verticalScrollBar().sizeHint().width())
 
     def _bind_keys(self) -> None:
         for les in LESIONS:
@@ -301,15 +364,21 @@ class LesionAnnotator(QWidget):
             record = ImageRecord(image=image_path, project=image_path.parent)
         project_dir = Path(info["project"])
         ann = Annotation.empty(image_path.name, img.data.shape[:2])
-        ann.source_table = {1: {"kind": "hand"}}
+        for les in LESIONS:  # the reader's layers hold the masks as opened
+            layer = self.lesion_layer(les.code)
+            if layer is not None and layer.data.shape == ann.shape:
+                ann.masks[les.code] = np.asarray(layer.data) != 0
+        # lesions whose file was unreadable (the reader said so once): not overwritten until edited
+        ann.unreadable = dict(info.get("unreadable") or {})
         pf = ProjectFolder(project_dir)
         if pf.exists():
-            try:  # restore the project's bookkeeping (provenance, model contributions)
-                stored = pf.load()
-                ann.provenance, ann.sources, ann.source_table = stored.provenance, stored.sources, stored.source_table
-                ann.ellipses.extra = stored.ellipses.extra
+            try:  # restore the project's bookkeeping (provenance, model proposals); the layers hold the masks
+                pf.remove_leftovers()
+                pf.load_bookkeeping(ann)
             except RetinaInputError as e:
                 show_error(str(e))
+            if ann.notes:
+                show_error("; ".join(ann.notes))
         self.opened = OpenedImage(
             record=record,
             rgb=np.asarray(img.data),
@@ -322,7 +391,7 @@ class LesionAnnotator(QWidget):
         self.index = dataset.index_of(image_path) if dataset else 0
         self._ensure_layers()
         self.viewer.layers.selection.active = self.lesion_layer(self.current)
-        self._after_open(mark_saved=pf.exists())
+        self._after_open()
 
     def _ensure_layers(self) -> None:
         """Create any lesion/ellipse layer the grader deleted or the reader did not make."""
@@ -344,6 +413,7 @@ class LesionAnnotator(QWidget):
             layer = self.lesion_layer(les.code)
             if not getattr(layer, "_retina_connected", False):
                 layer.events.paint.connect(self._paint_handler(les.code))
+                layer.events.set_data.connect(self._data_handler(les.code))
                 layer._retina_connected = True
             layer.selected_label = les.label
         shapes = self.ellipses_layer
@@ -354,12 +424,17 @@ class LesionAnnotator(QWidget):
         self._extras = dict(info.get("extras", {}))
         self.set_lesion(self.current, activate=False)
 
-    def _after_open(self, mark_saved: bool) -> None:
+    def _after_open(self) -> None:
         op = self.opened
         # what is shown now is the baseline: a project is only written once the grader edits,
         # so browsing a read-only data set creates nothing
-        self._saved_masks = {c: self._layer_mask(c).copy() for c in LESION_CODES}
+        op.annotation.record.take_changes()
         self._saved_ellipses = self._ellipse_dicts()
+        self._first_unsaved = self._summary_since = None
+        self._project_started = op.from_project
+        self.project_writer = ProjectWriter(
+            op.project_dir, op.record.image, op.rgb, op.annotation.masks, grader=self._grader()
+        )
         self.display_combo.blockSignals(True)
         self.display_combo.setCurrentIndex(0)
         self.display_combo.blockSignals(False)
@@ -436,29 +511,73 @@ class LesionAnnotator(QWidget):
         shapes.edge_color = colours
 
     def _paint_handler(self, code: str):
+        """Brush, eraser, fill and polygon strokes go to the record (napari sends what changed)."""
+
         def on_paint(event) -> None:
             op = self.opened
-            if op is None or code not in op.annotation.sources:
-                return  # a hand-only lesion needs no per-pixel bookkeeping
-            shape = op.annotation.shape
-            painted = np.zeros(shape, bool)
-            erased = np.zeros(shape, bool)
+            if op is None or self._writing_layers:
+                return
+            record = op.annotation.record
             for atom in event.value:
-                if hasattr(atom, "slice_key"):  # mask-based atom (brush, fill)
-                    target = painted if atom.new_value else erased
-                    region = target[atom.slice_key]
-                    if atom.mask is None:
-                        region[...] = True
-                    else:
-                        region[atom.mask] = True
-                else:  # legacy (indices, old, new) atom
-                    idx, _, new = atom
-                    new = np.broadcast_to(np.asarray(new), np.asarray(idx[0]).shape)
-                    painted[tuple(np.asarray(i)[new != 0] for i in idx)] = True
-                    erased[tuple(np.asarray(i)[new == 0] for i in idx)] = True
-            op.annotation.mark_hand(code, painted, erased)
+                box, painted, erased = _atom_pixels(atom)
+                if box is not None:
+                    record.hand_edit(code, box, painted=painted, erased=erased)
+            self._edited()
 
         return on_paint
+
+    def _data_handler(self, code: str):
+        """Undo, redo or new data reach the layer without a paint event: compare once, soon."""
+
+        def on_set_data(event) -> None:
+            if self._writing_layers or self.opened is None or code in self._resync_due:
+                return
+            self._resync_due.add(code)
+            QTimer.singleShot(0, lambda: self._resync(code))
+
+        return on_set_data
+
+    def _resync(self, code: str) -> None:
+        """Take whatever the layer shows that the record does not know as the grader's doing."""
+        self._resync_due.discard(code)
+        op, layer = self.opened, self.lesion_layer(code)
+        if op is None or layer is None or layer.data.shape != tuple(op.annotation.shape):
+            return
+        now = np.asarray(layer.data) != 0
+        diff = now != op.annotation.masks[code]
+        rows = np.flatnonzero(diff.any(axis=1))
+        if rows.size == 0:
+            return
+        cols = np.flatnonzero(diff.any(axis=0))
+        box = (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)
+        op.annotation.record.hand_set(code, box, now[box[0] : box[1], box[2] : box[3]])
+        self._edited()
+
+    def show_changes(self, changes) -> None:
+        """Paint the boxes the record changed into the lesion layers (only those boxes are redrawn)."""
+        op = self.opened
+        if op is None:
+            return
+        changed = False
+        self._writing_layers = True
+        try:
+            for change in changes:
+                if not isinstance(change, PixelChange):
+                    continue
+                layer = self.lesion_layer(change.lesion)
+                if layer is not None:
+                    write_box(layer, change, op.annotation.masks[change.lesion], lesion(change.lesion).label)
+                changed = True
+        finally:
+            self._writing_layers = False
+        if changed:
+            self._edited()
+
+    def _edited(self) -> None:
+        now = time.monotonic()
+        self._last_edit = now
+        if self._first_unsaved is None:
+            self._first_unsaved = now
 
     # --- refinement ----------------------------------------------------------------------
     def current_ellipses(self) -> dict[str, Ellipse]:
@@ -471,13 +590,10 @@ class LesionAnnotator(QWidget):
 
     def accept_proposals(self, code: str) -> int:
         n = self.refinement.accept(code)
+        self._edited()
         if n:
             show_info(f"{n} proposed {lesion(code).name} pixels accepted")
         return n
-
-    def mark_sources_changed(self, code: str) -> None:
-        """Source bookkeeping changed without a pixel change: save it anyway."""
-        self._saved_masks.pop(code, None)
 
     def _on_auto_refine(self, on: bool) -> None:
         self.refinement.enabled = on
@@ -611,20 +727,21 @@ class LesionAnnotator(QWidget):
 
     # --- counts --------------------------------------------------------------------------
     def _update_counts_from_masks(self) -> None:
-        if self.opened is None:
+        """Counts as % of the field of view, from the writer's copy of the masks (in its thread)."""
+        writer, fov = self.project_writer, self.fov
+        if self.opened is None or writer is None:
             return
-        masks = {c: self._layer_mask(c) for c in LESION_CODES if self.lesion_layer(c) is not None}
-        fov = self.fov
 
-        @thread_worker
-        def compute():
-            from ..fundus import lesion_summary
+        def count():
+            writer.set_fov(fov)
+            self._signals.counted.emit((writer, writer.counts()))
 
-            return lesion_summary(masks, fov)
+        self._writer.submit(count)
 
-        worker = compute()
-        worker.returned.connect(self._show_counts)
-        worker.start()
+    def _on_counted(self, result) -> None:
+        writer, rows = result
+        if writer is self.project_writer:
+            self._show_counts(rows)
 
     def _show_counts(self, rows: list[dict]) -> None:
         self.summary = rows
@@ -662,7 +779,8 @@ class LesionAnnotator(QWidget):
             return
         if index == self.index and self.opened is not None:
             return
-        self.save()
+        if self.opened is not None and (self.has_unsaved_changes() or self._summary_since is not None):
+            self.save(summary=True)  # leaving this image: its overlay and lesion table too
         record = self.dataset.records[index]
         self._loading = True
         self.status_label.setText(f"opening {record.image.name}...")
@@ -715,19 +833,15 @@ class LesionAnnotator(QWidget):
                 self.viewer.add_layer(Layer.create(*item))
             self.viewer.layers.selection.active = self.lesion_layer(self.current)
             self._ensure_layers()
-            self._after_open(mark_saved=opened.from_project)
+            self._after_open()
             self.viewer.reset_view()
             self.status_label.setText("restored" if opened.from_project else "new annotation")
+            if opened.annotation.notes:  # e.g. a mask of the wrong size, left out: one notification
+                show_error("; ".join(opened.annotation.notes))
         finally:
             self._loading = False
 
     # --- saving --------------------------------------------------------------------------
-    def _layer_mask(self, code: str) -> np.ndarray:
-        layer = self.lesion_layer(code)
-        if layer is None:
-            return self.opened.annotation.masks[code]
-        return np.asarray(layer.data) != 0
-
     def _ellipse_dicts(self) -> list[dict]:
         return [e.to_dict() for e in self._ellipse_file().ellipses]
 
@@ -747,76 +861,67 @@ class LesionAnnotator(QWidget):
             op.annotation.ellipses.extra,
         )
 
-    def changed_lesions(self) -> set[str]:
-        """Lesions whose Labels layer differs from what was last saved."""
-        if self.opened is None:
-            return set()
-        out = set()
-        for code in LESION_CODES:
-            layer = self.lesion_layer(code)
-            if layer is None:
-                continue
-            saved = self._saved_masks.get(code)
-            data = np.asarray(layer.data)
-            # comparing 12 Mpx takes a few ms and catches every edit, undo and redo included
-            if saved is None or saved.shape != data.shape or not np.array_equal(saved, data != 0):
-                out.add(code)
-        return out
+    def _grader(self) -> str:
+        return self.grader_edit.text().strip() or _user()
 
     def has_unsaved_changes(self) -> bool:
+        """Edits not yet on disk: unsaved in memory, or a save still being written."""
         if self.opened is None:
             return False
-        return bool(self.changed_lesions()) or self._ellipse_dicts() != self._saved_ellipses
+        if any(not f.done() for f in self._pending):
+            return True
+        return self.opened.annotation.record.has_changes() or self._ellipse_dicts() != self._saved_ellipses
 
     def autosave_tick(self) -> None:
+        """Write what changed once a burst of edits pauses (or at the latest ~1.5 s after it began)."""
         if self.opened is None or self._loading or any(not f.done() for f in self._pending):
             return
+        now = time.monotonic()
         try:
-            if self.has_unsaved_changes():
-                self.save()
+            unsaved = self.opened.annotation.record.has_changes() or self._ellipse_dicts() != self._saved_ellipses
+            if unsaved:
+                if self._first_unsaved is None:
+                    self._first_unsaved = self._last_edit = now  # e.g. an ellipse edited in place
+                if now - self._last_edit >= SAVE_WHEN_QUIET_S or now - self._first_unsaved >= SAVE_AT_LATEST_S:
+                    self.save()
+            elif self._summary_since is not None:
+                quiet = now - self._last_edit >= SUMMARY_WHEN_QUIET_S and not self.refinement.busy
+                if now - self._last_summary >= SUMMARY_EVERY_S and (
+                    quiet or now - self._summary_since >= SUMMARY_AT_LATEST_S
+                ):
+                    self.save(summary=True)
         except Exception as e:  # a malformed shape must not stop autosave for good
             self._report_error(f"autosave: {e}")
 
-    def save(self) -> Future | None:
-        """Queue a save of the current image's annotation; returns its Future."""
-        op = self.opened
-        if op is None:
+    def save(self, summary: bool = False) -> Future | None:
+        """Queue a save of what changed (plus overlay.png and lesions.csv if `summary`); returns its Future."""
+        op, writer = self.opened, self.project_writer
+        if op is None or writer is None:
             return None
-        changed = self.changed_lesions()
-        ann = op.annotation
-        snapshot = Annotation(
-            image_name=ann.image_name,
-            shape=ann.shape,
-            masks={c: self._layer_mask(c).copy() for c in LESION_CODES},
-            ellipses=self._ellipse_file(),
-            provenance=dict(ann.provenance),
-            sources={c: m.copy() for c, m in ann.sources.items()},
-            source_table=dict(ann.source_table),
+        ellipses = self._ellipse_file()
+        dicts = [e.to_dict() for e in ellipses.ellipses]
+        snap = op.annotation.snapshot(
+            ellipses=ellipses if dicts != self._saved_ellipses or not self._project_started else None,
+            all_lesions=not self._project_started,
         )
-        # what is on disk once this save lands
-        self._saved_masks = {c: m.copy() for c, m in snapshot.masks.items()}
-        self._saved_ellipses = [e.to_dict() for e in snapshot.ellipses.ellipses]
-        grader = self.grader_edit.text().strip() or _user()
-        fov_area = int(self.fov.sum()) if self.fov is not None else None
-        project_dir, image, rgb = op.project_dir, op.record.image, op.rgb
-        fov = self.fov
-        first = not ProjectFolder(project_dir).exists()
-        lesions = None if first else changed
+        self._project_started = True
+        self._saved_ellipses = dicts
+        self._first_unsaved = None
+        if snap.masks:
+            self._summary_since = self._summary_since or time.monotonic()
+        if summary:
+            self._summary_since, self._last_summary = None, time.monotonic()
+        grader = self._grader()
+        project_dir = op.project_dir
 
         def write():
-            from ..fundus import lesion_summary
-
             try:
-                pf = ProjectFolder(project_dir)
-                if not pf.exists():
-                    pf = ProjectFolder.create(project_dir, image, grader=grader)
-                pf.save(snapshot, rgb=rgb, fov_area_px=fov_area, lesions=lesions, grader=grader)
-                rows = lesion_summary(snapshot.masks, fov)
-                self._signals.done.emit((project_dir, rows, None))
+                rows = writer.write(snap, summary=summary, grader=grader)
+                self._signals.done.emit((project_dir, rows, None, snap))
             except RetinaInputError as e:
-                self._signals.done.emit((project_dir, None, str(e)))
+                self._signals.done.emit((project_dir, None, str(e), snap))
             except Exception as e:  # never a traceback dialog from a background save
-                self._signals.done.emit((project_dir, None, f"saving {project_dir.name} failed: {e}"))
+                self._signals.done.emit((project_dir, None, f"saving {project_dir.name} failed: {e}", snap))
 
         fut = self._writer.submit(write)
         self._pending = [f for f in self._pending if not f.done()] + [fut]
@@ -824,20 +929,29 @@ class LesionAnnotator(QWidget):
         return fut
 
     def _on_saved(self, result) -> None:
-        project_dir, rows, error = result
+        project_dir, rows, error, snap = result
+        same = self.opened is not None and self.opened.project_dir == project_dir
         if error is not None:
-            # keep the edits: mark everything unsaved so the next tick tries again
-            self._saved_masks, self._saved_ellipses = {}, None
+            if same:  # keep the edits: what this save took is unsaved again, the next tick retries
+                self._give_back(snap)
             self._report_error(error)
             return
         self._last_error = None
         self.last_saved = datetime.now()
-        if self.opened is not None and self.opened.project_dir == project_dir:
+        if same:
             self.opened.from_project = True
             self.project_label.setText(f"saved in {project_dir}")
             if rows is not None:
                 self._show_counts(rows)
         self.status_label.setText(f"saved {self.last_saved:%H:%M:%S}")
+
+    def _give_back(self, snap: ProjectSnapshot) -> None:
+        ann = self.opened.annotation
+        ann.record.give_back(snap.changes)
+        ann.legacy_sources = ann.legacy_sources or snap.drop_legacy_sources
+        self._saved_ellipses = None
+        self._project_started = self._project_started and self.opened.from_project
+        self._first_unsaved = self._first_unsaved or time.monotonic()
 
     def _report_error(self, message: str) -> None:
         self.status_label.setText(f"NOT SAVED: {message}")
@@ -846,9 +960,11 @@ class LesionAnnotator(QWidget):
             self._last_error = message
 
     def flush(self, timeout: float = 30.0) -> None:
-        """Write everything now and wait (closing napari, tests, CLI)."""
-        if self.has_unsaved_changes():
-            self.save()
+        """Write everything now, overlay and lesion table included, and wait (closing napari, tests, CLI)."""
+        if self.has_unsaved_changes() or self._summary_since is not None:
+            for f in list(self._pending):
+                f.result(timeout=timeout)
+            self.save(summary=True)
         for f in list(self._pending):
             f.result(timeout=timeout)
         from qtpy.QtWidgets import QApplication
@@ -863,11 +979,17 @@ class LesionAnnotator(QWidget):
     def set_project_root(self, folder: str | Path) -> None:
         """Save this and the following images' projects under `folder` instead."""
         self.project_root = Path(folder)
-        if self.opened is not None:
-            self.opened.project_dir = self.project_root / f"{self.opened.record.image.stem}.retina"
-            self.opened.from_project = False
-            self._saved_masks, self._saved_ellipses = {}, None
+        op = self.opened
+        if op is not None:
+            op.project_dir = self.project_root / f"{op.record.image.stem}.retina"
+            op.from_project = False
+            self._saved_ellipses = None
+            self._project_started = False  # a new folder gets every file
+            self.project_writer = ProjectWriter(
+                op.project_dir, op.record.image, op.rgb, op.annotation.masks, grader=self._grader()
+            )
             self._last_error = None
+            self._update_counts_from_masks()
             self.project_label.setText(f"will be saved in {self.opened.project_dir}")
             self.save()
 
@@ -886,3 +1008,24 @@ def _user() -> str:
         return getpass.getuser()
     except Exception:  # no login name in some containers
         return ""
+
+
+def _atom_pixels(atom) -> tuple[tuple | None, np.ndarray | None, np.ndarray | None]:
+    """(box, painted pixels of the box, erased pixels of the box) of one napari Labels history atom."""
+    if hasattr(atom, "slice_key"):  # mask-based atom (brush, fill, polygon): one new value
+        key = atom.slice_key[-2:]
+        box = (key[0].start, key[0].stop, key[1].start, key[1].stop)
+        shape = (box[1] - box[0], box[3] - box[2])
+        changed = np.ones(shape, bool) if atom.mask is None else np.asarray(atom.mask, bool).reshape(shape)
+        return (box, changed, None) if atom.new_value != 0 else (box, None, changed)
+    idx, _, new = atom  # (indices, old values, new values), as data_setitem records it
+    rows, cols = (np.asarray(i) for i in idx[-2:])
+    if rows.size == 0:
+        return None, None, None
+    new = np.broadcast_to(np.asarray(new), rows.shape)
+    box = (int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1)
+    painted = np.zeros((box[1] - box[0], box[3] - box[2]), bool)
+    erased = painted.copy()
+    painted[rows - box[0], cols - box[2]] = new != 0
+    erased[rows - box[0], cols - box[2]] = new == 0
+    return box, painted, erased

@@ -1,8 +1,11 @@
-"""Ellipse -> pixel mask in the annotator: refine in a worker, write into the lesion's layer.
+"""Ellipse -> pixel mask in the annotator: refine in a worker, propose the pixels, paint the boxes.
 
-Each refined ellipse is one contributor in the project's source maps, so
-deleting or moving an ellipse removes exactly what it added and never a pixel
-the grader painted by hand, also after the project was closed and reopened.
+Each refined ellipse becomes one proposal of the image's `PixelRecord`
+(napari_retina.proposals), described by its ellipse id: deleting, moving or
+re-thresholding the ellipse withdraws or re-derives exactly that proposal, never a
+pixel the grader painted, also after the project was closed and reopened. This
+class only forwards the Shapes layer's changes and paints the boxes the record
+returns; it holds no pixel logic of its own.
 """
 
 from __future__ import annotations
@@ -17,11 +20,11 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QObject, Signal
 
 from ..io.ellipses import Ellipse
-from ..io.project import SOURCE_HAND, SOURCE_NONE
-from ..lesions import lesion
 
 if TYPE_CHECKING:
     from .annotator import LesionAnnotator
+
+REFINER = "refiner"  # the `model` of the proposals this class makes
 
 
 def _key(e: Ellipse) -> tuple:
@@ -43,7 +46,6 @@ class EllipseRefinement(QObject):
         self.enabled = True
         self.superpixels: bool | None = None  # None: the model's own setting
         self.threshold: float | None = None  # None: the model's own threshold
-        self.results: dict[str, object] = {}  # ellipse id -> RefinedEllipse (probabilities kept for the slider)
         self.known: dict[str, tuple] = {}  # ellipse id -> geometry last refined (or restored)
         self._queue: dict[str, tuple[Ellipse, float]] = {}
         self._busy = False
@@ -89,15 +91,19 @@ class EllipseRefinement(QObject):
         self.model_error = str(exc)
         show_error(f"ellipse refinement unavailable: {exc}")
 
+    @property
+    def busy(self) -> bool:
+        """A refinement is running or waiting (the autosave lets it have the CPU)."""
+        return self._busy or bool(self._queue)
+
     # --- reacting to the Shapes layer ------------------------------------------------------------
     def reset(self, current: dict[str, Ellipse]) -> None:
         """A new image: its existing ellipses count as refined (their pixels are in the masks)."""
-        self.results.clear()
         self._queue.clear()
         self.known = {eid: _key(e) for eid, e in current.items()}
 
     def sync(self, current: dict[str, Ellipse]) -> None:
-        """Remove contributions of deleted/moved ellipses and queue new/moved ones."""
+        """Withdraw the proposals of deleted/moved ellipses and queue new/moved ones."""
         for eid in list(self.known):
             if eid not in current or self.known[eid] != _key(current[eid]):
                 self.remove(eid)
@@ -145,6 +151,7 @@ class EllipseRefinement(QObject):
     def _failed(self, exc) -> None:
         self._busy = False
         show_error(f"ellipse refinement failed: {exc}")
+        self._kick()
 
     def _apply_batch(self, payload) -> None:
         self._busy = False
@@ -154,119 +161,44 @@ class EllipseRefinement(QObject):
             for eid, (res, t0) in results.items():
                 # the ellipse may have moved or gone while the worker ran
                 if eid in self.known and self.known[eid] == _key(res.ellipse) and eid not in self._queue:
-                    self.results[eid] = res
-                    self._paint(eid, res)
+                    self._propose(eid, res)
                     self.refined.emit(eid, time.perf_counter() - t0)
         self._kick()
 
-    # --- pixels ----------------------------------------------------------------------------
-    def _source_id(self, eid: str, e: Ellipse) -> int:
-        ann = self.ann_widget.opened.annotation
-        for sid, desc in ann.source_table.items():
-            if desc.get("ellipse_id") == eid:
-                return sid
-        desc = {"kind": "model", "model": "refiner", "ellipse_id": eid, "lesion": e.lesion}
+    # --- forwarding to the pixel record ------------------------------------------------------------
+    def _propose(self, eid: str, res) -> None:
+        op = self.ann_widget.opened
+        record = op.annotation.record
+        desc = {"kind": "model", "model": REFINER, "ellipse_id": eid}
         if self.refiner is not None:
             desc["version"] = self.refiner.version
-        return ann.add_source(desc)
+            op.annotation.provenance.setdefault("models", {})[REFINER] = self.refiner.description
+        changes = record.withdraw_where(model=REFINER, ellipse_id=eid)  # a stale result of the same ellipse
+        _, change = record.propose(res.ellipse.lesion, res.box, prob=res.prob, threshold=self.threshold, description=desc)
+        self.ann_widget.show_changes([*changes, change])
 
-    def _paint(self, eid: str, res) -> None:
-        e = res.ellipse
-        layer = self.ann_widget.lesion_layer(e.lesion)
-        if layer is None:
-            return
-        ann = self.ann_widget.opened.annotation
-        sid = self._source_id(eid, e)
-        r0, r1, c0, c1 = res.box
-        if r1 <= r0 or c1 <= c0:
-            return
-        data = layer.data
-        src = self._source_map(e.lesion, layer)
-        region, sreg = data[r0:r1, c0:c1], src[r0:r1, c0:c1]
-        new = res.mask(self.threshold) & (sreg == SOURCE_NONE) & (region == 0)
-        region[new] = lesion(e.lesion).label
-        sreg[new] = sid
-        layer.refresh()
-        ann.provenance.setdefault("models", {})["refiner"] = self.refiner.description if self.refiner else {}
-
-    def _source_map(self, code: str, layer) -> np.ndarray:
-        """The lesion's contributor map, made from the layer on first use (all present = hand)."""
-        ann = self.ann_widget.opened.annotation
-        if code not in ann.sources:
-            m = np.zeros(layer.data.shape, np.uint16)
-            m[np.asarray(layer.data) != 0] = SOURCE_HAND
-            ann.sources[code] = m
-        return ann.sources[code]
-
-    def remove(self, eid: str) -> int:
-        """Take away what ellipse `eid` added; hand-painted pixels stay. Returns pixels removed."""
+    def remove(self, eid: str) -> None:
+        """Take away what ellipse `eid` proposed; hand-painted pixels and other proposals' stay."""
         self.known.pop(eid, None)
         self._queue.pop(eid, None)
-        res = self.results.pop(eid, None)
+        op = self.ann_widget.opened
+        if op is not None:
+            self.ann_widget.show_changes(op.annotation.record.withdraw_where(model=REFINER, ellipse_id=eid))
+
+    def accept(self, code: str) -> int:
+        """The grader keeps a lesion's proposals: they become hand pixels (deleting the ellipse keeps them)."""
         op = self.ann_widget.opened
         if op is None:
             return 0
-        ann = op.annotation
-        sids = [sid for sid, d in ann.source_table.items() if d.get("ellipse_id") == eid]
-        removed = 0
-        for sid in sids:
-            code = ann.source_table[sid].get("lesion") or (res.ellipse.lesion if res else None)
-            codes = [code] if code else list(ann.sources)
-            for c in codes:
-                if c not in ann.sources:
-                    continue
-                layer = self.ann_widget.lesion_layer(c)
-                src = ann.sources[c]
-                gone = src == sid
-                n = int(gone.sum())
-                if n and layer is not None:
-                    layer.data[gone] = 0
-                    src[gone] = SOURCE_NONE
-                    self._refill(c, gone)
-                    layer.refresh()
-                removed += n
-            del ann.source_table[sid]
-        return removed
-
-    def _refill(self, code: str, freed: np.ndarray) -> None:
-        """Pixels another ellipse also proposed come back after one of two overlapping ellipses goes."""
-        for eid, res in self.results.items():
-            if res.ellipse.lesion != code:
-                continue
-            r0, r1, c0, c1 = res.box
-            if freed[r0:r1, c0:c1].any():
-                self._paint(eid, res)
-
-    def accept(self, code: str) -> int:
-        """The grader accepts the model's pixels of a lesion: they become hand pixels.
-
-        A brush stroke only claims the pixels it changes (napari skips pixels that
-        already hold the label), so accepting is how proposals are kept for good.
-        """
-        op = self.ann_widget.opened
-        if op is None or code not in op.annotation.sources:
-            return 0
-        ann = op.annotation
-        src = ann.sources[code]
-        model = src > SOURCE_HAND
-        n = int(model.sum())
-        src[model] = SOURCE_HAND
-        for sid, d in list(ann.source_table.items()):
-            if d.get("lesion") == code and d.get("kind") == "model":
-                del ann.source_table[sid]
-                self.results.pop(d.get("ellipse_id"), None)
-        self.ann_widget.mark_sources_changed(code)
-        return n
+        record = op.annotation.record
+        return record.accept(ids=[p.id for p in record.of_lesion(code)])
 
     def set_threshold(self, t: float) -> None:
-        """Live preview: re-threshold every ellipse refined in this session."""
+        """Live preview: re-threshold every refined ellipse (restored ones included)."""
         self.threshold = t
-        for eid, res in list(self.results.items()):
-            keep = res
-            self.remove(eid)
-            self.known[eid] = _key(keep.ellipse)
-            self.results[eid] = keep
-            self._paint(eid, keep)
+        op = self.ann_widget.opened
+        if op is not None:
+            self.ann_widget.show_changes(op.annotation.record.set_threshold(t, model=REFINER))
 
     def info(self) -> str:
         if self.model_error:

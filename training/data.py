@@ -18,11 +18,7 @@ from napari_retina.io.datasets import ImageRecord, open_dataset
 from napari_retina.io.ellipses import Ellipse
 from napari_retina.io.images import read_fundus
 from napari_retina.io.masks import read_mask
-
-try:  # one definition of the refined lesions (napari_retina.lesions)
-    from napari_retina.lesions import REFINED_LESIONS as REFINER_LESIONS
-except ImportError:
-    REFINER_LESIONS = ("MA", "SE", "EX", "HE")
+from napari_retina.lesions import REFINED_LESIONS as REFINER_LESIONS  # the one definition
 
 
 class DataError(ValueError):

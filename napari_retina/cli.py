@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     er.add_argument("--model", metavar="DIR", help="refiner model folder (default: the shipped one)")
     er.add_argument("--baseline", metavar="DIR", help="baseline (non-prototypical) model folder to compare")
     er.add_argument("--split", choices=("val", "all"), default="all", help="val: only the model card's validation images")
-    er.add_argument("--seed", type=int, default=0)
+    er.add_argument("--seed", type=int, default=0, help="simulator seed: image k of the split uses SEED + k (default 0)")
     er.add_argument("--limit", type=int, help="only the first N images")
     er.add_argument("--out", metavar="FILE.json", help="also write the JSON here")
     return p

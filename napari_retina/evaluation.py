@@ -32,8 +32,8 @@ The JSON document (keys stable; percentages rounded to 2 decimals; null where no
                                                          pooled IoU inside the ellipses, their count
     latency_ms_per_ellipse/{median,p95,n,device}
 
-for example `by_reduction/1.5/model/average/mean` = 55.1 and
-`by_size/1.0/initial/gt_128/all` = {"iou": 31.4, "ellipses": 12}.
+for example `by_reduction/1.5/model/average/mean`: 32.12 and
+`by_size/1.0/initial/gt_128/all`: {"iou": 29.1, "ellipses": 81}.
 
 `score_refinement` runs the same scoring on images held in memory with a model held in
 memory (the training recipe's early stopping uses it every epoch), so its figures equal

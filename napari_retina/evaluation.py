@@ -37,7 +37,8 @@ for example `by_reduction/1.5/model/average/mean`: 32.12 and
 
 `score_refinement` runs the same scoring on images held in memory with a model held in
 memory (the training recipe's early stopping uses it every epoch), so its figures equal
-this command's on the same images.
+this command's on the same images; given candidate thresholds it also scores each
+probability map at every one of them (`by_threshold`, not part of the command's JSON).
 """
 
 from __future__ import annotations
@@ -71,12 +72,15 @@ __all__ = [
     "ellipse_overlaps",
     "refined_lesions",
     "reduction_key",
+    "threshold_key",
 ]
 
 DEFAULT_REDUCTIONS: tuple[float, ...] = (1.0, 1.5, 2.0)
 METHODS: tuple[str, ...] = ("initial", "model", "prototype", "prototype_superpixels", "baseline")
 TABLE_METHODS: tuple[str, ...] = ("initial", "prototype", "prototype_superpixels")  # + baseline: Table 1
 FIGURE_METHODS: tuple[str, ...] = ("initial", "model")  # + baseline: Fig. 3 and the size buckets
+# the refiner's own methods and their superpixel setting ("model": the refiner's setting)
+_REFINER_VARIANTS: dict[str, bool | None] = {"model": None, "prototype": False, "prototype_superpixels": True}
 SIZE_BUCKETS: dict[str, str] = {
     "lt_32": "semi-major axis < 32 px",
     "32_128": "32 px <= semi-major axis <= 128 px",
@@ -90,6 +94,11 @@ ScoredImage = tuple[str, np.ndarray, Mapping[str, np.ndarray]]
 def reduction_key(reduction: float) -> str:
     """The JSON key of a reduction factor: "1.0", "1.5", "2.0"."""
     return str(float(reduction))
+
+
+def threshold_key(threshold: float) -> str:
+    """The key of a probability threshold in "by_threshold": "0.5", "0.55" (no float noise)."""
+    return str(round(float(threshold), 6))
 
 
 def size_bucket(ellipse: Ellipse) -> str:
@@ -139,22 +148,25 @@ def _percent(x: float) -> float | None:
 class _Tally:
     """Per-image IoUs and per-ellipse overlaps of one reduction, summarised into the JSON tables."""
 
-    def __init__(self, methods: Sequence[str], lesions: Sequence[str]):
+    def __init__(self, methods: Sequence[str], lesions: Sequence[str], thresholds: Sequence[float] = ()):
         self.methods = tuple(methods)
         self.lesions = tuple(lesions)
         self.image_ious = {m: {c: [] for c in lesions} for m in methods}
         self.overlaps = {m: {b: {c: [] for c in lesions} for b in SIZE_BUCKETS} for m in methods}
         self.ellipses = {c: 0 for c in lesions}
+        self.swept = tuple(m for m in self.methods if m in _REFINER_VARIANTS) if thresholds else ()
+        self.threshold_ious = {t: {m: {c: [] for c in lesions} for m in self.swept} for t in thresholds}
 
     def add(self, method: str, code: str, image_iou: float, overlaps: list[tuple[str, int, int]]) -> None:
         self.image_ious[method][code].append(image_iou)
         for bucket, inter, union in overlaps:
             self.overlaps[method][bucket][code].append((inter, union))
 
-    def _iou_table(self, method: str) -> dict:
+    def _iou_table(self, method: str, image_ious: Mapping[str, list[float]] | None = None) -> dict:
+        image_ious = self.image_ious[method] if image_ious is None else image_ious
         per = {}
         for c in self.lesions:
-            mean, std, n = summarise_image_ious(self.image_ious[method][c])
+            mean, std, n = summarise_image_ious(image_ious[c])
             per[c] = {"mean": _percent(mean), "std": _percent(std), "images": n}
         means = [v["mean"] for v in per.values() if v["mean"] is not None]
         stds = [v["std"] for v in per.values() if v["std"] is not None]
@@ -174,22 +186,32 @@ class _Tally:
         return table
 
     def result(self) -> dict:
-        return {
+        out = {
             "ellipses": dict(self.ellipses),
             "iou_percent": {m: self._iou_table(m) for m in self.methods},
             "by_size": {m: self._size_table(m) for m in self.methods},
         }
+        if self.threshold_ious:
+            out["by_threshold"] = {
+                threshold_key(t): {m: self._iou_table(m, per[m]) for m in self.swept} for t, per in self.threshold_ious.items()
+            }
+        return out
 
 
-def _prediction(method: str, refiner, baseline, rgb, ellipses, code, shape) -> tuple[tuple, Callable[[], np.ndarray]]:
-    """(cache key, how to compute it): `model` is the same prediction as the variant it ships as."""
+def _prediction(method: str, refiner, baseline, rgb, ellipses, code, shape, sweep: bool) -> tuple[tuple, Callable[[], np.ndarray]]:
+    """(cache key, how to compute it): `model` is the same prediction as the variant it ships as.
+
+    With `sweep` the refiner's variants give probabilities, thresholded by the caller.
+    """
     from .coarse import coarse_mask
 
     if method == "initial":
         return ("initial",), lambda: coarse_mask(ellipses, shape, code)
     if method == "baseline":
         return ("baseline",), lambda: baseline.refine_mask(rgb, ellipses)
-    superpixels = {"model": bool(refiner.superpixels), "prototype": False, "prototype_superpixels": True}[method]
+    superpixels = bool(refiner.superpixels) if method == "model" else _REFINER_VARIANTS[method]
+    if sweep:
+        return ("refiner", superpixels), lambda: refiner.refine_probability(rgb, ellipses, superpixels=superpixels)
     return ("refiner", superpixels), lambda: refiner.refine_mask(rgb, ellipses, superpixels=superpixels)
 
 
@@ -212,6 +234,7 @@ def score_refinement_runs(
     baseline=None,
     progress: Callable[[int, str], None] | None = None,
     each_lesion: Callable[[float, np.ndarray, str, list[Ellipse]], None] | None = None,
+    thresholds: Sequence[float] | None = None,
 ) -> dict[float, dict]:
     """Score several reductions in one pass over `images` (each image is used once, then dropped).
 
@@ -219,6 +242,9 @@ def score_refinement_runs(
     {"ellipses": {lesion: n}, "iou_percent": {method: ...}, "by_size": {method: ...}} in the
     layout of the module docstring. `progress(k + 1, stem)` follows each image;
     `each_lesion(reduction, rgb, lesion, ellipses)` sees every simulated set of ellipses.
+    With `thresholds` (the refiner then needs `refine_probability(rgb, ellipses, superpixels=None)`),
+    each probability map is computed once and also scored at every threshold:
+    "by_threshold": {threshold_key(t): {method: iou table}} for model / prototype / prototype_superpixels.
     """
     from .coarse import simulate_coarse_ellipses
 
@@ -232,7 +258,11 @@ def score_refinement_runs(
     for r in runs:
         if not (math.isfinite(r) and r >= 1.0):
             raise ValueError(f"reduction must be a number >= 1.0, got {r!r}")
-    tallies = {float(r): _Tally(methods, lesions) for r, methods in runs.items()}
+    sweep = tuple(float(t) for t in thresholds) if thresholds else ()
+    for t in sweep:
+        if not 0.0 < t < 1.0:
+            raise ValueError(f"thresholds must lie between 0 and 1, got {t!r}")
+    tallies = {float(r): _Tally(methods, lesions, sweep) for r, methods in runs.items()}
     for k, (stem, rgb, masks) in enumerate(images):
         shape = tuple(rgb.shape[:2])
         for code in lesions:
@@ -244,10 +274,14 @@ def score_refinement_runs(
                 regions = ellipse_regions(ellipses, shape)
                 predictions: dict[tuple, np.ndarray] = {}
                 for method in tally.methods:
-                    key, compute = _prediction(method, refiner, baseline, rgb, ellipses, code, shape)
+                    key, compute = _prediction(method, refiner, baseline, rgb, ellipses, code, shape, bool(sweep))
                     if key not in predictions:
-                        predictions[key] = np.asarray(compute(), dtype=bool)
+                        predictions[key] = np.asarray(compute(), dtype=np.float32 if sweep and key[0] == "refiner" else bool)
                     pred = predictions[key]
+                    if pred.dtype != bool:  # a probability map: the refiner's own threshold, then the sweep
+                        for t, per in tally.threshold_ious.items():
+                            per[method][code].append(iou(pred >= t, gt))
+                        pred = pred >= refiner.threshold
                     tally.add(method, code, iou(pred, gt), ellipse_overlaps(pred, gt, regions))
                 if each_lesion:
                     each_lesion(reduction, rgb, code, ellipses)
@@ -264,19 +298,26 @@ def score_refinement(
     lesions: Sequence[str] | None = None,
     methods: Sequence[str] = FIGURE_METHODS,
     baseline=None,
+    thresholds: Sequence[float] | None = None,
 ) -> dict:
     """The figures of `evaluate refine` for a model and images held in memory.
 
     `refiner`: anything with `refine_mask(rgb, ellipses, threshold=None, superpixels=None)`,
-    `.superpixels` (and `.config` for its lesions). `images`: (stem, rgb, {lesion: mask}) in
-    the order of the split's records (image k gets seed `seed + k`). `lesions`: default the
-    model's. Returns {"reduction", "seed", "lesions", "ellipses", "iou_percent", "by_size"};
-    `result["iou_percent"]["model"]["average"]["mean"]` is what `evaluate refine` prints as
-    `by_reduction/<reduction>/model/average/mean`.
+    `.threshold`, `.superpixels` (and `.config` for its lesions). `images`: (stem, rgb,
+    {lesion: mask}) in the order of the split's records (image k gets seed `seed + k`).
+    `lesions`: default the model's. Returns {"reduction", "seed", "lesions", "ellipses",
+    "iou_percent", "by_size"}; `result["iou_percent"]["model"]["average"]["mean"]` is what
+    `evaluate refine` prints as `by_reduction/<reduction>/model/average/mean`.
+
+    `thresholds` (needs `refiner.refine_probability`) adds "by_threshold": {threshold_key(t):
+    {method: iou table}}, each network pass thresholded at every t; the table at t is what
+    `evaluate refine` prints for a model folder whose config.json has threshold t.
     """
     r = float(reduction)
     lesions = refined_lesions(refiner) if lesions is None else tuple(_lesion(c).code for c in lesions)
-    result = score_refinement_runs(refiner, images, {r: tuple(methods)}, seed=seed, lesions=lesions, baseline=baseline)[r]
+    result = score_refinement_runs(
+        refiner, images, {r: tuple(methods)}, seed=seed, lesions=lesions, baseline=baseline, thresholds=thresholds
+    )[r]
     return {"reduction": r, "seed": seed, "lesions": list(lesions), **result}
 
 

@@ -189,3 +189,37 @@ def test_bad_arguments_are_one_clear_error(kwargs, words):
 def test_a_mask_of_the_wrong_size_is_named():
     with pytest.raises(ValueError, match="img7.*EX"):
         score_refinement(FixedRefiner({0: np.zeros((H, W), bool)}), [("img7", image(0), {"EX": np.zeros((10, 10), bool)})])
+
+
+class ProbabilityRefiner(FixedRefiner):
+    """A refiner with a fixed probability map per image; refine_mask thresholds it like the real one."""
+
+    def refine_probability(self, rgb, ellipses, superpixels=None):
+        k = int(rgb[0, 0, 0])
+        self.calls.append((k, len(ellipses), superpixels))
+        return self.predictions[k].astype(np.float32)
+
+    def refine_mask(self, rgb, ellipses, threshold=None, superpixels=None):
+        return self.refine_probability(rgb, ellipses, superpixels) >= (self.threshold if threshold is None else threshold)
+
+
+def test_threshold_sweep_scores_one_probability_map_at_every_threshold():
+    gt = blob_mask([(30, 40)], radius=5)
+    halo = blob_mask([(70, 100)], radius=4)  # away from the lesion: a false positive below 0.5
+    refiner = ProbabilityRefiner({0: 0.8 * gt + 0.4 * halo})
+    images = [("a", image(0), {"EX": gt})]
+    swept = score_refinement(refiner, images, methods=("initial", "model"), thresholds=(0.3, 0.5, 0.9))
+    assert refiner.calls == [(0, 1, False)]  # the network ran once for the three thresholds
+    table = swept["by_threshold"]
+    assert set(table) == {"0.3", "0.5", "0.9"} and set(table["0.3"]) == {"model"}
+    expect = {"0.3": 100 * gt.sum() / (gt.sum() + halo.sum()), "0.5": 100.0}
+    for t, value in expect.items():
+        assert table[t]["model"]["EX"]["mean"] == pytest.approx(value, abs=0.005)
+    assert table["0.9"]["model"]["EX"]["mean"] == 0.0  # nothing predicted on an image with the lesion
+    # at the refiner's own threshold the sweep is the main table, and equals scoring without a sweep
+    assert table["0.5"]["model"] == swept["iou_percent"]["model"]
+    plain = score_refinement(refiner, images, methods=("initial", "model"))
+    assert plain["iou_percent"] == swept["iou_percent"] and plain["by_size"] == swept["by_size"]
+    assert "by_threshold" not in plain
+    with pytest.raises(ValueError, match="thresholds"):
+        score_refinement(refiner, images, thresholds=(1.5,))

@@ -32,7 +32,7 @@ import numpy as np
 
 Box = tuple[int, int, int, int]  # r0, r1, c0, c1 (half-open), in full-image pixels
 
-__all__ = ["Box", "PixelChange", "PixelRecord", "Proposal", "RecordChanges", "union_box"]
+__all__ = ["Box", "PixelChange", "PixelRecord", "Proposal", "RecordChanges", "dequantise", "quantise", "union_box"]
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,8 @@ class Proposal:
     def proposed(self) -> np.ndarray:
         """The pixels of its box this proposal puts forward, before the grader's erasures."""
         if self.prob is not None:
-            return self.prob >= self.threshold
+            # probability 0 is "not proposed" whatever the threshold
+            return (self.prob >= self.threshold) & (self.prob > 0)
         return self.fixed
 
     def claim(self) -> np.ndarray:
@@ -106,6 +107,29 @@ class RecordChanges:
         self.proposals |= other.proposals
         self.removed |= other.removed
         self.table = self.table or other.table
+
+
+def quantise(prob: np.ndarray, threshold: float | None = None) -> np.ndarray:
+    """Probabilities as uint16 (what is saved); `dequantise` gives them back within 1/131070.
+
+    With `threshold`, a value that would land on the other side of it is moved by one step,
+    so the pixels claimed at that threshold are exactly the same after a reopen.
+    """
+    q = np.round(np.clip(prob.astype(np.float64), 0.0, 1.0) * 65535.0).astype(np.uint16)
+    if threshold is not None:
+        above = prob >= threshold
+        back = dequantise(q) >= threshold
+        q[above & ~back] += 1
+        q[~above & back & (q > 0)] -= 1
+    q[(prob > 0) & (q == 0)] = 1  # proposed stays proposed
+    return q
+
+
+def dequantise(q: np.ndarray) -> np.ndarray:
+    q = np.asarray(q)
+    if q.dtype.kind == "f":
+        return q.astype(np.float32)
+    return (q.astype(np.float64) / 65535.0).astype(np.float32)
 
 
 def _intersect(a: Box, b: Box) -> Box | None:
@@ -209,6 +233,10 @@ class PixelRecord:
             data = data[:0, :0]
         else:
             data = data[_local(clipped, full)]
+            # a model's box has margins where it proposes nothing (probability 0): keep only the rest
+            inner = _tight(data != 0, clipped)
+            if inner is not None:
+                data, clipped = data[_local(inner, clipped)], inner
         p = Proposal(
             id=self.next_id,
             lesion=lesion,
@@ -389,7 +417,8 @@ class PixelRecord:
         p = self.proposals[proposal_id]
         out = {"erased": p.erased.copy()}
         if p.prob is not None:
-            out["prob"] = p.prob  # never changes after the proposal is made
+            # 16-bit steps of 1/65535: compact to save, and no threshold step of the slider falls between
+            out["prob"] = quantise(p.prob, p.threshold)
         else:
             out["mask"] = p.fixed
         if p.lesion in self._hand:
@@ -421,7 +450,7 @@ class PixelRecord:
                 lesion=lesion,
                 box=box,
                 description=dict(entry.get("description", {})),
-                prob=None if prob is None else np.asarray(prob, np.float32),
+                prob=None if prob is None else dequantise(prob),
                 fixed=None if prob is not None else np.asarray(fixed, bool),
                 threshold=float(entry.get("threshold", 0.5)),
             )

@@ -235,3 +235,16 @@ def test_random_edits_follow_the_rule_computed_on_whole_images():
         for box, prob, t, erased in live.values():
             want |= _full(box, prob >= t) & ~erased
         np.testing.assert_array_equal(rec.masks["EX"], want, err_msg=f"step {step}: {op}")
+
+
+def test_saved_probabilities_claim_the_same_pixels_at_the_threshold_in_use():
+    from napari_retina.proposals import dequantise, quantise
+
+    rng = np.random.default_rng(3)
+    prob = rng.random((50, 50)).astype(np.float32)
+    prob[:5] = 0.0
+    for t in (0.05, 0.3, 0.5, float(prob[10, 10]), 0.95):
+        back = dequantise(quantise(prob, t))
+        np.testing.assert_array_equal(back >= t, prob >= t)
+        assert np.abs(back - prob).max() <= 1 / 65535 + 1e-7
+        np.testing.assert_array_equal(back > 0, prob > 0)

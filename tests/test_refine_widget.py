@@ -149,3 +149,116 @@ def test_accepted_proposals_stay_when_the_ellipse_goes(annotator, qtbot):
     shapes.selected_data = {0}
     shapes.remove_selected()
     np.testing.assert_array_equal(layer.data != 0, before)
+
+
+def _claims(widget, eid):
+    """The pixels the record says ellipse `eid`'s proposal claims, full size."""
+    [p] = widget.opened.annotation.record.find(ellipse_id=eid)
+    out = np.zeros(widget.opened.annotation.shape, bool)
+    out[p.slices] = p.claim()
+    return out
+
+
+def _ids(widget):
+    return list(widget.ellipses_layer.features["id"])
+
+
+def _delete(widget, index):
+    shapes = widget.ellipses_layer
+    shapes.selected_data = {index}
+    shapes.remove_selected()
+
+
+def test_overlapping_ellipses_of_one_lesion_keep_each_others_pixels(annotator, qtbot):
+    viewer, widget = annotator
+    widget.threshold_slider.setValue(20)  # enough pixels from the untrained net to overlap
+    a = Ellipse("EX", (55.0, 45.0), (16.0, 10.0), 0.0)
+    b = Ellipse("EX", (68.0, 45.0), (16.0, 10.0), 0.0)
+    for e in (a, b):
+        with qtbot.waitSignal(widget.refinement.refined, timeout=10000):
+            _draw(widget, e)
+    ida, idb = _ids(widget)
+    layer = widget.lesion_layer("EX")
+    ca, cb = _claims(widget, ida), _claims(widget, idb)
+    assert (ca & cb).any(), "the test needs overlapping proposals"
+    np.testing.assert_array_equal(layer.data != 0, ca | cb)
+    _delete(widget, 0)  # ellipse a
+    np.testing.assert_array_equal(layer.data != 0, cb)
+    # moving b (the layer's data changes in place, as a drag does): its old pixels go, the new place gets some
+    with qtbot.waitSignal(widget.refinement.refined, timeout=10000):
+        widget.ellipses_layer.data = [ellipse_to_corners(Ellipse("EX", (68.0, 75.0), (16.0, 10.0), 0.0))]
+    assert _ids(widget) == [idb]
+    np.testing.assert_array_equal(layer.data != 0, _claims(widget, idb))
+    assert layer.data.any() and not (layer.data[30:60, :] != 0).any()
+
+
+def test_overlapping_ellipses_of_two_lesions_are_independent(annotator, qtbot):
+    viewer, widget = annotator
+    widget.threshold_slider.setValue(20)
+    ex = Ellipse("EX", (60.0, 45.0), (16.0, 10.0), 0.0)
+    he = Ellipse("HE", (64.0, 45.0), (16.0, 10.0), 0.0)
+    for e in (ex, he):
+        with qtbot.waitSignal(widget.refinement.refined, timeout=10000):
+            _draw(widget, e)
+    id_ex, id_he = _ids(widget)
+    he_layer, ex_layer = widget.lesion_layer("HE"), widget.lesion_layer("EX")
+    he_before = he_layer.data.copy()
+    assert ((ex_layer.data != 0) & (he_before != 0)).any()
+    _delete(widget, 0)
+    assert not ex_layer.data.any()
+    np.testing.assert_array_equal(he_layer.data, he_before)
+
+
+def test_erased_pixels_stay_erased_when_the_threshold_moves(annotator, qtbot):
+    viewer, widget = annotator
+    widget.threshold_slider.setValue(30)
+    e = Ellipse("SE", (60.0, 48.0), (18.0, 12.0), 0.0)
+    with qtbot.waitSignal(widget.refinement.refined, timeout=10000):
+        _draw(widget, e)
+    # start where the (untrained) net claims about half its pixels, so a lower threshold adds some
+    [p] = widget.opened.annotation.record.find(ellipse_id=_ids(widget)[0])
+    widget.threshold_slider.setValue(int(np.clip(round(100 * np.median(p.prob[p.prob > 0])), 10, 90)))
+    layer = widget.lesion_layer("SE")
+    on = np.argwhere(layer.data != 0)
+    assert len(on) > 10
+    r, c = on[len(on) // 2]
+    layer.brush_size = 1
+    layer.mode = "erase"
+    layer.paint((r, c), 0)
+    assert layer.data[r, c] == 0
+    for value in (5, 95, 5):
+        widget.threshold_slider.setValue(value)
+        assert layer.data[r, c] == 0, f"the erased pixel came back at threshold {value / 100}"
+    assert (layer.data != 0).sum() > len(on)  # the low threshold did add pixels elsewhere
+
+
+def test_only_the_changed_box_is_redrawn_and_the_canvas_shows_it(make_napari_viewer, qtbot, flat_folder, model_dir):
+    viewer = make_napari_viewer(show=True)
+    viewer.open(str(flat_folder / "IDRiD_02.jpg"), plugin="napari-retina")
+    widget = LesionAnnotator(viewer, model_dir=model_dir)
+    viewer.window.add_dock_widget(widget)
+    qtbot.waitUntil(lambda: widget.refinement.refiner is not None, timeout=20000)
+    widget.threshold_slider.setValue(10)
+    widget.ellipses_layer.visible = False  # the canvas then shows only the image and the masks
+    layer = widget.lesion_layer("HE")
+    refreshed = []
+    layer.events.set_data.connect(lambda e: refreshed.append(e))  # a whole-layer refresh emits this
+    updates = []
+    layer.events.labels_update.connect(lambda e: updates.append((e.offset, e.data.shape)))
+    qtbot.wait(200)
+    before = viewer.screenshot(canvas_only=True, flash=False)
+    e = Ellipse("HE", (64.0, 48.0), (14.0, 9.0), 0.0)
+    with qtbot.waitSignal(widget.refinement.refined, timeout=10000):
+        _draw(widget, e)
+    qtbot.wait(200)
+    shown = viewer.screenshot(canvas_only=True, flash=False)
+    assert (layer.data != 0).any() and not np.array_equal(shown, before)
+    assert refreshed == []
+    (r0, c0), (h, w) = updates[-1]
+    rows, cols = np.nonzero(layer.data)
+    assert (r0, c0) == (rows.min(), cols.min()) and (h, w) == (rows.max() - r0 + 1, cols.max() - c0 + 1)
+    _delete(widget, 0)
+    qtbot.wait(200)
+    np.testing.assert_array_equal(viewer.screenshot(canvas_only=True, flash=False), before)
+    widget.flush()
+    widget._timer.stop()

@@ -315,5 +315,15 @@ def test_config_round_trip_builds_the_same_architecture():
 
 def test_config_keeps_every_init_argument():
     kw = dict(base_channels=4, depth=3, fused_channels=8, variant="prototype", alpha=7.0,
-              superpixels=True, n_superpixels=9, beta=2.5)
+              superpixels=True, n_superpixels=9, beta=2.5, smooth_logits=True)
     assert RefinerNet(**kw).config() == kw
+
+
+def test_logit_smoothing_removes_the_period_two_grid_and_keeps_the_rest():
+    from napari_retina.nets.refiner import smooth_quarter_logits
+
+    yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    ramp = 0.1 * xx - 0.05 * yy  # a smooth field: kept as it is away from the border
+    grid = 0.7 * ((-1.0) ** (yy + xx)) + 0.4 * ((-1.0) ** xx)  # what a stride-2 decoder leaves
+    out = smooth_quarter_logits((ramp + grid)[None, None])[0, 0]
+    torch.testing.assert_close(out[1:-1, 1:-1], ramp[1:-1, 1:-1], atol=1e-6, rtol=0)

@@ -446,8 +446,14 @@ class ProjectWriter:
         self._rows: dict[str, dict] = {}
         self._stale: set[str] = set(self.masks)  # lesions whose counts are not computed yet
 
-    def write(self, snap: ProjectSnapshot, summary: bool = False, grader: str | None = None) -> list[dict]:
-        """Write the snapshot (creating the folder first if needed); returns the lesion rows."""
+    def write(
+        self, snap: ProjectSnapshot, summary: bool = False, grader: str | None = None, counts: bool = True
+    ) -> list[dict] | None:
+        """Write the snapshot (creating the folder first if needed); returns the lesion rows.
+
+        `counts=False` leaves recounting changed lesions for later (returns None): the
+        annotator asks for it while a model runs, which then has the CPU.
+        """
         if grader:
             self.grader = grader
         if not self.project.exists():
@@ -457,7 +463,7 @@ class ProjectWriter:
         for code, m in snap.masks.items():
             self.masks[code] = m
             self._stale.add(code)
-        rows = self.counts()
+        rows = self.counts() if counts or summary else None
         if summary:
             self.project.write_summary(
                 self.masks,

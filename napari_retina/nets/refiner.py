@@ -199,6 +199,18 @@ def superpixel_weighted_prototype(
     return (p, weights) if return_weights else p
 
 
+def smooth_quarter_logits(logits: torch.Tensor) -> torch.Tensor:
+    """A 3x3 binomial ([1, 2, 1] / 4 per axis) filter over the 1/4-scale logits.
+
+    The decoder's stride-2 transposed convolution leaves a period-2 pattern on the 1/4-scale
+    grid (a grid of dots where the lesion probability hovers near the threshold); this filter's
+    response at that frequency is exactly zero, and it keeps a 3-cell footprint.
+    """
+    k1 = torch.tensor([0.25, 0.5, 0.25], dtype=logits.dtype, device=logits.device)
+    k = (k1[:, None] * k1[None, :]).expand(logits.shape[1], 1, 3, 3)
+    return F.conv2d(F.pad(logits, (1, 1, 1, 1), mode="replicate"), k, groups=logits.shape[1])
+
+
 # ---- the network -----------------------------------------------------------------------------------
 
 
@@ -273,6 +285,7 @@ class RefinerNet(nn.Module):
         superpixels: bool = False,
         n_superpixels: int = 20,
         beta: float = 10.0,
+        smooth_logits: bool = False,
     ):
         super().__init__()
         if variant not in VARIANTS:
@@ -289,6 +302,7 @@ class RefinerNet(nn.Module):
         self.superpixels = bool(superpixels)
         self.n_superpixels = int(n_superpixels)
         self.beta = float(beta)
+        self.smooth_logits = bool(smooth_logits)
 
         self.backbone = _TruncatedUNet(4, self.base_channels, self.depth)
         # the paper's fusion: [features, 1/4-scale coarse mask] -> 1x1 Conv + BN + ReLU
@@ -312,12 +326,14 @@ class RefinerNet(nn.Module):
             "superpixels": self.superpixels,
             "n_superpixels": self.n_superpixels,
             "beta": self.beta,
+            "smooth_logits": self.smooth_logits,
         }
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> "RefinerNet":
         """Build from ``config()``'s dict; keys that are not init arguments are ignored."""
-        keys = ("base_channels", "depth", "fused_channels", "variant", "alpha", "superpixels", "n_superpixels", "beta")
+        keys = ("base_channels", "depth", "fused_channels", "variant", "alpha", "superpixels", "n_superpixels", "beta",
+                "smooth_logits")
         return cls(**{k: cfg[k] for k in keys if k in cfg})
 
     @property
@@ -360,9 +376,8 @@ class RefinerNet(nn.Module):
         """
         if superpixels and self.variant != "prototype":
             raise ValueError("superpixel weighting needs the prototype variant")
-        if self.variant == "baseline":
-            return self.classifier(fused)
-        return self._prototype_head(fused, soft, superpixels)
+        logits = self.classifier(fused) if self.variant == "baseline" else self._prototype_head(fused, soft, superpixels)
+        return smooth_quarter_logits(logits) if self.smooth_logits else logits
 
     def _prototype_head(self, fused: torch.Tensor, soft: torch.Tensor, use_sp: bool) -> torch.Tensor:
         # in float32 even under AMP: fp16 would flush EPS**2 to zero and give zero vectors NaN gradients

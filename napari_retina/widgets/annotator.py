@@ -22,7 +22,7 @@ import numpy as np
 from napari.layers import Image, Labels, Layer, Shapes
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import QObject, Qt, QTimer, Signal
+from qtpy.QtCore import QEvent, QObject, Qt, QTimer, Signal
 from qtpy.QtGui import QColor
 from qtpy.QtWidgets import (
     QButtonGroup,
@@ -93,14 +93,17 @@ class _CountsTable(QTableWidget):
         self.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.setSizePolicy(self.sizePolicy().horizontalPolicy(), QSizePolicy.Policy.Fixed)
         self.verticalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)  # rows as tall as the text
-        # napari's style sheet arrives when the dock is added: follow the row and header heights
-        self.verticalHeader().sectionResized.connect(lambda *_: self.updateGeometry())
-        self.horizontalHeader().geometriesChanged.connect(self.updateGeometry)
 
     def _rows_height(self) -> int:
         header = self.horizontalHeader()
         header_h = header.height() if header.isVisible() and header.height() > 0 else header.sizeHint().height()
         return header_h + self.verticalHeader().length() + 2 * self.frameWidth()
+
+    def changeEvent(self, event) -> None:
+        # napari's style sheet arrives when the dock is added: follow the new row and header heights
+        if event.type() in (QEvent.Type.StyleChange, QEvent.Type.FontChange):
+            self.updateGeometry()
+        super().changeEvent(event)
 
     def sizeHint(self):
         hint = super().sizeHint()
@@ -133,6 +136,7 @@ class LesionAnnotator(QWidget):
         self.project_writer: ProjectWriter | None = None  # used only from the writer thread
         self._project_started = False  # the first save of a new project writes every mask
         self._saved_ellipses: list[dict] | None = None
+        self._ellipses_dirty = False  # the Shapes layer changed since the last save (events say so)
         self._first_unsaved: float | None = None  # monotonic time of the oldest unsaved edit
         self._last_edit = 0.0
         self._summary_since: float | None = None  # masks changed since overlay/lesions.csv were written
@@ -419,6 +423,7 @@ class LesionAnnotator(QWidget):
         shapes = self.ellipses_layer
         if not getattr(shapes, "_retina_connected", False):
             shapes.events.data.connect(self._on_shapes_data)
+            shapes.events.features.connect(self._on_ellipses_edited)
             shapes._retina_connected = True
         info = shapes.metadata.get(META_KEY, {})
         self._extras = dict(info.get("extras", {}))
@@ -430,6 +435,7 @@ class LesionAnnotator(QWidget):
         # so browsing a read-only data set creates nothing
         op.annotation.record.take_changes()
         self._saved_ellipses = self._ellipse_dicts()
+        self._ellipses_dirty = False
         self._first_unsaved = self._summary_since = None
         self._project_started = op.from_project
         self.project_writer = ProjectWriter(
@@ -485,7 +491,12 @@ class LesionAnnotator(QWidget):
         layer.selected_label = lesion(self.current).label
         layer.mode = mode
 
+    def _on_ellipses_edited(self, event=None) -> None:
+        self._ellipses_dirty = True
+        self._edited()
+
     def _on_shapes_data(self, event) -> None:
+        self._on_ellipses_edited()
         action = str(getattr(event, "action", ""))
         if action in ("added", "ActionType.ADDED"):
             self._label_new_shapes()
@@ -677,15 +688,20 @@ class LesionAnnotator(QWidget):
         def compute():
             if mode == "green channel":
                 g = green_channel(rgb)
-                return np.repeat(g[..., None], 3, axis=2)
-            return enhance_contrast(rgb)
+                return rgb, np.repeat(g[..., None], 3, axis=2)
+            return rgb, enhance_contrast(rgb)
 
+        # bound methods, not lambdas: Qt drops the connection if the dock is gone when the worker ends
         worker = compute()
-        worker.returned.connect(lambda data: self._show_view(rgb, data))
-        worker.errored.connect(lambda e: show_error(f"display: {e}"))
+        worker.returned.connect(self._show_view)
+        worker.errored.connect(self._display_failed)
         worker.start()
 
-    def _show_view(self, rgb: np.ndarray, data: np.ndarray) -> None:
+    def _display_failed(self, exc) -> None:
+        show_error(f"display: {exc}")
+
+    def _show_view(self, result) -> None:
+        rgb, data = result
         layer = self.image_layer
         if layer is not None and self.opened is not None and self.opened.rgb is rgb:
             layer.data = data
@@ -696,14 +712,18 @@ class LesionAnnotator(QWidget):
 
         @thread_worker
         def compute():
-            return field_of_view_mask(rgb)
+            return rgb, field_of_view_mask(rgb)
 
         worker = compute()
-        worker.returned.connect(lambda fov: self._set_fov(rgb, fov))
-        worker.errored.connect(lambda e: show_error(f"field of view: {e}"))
+        worker.returned.connect(self._set_fov)
+        worker.errored.connect(self._fov_failed)
         worker.start()
 
-    def _set_fov(self, rgb: np.ndarray, fov: np.ndarray) -> None:
+    def _fov_failed(self, exc) -> None:
+        show_error(f"field of view: {exc}")
+
+    def _set_fov(self, result) -> None:
+        rgb, fov = result
         if self.opened is None or self.opened.rgb is not rgb:
             return  # the grader already moved on
         self.fov = fov
@@ -788,10 +808,10 @@ class LesionAnnotator(QWidget):
 
         @thread_worker
         def load():
-            return open_record(record, project_root=root, dataset=dataset)
+            return open_record(record, project_root=root, dataset=dataset), index
 
         worker = load()
-        worker.returned.connect(lambda opened: self._show_opened(opened, index))
+        worker.returned.connect(self._show_opened)
         worker.errored.connect(self._load_failed)
         worker.start()
 
@@ -821,8 +841,9 @@ class LesionAnnotator(QWidget):
         show_error(msg)
         self.status_label.setText(msg)
 
-    def _show_opened(self, opened: OpenedImage, index: int) -> None:
+    def _show_opened(self, result: tuple[OpenedImage, int]) -> None:
         """Replace the previous image's layers (its save is already queued)."""
+        opened, index = result
         try:
             for layer in list(self.viewer.layers):
                 if _role(layer) in ("image", "lesion", "ellipses", "fov"):
@@ -870,7 +891,7 @@ class LesionAnnotator(QWidget):
             return False
         if any(not f.done() for f in self._pending):
             return True
-        return self.opened.annotation.record.has_changes() or self._ellipse_dicts() != self._saved_ellipses
+        return self.opened.annotation.record.has_changes() or self._ellipses_dirty
 
     def autosave_tick(self) -> None:
         """Write what changed once a burst of edits pauses (or at the latest ~1.5 s after it began)."""
@@ -878,10 +899,9 @@ class LesionAnnotator(QWidget):
             return
         now = time.monotonic()
         try:
-            unsaved = self.opened.annotation.record.has_changes() or self._ellipse_dicts() != self._saved_ellipses
-            if unsaved:
+            if self.opened.annotation.record.has_changes() or self._ellipses_dirty:
                 if self._first_unsaved is None:
-                    self._first_unsaved = self._last_edit = now  # e.g. an ellipse edited in place
+                    self._first_unsaved = self._last_edit = now
                 if now - self._last_edit >= SAVE_WHEN_QUIET_S or now - self._first_unsaved >= SAVE_AT_LATEST_S:
                     self.save()
             elif self._summary_since is not None:
@@ -898,25 +918,29 @@ class LesionAnnotator(QWidget):
         op, writer = self.opened, self.project_writer
         if op is None or writer is None:
             return None
-        ellipses = self._ellipse_file()
-        dicts = [e.to_dict() for e in ellipses.ellipses]
-        snap = op.annotation.snapshot(
-            ellipses=ellipses if dicts != self._saved_ellipses or not self._project_started else None,
-            all_lesions=not self._project_started,
-        )
-        self._project_started = True
-        self._saved_ellipses = dicts
+        ellipses = None
+        if self._ellipses_dirty or not self._project_started or self._saved_ellipses is None:
+            ellipses = self._ellipse_file()
+            dicts = [e.to_dict() for e in ellipses.ellipses]
+            if dicts == self._saved_ellipses and self._project_started:
+                ellipses = None  # e.g. a shape selected, nothing moved
+            self._saved_ellipses, self._ellipses_dirty = dicts, False
+        snap = op.annotation.snapshot(ellipses=ellipses, all_lesions=not self._project_started)
         self._first_unsaved = None
+        if not snap.has_content() and not summary and self._project_started:
+            return None  # e.g. a shape selected: nothing to write
+        self._project_started = True
         if snap.masks:
             self._summary_since = self._summary_since or time.monotonic()
         if summary:
             self._summary_since, self._last_summary = None, time.monotonic()
         grader = self._grader()
         project_dir = op.project_dir
+        counts = not self.refinement.busy  # recounting lesions can wait while the model has the CPU
 
         def write():
             try:
-                rows = writer.write(snap, summary=summary, grader=grader)
+                rows = writer.write(snap, summary=summary, grader=grader, counts=counts)
                 self._signals.done.emit((project_dir, rows, None, snap))
             except RetinaInputError as e:
                 self._signals.done.emit((project_dir, None, str(e), snap))
@@ -949,7 +973,7 @@ class LesionAnnotator(QWidget):
         ann = self.opened.annotation
         ann.record.give_back(snap.changes)
         ann.legacy_sources = ann.legacy_sources or snap.drop_legacy_sources
-        self._saved_ellipses = None
+        self._saved_ellipses, self._ellipses_dirty = None, True
         self._project_started = self._project_started and self.opened.from_project
         self._first_unsaved = self._first_unsaved or time.monotonic()
 
@@ -983,7 +1007,7 @@ class LesionAnnotator(QWidget):
         if op is not None:
             op.project_dir = self.project_root / f"{op.record.image.stem}.retina"
             op.from_project = False
-            self._saved_ellipses = None
+            self._saved_ellipses, self._ellipses_dirty = None, True
             self._project_started = False  # a new folder gets every file
             self.project_writer = ProjectWriter(
                 op.project_dir, op.record.image, op.rgb, op.annotation.masks, grader=self._grader()

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-superpixels", choices=("on", "off"), default="on",
                    help="prototype variant: train with the superpixel-guided weighting (paper 2.2; about 15%% slower "
                         "per step on a CPU) or without it; both forms are validated at export either way")
+    p.add_argument("--smooth-logits", choices=("on", "off"), default="on",
+                   help="3x3 binomial filter on the 1/4-scale logits: removes the period-2 grid the stride-2 decoder "
+                        "leaves where the probability hovers near the threshold (default on)")
     p.add_argument("--grad-clip", type=float, default=1.0,
                    help="clip the gradient norm (the prototype head's alpha = 20 makes early gradients spiky); 0: off")
     p.add_argument("--samples-per-epoch", type=int, default=2000, help="training patches per epoch")
@@ -380,6 +383,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
     net = RefinerNet(
         base_channels=a.base_channels, variant=a.variant,
         superpixels=a.variant == "prototype" and a.train_superpixels == "on",
+        smooth_logits=a.smooth_logits == "on",
     )
     if a.init:
         try:

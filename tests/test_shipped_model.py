@@ -43,6 +43,7 @@ def test_traced_inference_equals_the_network_for_any_batch_and_thin_ellipses():
     import torch
 
     refiner = EllipseRefiner()
+    refiner.batch_size = 2  # three ellipses: one full batch and one single
     rgb = fundus_rgb(5)
     # a thin ellipse too: its 1/4-scale coarse mask needs the "any coverage" fallback of the pooling
     ellipses = [
@@ -55,5 +56,5 @@ def test_traced_inference_equals_the_network_for_any_batch_and_thin_ellipses():
         _, imgs, masks = refiner._batch(rgb, batch)
         with torch.inference_mode():
             eager = refiner.net.predict_proba(torch.from_numpy(imgs), torch.from_numpy(masks), superpixels=False)
-        np.testing.assert_allclose(traced, eager[:, 0].numpy(), atol=1e-5)
-    assert sorted(refiner._traces) == [("forward", 1), ("forward", 3)]
+        np.testing.assert_allclose(traced, eager[:, 0].numpy(), atol=5e-5)  # batch norms folded into the convolutions round differently
+    assert sorted(refiner._traces) == [("forward", 1), ("forward", 2)]  # only ever these two

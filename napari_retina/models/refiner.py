@@ -132,13 +132,36 @@ class EllipseRefiner:
             module = PlainRefinerForward(self.net) if kind == "forward" else RefinerFeatures(self.net)
             with warnings.catch_warnings(), torch.inference_mode():
                 warnings.simplefilter("ignore")  # the shape checks become constants: the patch size is fixed
-                self._traces[key] = torch.jit.trace(module, example, check_trace=False)
+                traced = torch.jit.trace(module.eval(), example, check_trace=False)
+                if self.device.type == "cpu":
+                    # batch norms folded into the convolutions, oneDNN kernels: about 25% faster per window on a CPU
+                    traced = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+                self._traces[key] = traced
         return self._traces[key]
 
+    def _run_traced(self, kind: str, img, mask):
+        """The traced `kind` over a batch of any length, as full batches of `batch_size` and singles.
+
+        Only two traces per kind ever exist (tracing and freezing one costs about half a second):
+        a burst of three ellipses or a five-window ellipse never stalls on a new trace.
+        """
+        import torch
+
+        n, full = img.shape[0], self.batch_size
+        outs = []
+        for i in range(0, n - n % full, full):
+            outs.append(self._traced(kind, full)(img[i : i + full], mask[i : i + full]))
+        for i in range(n - n % full, n):
+            outs.append(self._traced(kind, 1)(img[i : i + 1], mask[i : i + 1]))
+        if kind == "forward":
+            return torch.cat(outs)
+        return tuple(torch.cat([o[j] for o in outs]) for j in range(len(outs[0])))
+
     def warm_up(self) -> None:
-        """Trace the one-ellipse network now (in a loader thread), not when the first ellipse is drawn."""
+        """Trace what one drawn ellipse needs now (in a loader thread), not when the grader draws it."""
         if not self.superpixels:
             self._traced("forward", 1)
+            self._traced("features", 1)  # the windows of a large ellipse
 
     @property
     def description(self) -> dict:
@@ -172,7 +195,7 @@ class EllipseRefiner:
                 if sp:  # maskSLIC runs in Python (scikit-image) between the network's two halves
                     p = self.net.predict_proba(img_t, mask_t, superpixels=True)
                 else:
-                    p = torch.sigmoid(self._traced("forward", len(chunk))(img_t, mask_t))
+                    p = torch.sigmoid(self._run_traced("forward", img_t, mask_t))
             mats_all.extend(mats)
             probs_all.append(p[:, 0].float().cpu().numpy())
         if not probs_all:
@@ -211,7 +234,7 @@ class EllipseRefiner:
                 masks = np.stack([grid_mask[:, y : y + th, x : x + tw] for y, x in chunk])
                 img_t, mask_t = torch.from_numpy(imgs).to(self.device), torch.from_numpy(masks).to(self.device)
                 if traced:
-                    fused, _ = self._traced("features", len(chunk))(img_t, mask_t)
+                    fused, _ = self._run_traced("features", img_t, mask_t)
                 else:
                     fused, _ = self.net.features(img_t, mask_t)
                 fused = fused.float().cpu().numpy()

@@ -141,6 +141,8 @@ def run_once(a) -> dict:
                 app.processEvents()
                 ticks.append((time.perf_counter() - t0) * 1000)
             n_at_tick = len(widget.opened.annotation.record.find(model="refiner"))
+    import torch
+
     lat, big = np.array(latencies), np.array(semi_major) > LARGE_PX
     widget.flush()
     widget._timer.stop()
@@ -155,6 +157,7 @@ def run_once(a) -> dict:
         "slider_tick_ms": round(float(np.median(ticks)), 1) if ticks else None,
         "ellipses_at_tick": n_at_tick if ticks else None,
         "superpixels": bool(widget.refinement.superpixels),
+        "torch_threads": torch.get_num_threads(),  # what the annotator's model runs with
         "model": widget.refinement.refiner.description,
     }
 
@@ -193,11 +196,10 @@ def main() -> int:
             f"slider tick {r['slider_tick_ms']} ms with {r['ellipses_at_tick']} ellipses",
             flush=True,
         )
-    import torch
-
     result = {
         "runs": runs,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"the annotator's model on {runs[0]['torch_threads']} torch thread(s)",
         "command": "xvfb-run -a -s \"-screen 0 1600x1000x24\" .venv/bin/python benchmarks/refine_latency.py " + " ".join(sys.argv[1:]),
     }
     ok = all(

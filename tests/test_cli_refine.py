@@ -22,7 +22,7 @@ from napari_retina.nets.refiner import RefinerNet
 def _model(folder, variant="prototype", val=None):
     torch.manual_seed(0)
     net = RefinerNet(base_channels=4, fused_channels=8, variant=variant)
-    cfg = {"net": net.config(), "geometry": {"size": 64}, "threshold": 0.5, "version": f"test-{variant}"}
+    cfg = {"model": "refiner", "net": net.config(), "geometry": {"size": 64}, "threshold": 0.5, "version": f"test-{variant}"}
     if val is not None:
         cfg["validation_images"] = val
     return write_model_folder(folder, net.state_dict(), cfg, "test {sha256}")

@@ -19,7 +19,7 @@ def model_dir(tmp_path_factory):
     torch.manual_seed(0)
     net = RefinerNet(base_channels=8, fused_channels=16)
     folder = tmp_path_factory.mktemp("model")
-    cfg = {"net": net.config(), "geometry": {"size": 128}, "threshold": 0.5, "version": "test-0"}
+    cfg = {"model": "refiner", "net": net.config(), "geometry": {"size": 128}, "threshold": 0.5, "version": "test-0"}
     return write_model_folder(folder, net.state_dict(), cfg, "test model {sha256}")
 
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..io.ellipses import Ellipse, rasterize_ellipse
 from ..io.errors import RetinaInputError
-from .folder import load_state_dict, read_config
+from .folder import load_state_dict
 from .patches import (
     PatchGeometry,
     blend_weights,
@@ -49,7 +49,9 @@ DEFAULT_THRESHOLD = 0.5
 
 
 def default_model_dir() -> Path:
-    return Path(__file__).resolve().parent / "weights" / "refiner"
+    from .registry import shipped_model_dir
+
+    return shipped_model_dir("refiner")
 
 
 def normalise_patch(patch: np.ndarray, mean: float = NORM_MEAN, scale: float = NORM_SCALE) -> np.ndarray:
@@ -73,10 +75,23 @@ class EllipseRefiner:
     """The refinement model of a model folder, ready to refine ellipses on CPU or GPU."""
 
     def __init__(self, model_dir: str | Path | None = None, device: str = "cpu", superpixels: bool | None = None):
+        from .registry import check_model_folder
+
+        model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
+        # through the registry's checks: a refiner folder, weights with the checksum it records
+        self._load(model_dir, check_model_folder(model_dir, expect="refiner"), device, superpixels)
+
+    @classmethod
+    def from_folder(cls, model_dir: Path, config: dict, device: str = "cpu", superpixels: bool | None = None):
+        """The registry's entry point: `config` is the checked config.json of `model_dir`."""
+        self = cls.__new__(cls)
+        self._load(Path(model_dir), config, device, superpixels)
+        return self
+
+    def _load(self, model_dir: Path, config: dict, device: str, superpixels: bool | None) -> None:
         from ..nets.refiner import RefinerNet
 
-        self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
-        config = read_config(self.model_dir)
+        self.model_dir = model_dir
         try:
             net = RefinerNet.from_config(config["net"])
             net.load_state_dict(load_state_dict(self.model_dir), strict=True)

@@ -339,7 +339,8 @@ def finish_model(out: Path, info: dict, val_images, device) -> dict | None:
 def run(a: argparse.Namespace, argv: list[str]) -> int:
     import torch
 
-    from napari_retina.models.folder import load_state_dict, read_config
+    from napari_retina.models.folder import load_state_dict
+    from napari_retina.models.registry import check_model_folder
     from napari_retina.models.patches import PatchGeometry
     from napari_retina.nets.refiner import RefinerNet
     from training.losses import bce_dice_loss
@@ -352,7 +353,8 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
     records = gather_records(a.data)
     split_file = run_dir / "split.json"
     val_names = a.val_images
-    parent_config = read_config(Path(a.init)) if a.init else None
+    # through the registry's checks: a refiner folder whose weights match their checksum
+    parent_config = check_model_folder(Path(a.init), expect="refiner") if a.init else None
     if a.resume and split_file.is_file() and not val_names:
         val_names = json.loads(split_file.read_text())["val"]  # a resumed run keeps its split
     elif parent_config and not val_names and parent_config.get("validation_images"):

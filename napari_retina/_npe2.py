@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io.datasets import ImageRecord, open_dataset, parse_mask_name
+from .io.datasets import ImageRecord, open_dataset, parse_mask_name, parse_prob_name
 from .io.errors import RetinaInputError
 from .io.images import IMAGE_EXTENSIONS, is_image_path
 from .io.masks import MASK_EXTENSIONS, read_mask, write_mask
@@ -58,6 +58,8 @@ def get_reader(path):
         return None
     if parse_mask_name(pp.name) is not None and pp.suffix.lower() in MASK_EXTENSIONS:
         return _mask_reader
+    if parse_prob_name(pp.name) is not None:
+        return _prob_reader
     return _image_reader
 
 
@@ -118,6 +120,28 @@ def _mask_reader(path):
     data = mask.astype(np.uint8) * np.uint8(les.label)
     meta = {META_KEY: {"role": "mask", "lesion": code, "image": None}}
     return [(data, {"name": f"{stem} {les.layer_name}", "colormap": labels_colormap(code), "metadata": meta}, "labels")]
+
+
+def _prob_reader(path):
+    """A segmenter's probability map (`<stem>_<LESION>_prob.tif`, uint8 0-255): a translucent overlay."""
+    from PIL import Image
+
+    p = Path(_single_path(path))
+    stem, code = parse_prob_name(p.name)
+    try:
+        with Image.open(p) as im:
+            data = np.asarray(im)
+    except (OSError, ValueError) as e:
+        notify_error(f"{p}: not a readable probability map ({e})")
+        return NULL_LAYER
+    if data.ndim != 2:
+        notify_error(f"{p}: a probability map has one channel, this file has shape {data.shape}")
+        return NULL_LAYER
+    les = lesion(code)
+    meta = {META_KEY: {"role": "probability", "lesion": code, "image": None}}
+    kw = {"name": f"{stem} {les.code} probability", "colormap": "magma", "contrast_limits": (0, 255),
+          "opacity": 0.6, "blending": "additive", "metadata": meta}
+    return [(data, kw, "image")]
 
 
 def write_labels(path: str, data, meta: dict) -> list[str]:

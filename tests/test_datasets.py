@@ -1,6 +1,7 @@
+import numpy as np
 from pathlib import Path
 
-from napari_retina.io.datasets import is_project_folder, open_dataset, parse_mask_name
+from napari_retina.io.datasets import is_project_folder, open_dataset, parse_mask_name, parse_prob_name
 
 
 def test_parse_mask_name():
@@ -8,6 +9,19 @@ def test_parse_mask_name():
     assert parse_mask_name("img_7_ma.TIFF") == ("img_7", "MA")
     assert parse_mask_name("IDRiD_01.jpg") is None
     assert parse_mask_name("IDRiD_01_XX.tif") is None
+
+
+def test_probability_maps_are_never_listed_as_fundus_images(flat_folder):
+    from PIL import Image
+
+    assert parse_prob_name("IDRiD_01_EX_prob.tif") == ("IDRiD_01", "EX")
+    assert parse_prob_name("IDRiD_01_EX.tif") is None and parse_mask_name("IDRiD_01_EX_prob.tif") is None
+    # what `segment --out` writes beside the images of a folder
+    for name in ("IDRiD_01_EX_prob.tif", "IDRiD_02_MA_prob.tif", "IDRiD_02_EX_prob.png"):
+        Image.fromarray(np.full((40, 50), 128, np.uint8)).save(flat_folder / name)
+    ds = open_dataset(flat_folder)
+    assert [r.image.name for r in ds.records] == ["IDRiD_01.jpg", "IDRiD_02.jpg"]
+    assert set(ds.records[0].masks) == {"EX", "HE"}
 
 
 def test_official_layout_lists_both_splits_with_their_masks(idrid_folder):

@@ -111,6 +111,18 @@ def test_a_mask_file_opens_as_labels(tmp_path, notes):
     np.testing.assert_array_equal(data != 0, m)
 
 
+def test_a_probability_map_opens_as_an_overlay_not_as_a_fundus_image(tmp_path, notes):
+    prob = np.arange(60 * 80, dtype=np.uint32).reshape(60, 80) % 256
+    Image.fromarray(prob.astype(np.uint8)).save(tmp_path / "eye_EX_prob.tif")
+    [(data, kw, kind)] = _read(tmp_path / "eye_EX_prob.tif")
+    assert kind == "image" and kw["name"] == "eye EX probability" and kw["contrast_limits"] == (0, 255)
+    np.testing.assert_array_equal(data, prob)
+    Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(tmp_path / "eye_MA_prob.png")
+    assert _read(tmp_path / "eye_MA_prob.png") == _npe2.NULL_LAYER
+    assert len(notes) == 1 and "eye_MA_prob.png" in notes[0] and "one channel" in notes[0]
+    assert notes == [n for n in notes if "\n" not in n]
+
+
 @pytest.mark.parametrize("ext", [".tif", ".png"])
 def test_writer_saves_a_labels_layer_as_a_binary_mask(tmp_path, ext):
     data = np.zeros((40, 50), np.uint8)

@@ -24,6 +24,12 @@ _MASK_NAME = re.compile(
 )
 
 
+# a segmenter's probability map (uint8 0-255) written beside its mask: never a fundus image
+_PROB_NAME = re.compile(
+    r"^(?P<stem>.+)_(?P<code>" + "|".join(LESION_CODES) + r")_prob\.(tif|tiff|png)$", re.IGNORECASE
+)
+
+
 @dataclass
 class ImageRecord:
     """One fundus image of a data set and where its lesion masks are."""
@@ -73,6 +79,14 @@ def parse_mask_name(name: str) -> tuple[str, str] | None:
     return m.group("stem"), m.group("code").upper()
 
 
+def parse_prob_name(name: str) -> tuple[str, str] | None:
+    """("IDRiD_01", "EX") for "IDRiD_01_EX_prob.tif" (a segmenter's probability map), else None."""
+    m = _PROB_NAME.match(name)
+    if m is None:
+        return None
+    return m.group("stem"), m.group("code").upper()
+
+
 def _natural_key(p: Path):
     # IDRiD_2 before IDRiD_10 when a folder does not zero-pad its numbers
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", p.name)]
@@ -87,6 +101,7 @@ def _images_in(folder: Path) -> list[Path]:
             and p.suffix.lower() in IMAGE_EXTENSIONS
             and not p.name.startswith(".")
             and parse_mask_name(p.name) is None
+            and parse_prob_name(p.name) is None
             and not p.name.startswith("overlay")
         ),
         key=_natural_key,

@@ -115,3 +115,107 @@ def test_shape_mismatch_is_an_error():
 
 def test_non_bool_input_counts_non_zero_as_lesion():
     assert iou(A.astype(np.uint8) * 255, B.astype(np.uint8)) == pytest.approx(4 / 28)
+
+
+# ---- pixel-level precision-recall and lesion-level detection --------------------------------------
+
+
+def test_aupr_from_histograms_equals_average_precision_on_quantised_maps():
+    from sklearn.metrics import average_precision_score
+
+    from napari_retina.metrics import PixelPR
+
+    rng = np.random.default_rng(0)
+    acc, probs, gts = PixelPR(), [], []
+    for _ in range(3):  # pooled over images, as the challenge does
+        gt = rng.random((40, 50)) < 0.1
+        prob = np.clip(0.35 * gt + rng.random((40, 50)) * 0.7, 0, 1)
+        q = (prob * 255).round().astype(np.uint8)  # what a _prob.tif stores
+        acc.add(q, gt)
+        probs.append(q.ravel()), gts.append(gt.ravel())
+    want = average_precision_score(np.concatenate(gts), np.concatenate(probs))
+    assert acc.aupr() == pytest.approx(want, abs=1e-12)
+    assert acc.images == 3
+
+
+def test_pixel_figures_at_a_threshold_by_hand():
+    from napari_retina.metrics import PixelPR
+
+    prob = np.array([[0.9, 0.8, 0.2, 0.6], [0.1, 0.7, 0.4, 0.0]])
+    gt = np.array([[1, 1, 1, 0], [0, 0, 1, 0]], bool)
+    acc = PixelPR()
+    acc.add(prob, gt)
+    f = acc.at_threshold(0.5)  # predicted: 0.9 0.8 0.6 0.7 -> tp 2, fp 2, fn 2, tn 2
+    assert (f["precision"], f["recall"], f["specificity"]) == (0.5, 0.5, 0.5)
+    assert f["f1"] == pytest.approx(0.5) and f["iou"] == pytest.approx(2 / 6) and f["sensitivity"] == f["recall"]
+    # only the field of view counts
+    region = np.ones_like(gt)
+    region[:, 3] = False
+    acc2 = PixelPR()
+    acc2.add(prob, gt, region=region)
+    assert acc2.at_threshold(0.5)["precision"] == pytest.approx(2 / 3)
+
+
+def test_aupr_is_one_for_a_perfect_map_and_nan_without_lesions():
+    from napari_retina.metrics import PixelPR
+
+    gt = np.zeros((10, 10), bool)
+    gt[2:4, 2:5] = True
+    acc = PixelPR()
+    acc.add(gt.astype(np.float32) * 0.9, gt)
+    assert acc.aupr() == pytest.approx(1.0)
+    empty = PixelPR()
+    empty.add(np.full((5, 5), 0.3), np.zeros((5, 5), bool))
+    assert np.isnan(empty.aupr())
+
+
+def test_lesions_touch_with_eight_connectivity():
+    from napari_retina.metrics import lesion_counts
+
+    gt = np.zeros((12, 12), bool)
+    gt[1:3, 1:3] = True  # lesion A
+    gt[8, 8] = True  # lesion B
+    gt[9, 9] = True  # diagonal neighbour: the same lesion B under 8-connectivity
+    pred = np.zeros_like(gt)
+    pred[2:5, 2:5] = True  # overlaps A by one pixel
+    pred[0, 10] = True  # touches nothing
+    assert lesion_counts(pred, gt) == (1, 1, 1, 2)
+    pred[9, 9] = True
+    assert lesion_counts(pred, gt) == (2, 1, 2, 2)
+
+
+def test_lesion_summary_pools_and_averages_per_image():
+    from napari_retina.metrics import summarise_lesion_counts
+
+    s = summarise_lesion_counts([(3, 1, 2, 4), (0, 2, 0, 1)])
+    assert s["lesion_precision"] == pytest.approx(3 / 6)
+    assert s["lesion_sensitivity"] == pytest.approx(2 / 5)
+    assert s["fp_per_image"] == pytest.approx(1.5)
+    assert s["lesion_precision_per_image"] == pytest.approx((0.75 + 0.0) / 2)
+    assert s["lesion_sensitivity_per_image"] == pytest.approx((0.5 + 0.0) / 2)
+
+
+def test_froc_by_hand():
+    from napari_retina.metrics import LesionFROC
+
+    froc = LesionFROC(candidate_threshold=0.1)
+    # image 1: two lesions; candidates: 0.9 on lesion 1, 0.8 elsewhere (FP), 0.3 on lesion 2
+    gt1 = np.zeros((20, 20), bool)
+    gt1[2:4, 2:4] = gt1[10:12, 10:12] = True
+    p1 = np.zeros((20, 20), np.float32)
+    p1[2:4, 2:4], p1[15:17, 2:4], p1[10:12, 10:12] = 0.9, 0.8, 0.3
+    # image 2: one lesion, candidate 0.5 on it, 0.6 elsewhere (FP)
+    gt2 = np.zeros((20, 20), bool)
+    gt2[5:7, 5:7] = True
+    p2 = np.zeros((20, 20), np.float32)
+    p2[5:7, 5:7], p2[15:18, 15:18] = 0.5, 0.6
+    froc.add(p1, gt1)
+    froc.add(p2, gt2)
+    th, fps, sens = froc.curve()
+    # score order 0.9 (TP), 0.8 (FP), 0.6 (FP), 0.5 (TP), 0.3 (TP)
+    np.testing.assert_allclose(th, [0.9, 0.8, 0.6, 0.5, 0.3])
+    np.testing.assert_allclose(fps, [0, 0.5, 1.0, 1.0, 1.0])
+    np.testing.assert_allclose(sens, [1 / 3, 1 / 3, 1 / 3, 2 / 3, 1.0])
+    pts = froc.points()
+    assert pts["0.125"] == pytest.approx(1 / 3) and pts["0.5"] == pytest.approx(1 / 3) and pts["1"] == pytest.approx(1.0)
+    assert froc.score() == pytest.approx((1 / 3 * 3 + 1.0 * 4) / 7)

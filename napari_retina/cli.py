@@ -15,7 +15,7 @@ from pathlib import Path
 from . import __version__
 from .io.errors import RetinaInputError
 
-SUBCOMMANDS = ("open", "refine", "evaluate")
+SUBCOMMANDS = ("open", "refine", "segment", "evaluate")
 EXIT_USAGE = 2
 
 
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="A bare PATH means `open PATH`; no arguments open the IDRiD sample.",
     )
     p.add_argument("--version", action="version", version=f"napari-retina {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{open,refine,evaluate}")
+    sub = p.add_subparsers(dest="command", metavar="{open,refine,segment,evaluate}")
     o = sub.add_parser(
         "open",
         help="open a fundus image, an IDRiD-layout folder or an annotation project in napari",
@@ -55,8 +55,43 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", metavar="DIR", help="refiner model folder (default: the shipped one)")
     r.add_argument("--threshold", type=float, help="probability threshold (default: the model's)")
     r.add_argument("--superpixels", choices=("on", "off"), help="superpixel-guided prototype weighting (default: the model's)")
+    s = sub.add_parser(
+        "segment",
+        help="find a lesion in whole images (writes <stem>_<LESION>.tif and _prob.tif, or pre-annotates projects)",
+        description=(
+            "Run a lesion segmenter over fundus images or folders. With --out: DIR/<stem>_<LESION>.tif "
+            "(binary, 1-bit palette) and DIR/<stem>_<LESION>_prob.tif (uint8 0-255). With --into-projects: "
+            "the candidates go into each image's annotation project as model proposals, never over the "
+            "grader's own pixels."
+        ),
+    )
+    s.add_argument("paths", nargs="+", metavar="IMAGE_OR_FOLDER", help="fundus images or folders of them")
+    s.add_argument("--lesion", required=True, type=str.upper, choices=("EX",), help="lesion to find")
+    where = s.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", metavar="DIR", help="write masks and probability maps here (created)")
+    where.add_argument("--into-projects", action="store_true", help="pre-annotate each image's annotation project")
+    s.add_argument("--project-root", metavar="DIR", help="with --into-projects: projects under DIR, not beside the images")
+    s.add_argument("--model", metavar="DIR", help="segmentation model folder (default: the shipped one)")
+    s.add_argument("--threshold", type=float, help="probability threshold of the mask (default: the model's)")
+    s.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     e = sub.add_parser("evaluate", help="score a model on an IDRiD-layout folder (prints JSON)")
-    esub = e.add_subparsers(dest="what", metavar="{refine}")
+    esub = e.add_subparsers(dest="what", metavar="{refine,ex}")
+    ee = esub.add_parser(
+        "ex",
+        help="hard-exudate segmenter: pixel AUPR (pooled, IDRiD challenge), figures at the threshold, FROC",
+        description=(
+            "Segment every image of DIR's split and print JSON: aupr (pixel level, pooled over the split's "
+            "field-of-view pixels), precision, recall, f1, iou, sensitivity, specificity at the model's "
+            "threshold (pooled, and averaged per image), lesion-level figures and FROC points "
+            "(8-connectivity, a predicted lesion counts when it touches a ground-truth lesion), seconds per image."
+        ),
+    )
+    ee.add_argument("--data", required=True, metavar="DIR", help="IDRiD-layout (official or flat) or project folder")
+    ee.add_argument("--model", metavar="DIR", help="segmentation model folder (default: the shipped one)")
+    ee.add_argument("--split", choices=("val", "all"), default="all", help="val: only the model card's validation images")
+    ee.add_argument("--limit", type=int, help="only the first N images")
+    ee.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    ee.add_argument("--out", metavar="FILE.json", help="also write the JSON here")
     er = esub.add_parser(
         "refine",
         help="coarse ellipse refinement: image-level IoU per lesion (paper Table 1, Fig. 3), IoU by ellipse size, latency",
@@ -189,11 +224,74 @@ def _parse_reductions(values: list[str] | None) -> list[float]:
     return out
 
 
+def _image_records(paths: list[str]) -> list:
+    """The images named or held by folders, in order; a path that holds none is an error."""
+    from .io.datasets import open_dataset, parse_prob_name
+    from .io.images import is_image_path
+
+    records = []
+    for raw in paths:
+        p = Path(raw).expanduser()
+        if p.is_dir():
+            ds = open_dataset(p)
+            if ds is None:
+                raise CliError(f"{p}: no fundus images found")
+            records.extend(ds.records)
+        elif p.is_file() and is_image_path(p) and parse_prob_name(p.name) is None:
+            from ._npe2 import _record_for_image
+
+            records.append(_record_for_image(p))
+        elif not p.exists():
+            raise CliError(f"{p}: no such file or folder")
+        else:
+            raise CliError(f"{p}: not a fundus image (expected .jpg .jpeg .png .tif .tiff)")
+    return records
+
+
+def cmd_segment(args) -> int:
+    from .io.images import read_fundus
+    from .segmentation import load_segmenter, segment_into_project, write_outputs
+
+    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
+        raise CliError(f"--threshold must lie between 0 and 1, not {args.threshold}")
+    records = _image_records(args.paths)
+    segmenter = load_segmenter(args.lesion, args.model, device=args.device)
+    if args.threshold is not None:
+        segmenter.threshold = args.threshold
+    out = None
+    if args.out:
+        out = Path(args.out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CliError(f"cannot create {out}: {e.strerror or e}") from None
+    failed = 0
+    for k, rec in enumerate(records, 1):
+        try:
+            if out is not None:
+                seg = segmenter.segment(read_fundus(rec.image))
+                mask_path, _ = write_outputs(out, rec.stem, seg)
+                line = f"{mask_path.name} {int(seg.mask.sum())} px, {seg.seconds:.1f} s"
+            else:
+                summary = segment_into_project(rec, segmenter, project_root=args.project_root)
+                line = f"{summary['project']}: {summary['proposed_px']} px proposed, {summary['seconds']:.1f} s"
+            print(f"[{k}/{len(records)}] {rec.image.name}: {line}", file=sys.stderr, flush=True)
+        except (RetinaInputError, OSError) as e:  # one bad image costs only itself
+            failed += 1
+            print(f"[{k}/{len(records)}] {rec.image.name}: error: {e}", file=sys.stderr, flush=True)
+    if failed:
+        print(f"napari-retina: error: {failed} of {len(records)} images failed", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     import json
 
+    if args.what == "ex":
+        return _evaluate_segmenter(args, "EX")
     if args.what != "refine":
-        raise CliError("evaluate what? available: refine")
+        raise CliError("evaluate what? available: refine, ex")
     from .evaluation import evaluate_refine
 
     data = Path(args.data)
@@ -222,6 +320,28 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _evaluate_segmenter(args, lesion: str) -> int:
+    import json
+
+    from .segmentation import evaluate_segmenter, load_segmenter
+
+    data = Path(args.data)
+    if not data.is_dir():
+        raise CliError(f"{data}: not a folder")
+    segmenter = load_segmenter(lesion, args.model, device=args.device)
+    result = evaluate_segmenter(
+        data, segmenter, split=args.split, limit=args.limit,
+        progress=lambda k, n, stem: print(f"[{k}/{n}] {stem}", file=sys.stderr, flush=True),
+    )
+    text = json.dumps(result, indent=2)
+    if args.out:
+        from .io.atomic import atomic_write_text
+
+        atomic_write_text(args.out, text + "\n")
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(_normalise_argv(argv))
@@ -230,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_open(args)
         if args.command == "refine":
             return cmd_refine(args)
+        if args.command == "segment":
+            return cmd_segment(args)
         if args.command == "evaluate":
             return cmd_evaluate(args)
         build_parser().print_help()

@@ -128,11 +128,17 @@ PR_BINS = 256  # probability maps are stored as uint8 0-255: one bin per stored 
 
 
 def _prob_to_bins(prob, bins: int) -> np.ndarray:
+    """Levels 0 .. bins-1 of a map: round(p * (bins - 1)), i.e. the uint8 a `_prob.tif` stores."""
     p = np.asarray(prob)
     if p.dtype == np.uint8 and bins == 256:
         return p
     p = np.clip(np.asarray(p, dtype=np.float64), 0.0, 1.0)
-    return np.minimum((p * bins).astype(np.int64), bins - 1)
+    return np.round(p * (bins - 1)).astype(np.int64)
+
+
+def level_threshold(threshold: float, bins: int = PR_BINS) -> int:
+    """The lowest stored level (0 .. bins-1) that is lesion at probability `threshold`."""
+    return int(min(bins, max(0, math.ceil(threshold * (bins - 1) - 1e-9))))
 
 
 class PixelPR:
@@ -141,8 +147,8 @@ class PixelPR:
     The IDRiD challenge scores segmentation by the area under the pixel-level precision-recall
     curve pooled over every pixel of the test split (about 300 million for 54 images): a
     sort is out of the question, so each image adds to a histogram of the probabilities of its
-    lesion and background pixels (`bins` = 256: the uint8 levels a probability map is stored
-    in; floats in [0, 1] fall into bin floor(p * bins)). Threshold k keeps bins >= k.
+    lesion and background pixels (`bins` = 256: the uint8 levels round(255 p) a probability
+    map is stored in; floats are binned the same way). Threshold k keeps levels >= k.
     `region` (e.g. the field of view) restricts which pixels count.
     """
 
@@ -170,8 +176,10 @@ class PixelPR:
         return tp, fp, int(self.pos.sum()) - tp, int(self.neg.sum()) - fp
 
     def bin_of(self, threshold: float) -> int:
-        """The first bin a probability >= `threshold` can fall into (threshold 0.5 -> bin 128 of 256)."""
-        return int(min(self.bins, max(0, math.ceil(threshold * self.bins - 1e-9))))
+        """The lowest level counted as lesion at `threshold`: ceil(t (bins - 1)); 0.5 -> 128 of 0..255.
+
+        The one rule by which a stored map and its mask agree (`level_threshold`)."""
+        return level_threshold(threshold, self.bins)
 
     def curve(self) -> tuple[np.ndarray, np.ndarray]:
         """(precision, recall) at thresholds k = bins-1 ... 0 (recall rising); empty bins merged."""

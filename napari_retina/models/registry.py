@@ -27,6 +27,7 @@ from .folder import CARD, CONFIG, MAX_WEIGHTS_BYTES, WEIGHTS, read_config, sha25
 # model name in config.json -> "module:Class" whose `from_folder(folder, config, device=..., **kw)` loads it
 KINDS: dict[str, str] = {
     "refiner": "napari_retina.models.refiner:EllipseRefiner",
+    "exudates": "napari_retina.models.segmenter:LesionSegmenter",
 }
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "weights"

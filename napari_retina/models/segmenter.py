@@ -1,0 +1,174 @@
+"""Whole-image lesion segmentation (hard exudates first): a model folder -> a probability map.
+
+`LesionSegmenter` loads a segmentation model folder through the registry and turns a
+fundus photograph into a full-size lesion probability map:
+
+1. the field of view is found (fundus.field_of_view_mask) unless given;
+2. the image is resized to the model's working scale (`input_scale` in config.json: the
+   network was trained there, and it decides speed: half scale is a quarter of the pixels)
+   and standardised per channel over the field of view (`network_input`, the one function
+   training uses too, so a model never sees inputs prepared differently);
+3. the network runs window by window over the field of view only (models.tiling: blended
+   overlaps, progress per batch of tiles, cancellable between tiles);
+4. the map is resized back to full resolution and is 0 outside the field of view.
+
+`segment` adds the binary mask at the model's threshold and the uint8 map (0-255) that
+`napari-retina segment` writes as `<stem>_<LESION>_prob.tif`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import cv2
+import numpy as np
+
+from ..io.errors import RetinaInputError
+
+DEFAULT_TILE = 512  # network pixels per window side
+DEFAULT_OVERLAP = 128  # network pixels shared by neighbouring windows
+
+
+def network_input(rgb: np.ndarray, fov: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 (3, h, w) standardised image, bool (h, w) field of view) at `scale` of the full size.
+
+    Each channel is standardised with the mean and standard deviation of its field-of-view
+    pixels (fundus photographs differ widely in exposure and colour); outside it is 0.
+    """
+    h, w = rgb.shape[:2]
+    if scale != 1.0:
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+        small_fov = cv2.resize(fov.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
+    else:
+        small, small_fov = rgb, fov.astype(bool)
+    x = small.astype(np.float32)
+    inside = x[small_fov] if small_fov.any() else x.reshape(-1, 3)
+    mean, std = inside.mean(axis=0), inside.std(axis=0)
+    x = (x - mean) / np.maximum(std, 1.0)
+    x[~small_fov] = 0.0
+    return np.ascontiguousarray(x.transpose(2, 0, 1)), small_fov
+
+
+def probability_to_uint8(prob: np.ndarray) -> np.ndarray:
+    """A probability map as stored in `_prob.tif`: round(p * 255)."""
+    return np.round(np.clip(prob, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+@dataclass
+class Segmentation:
+    """One image's result at full resolution."""
+
+    lesion: str
+    prob: np.ndarray  # float32 (H, W) in [0, 1], 0 outside the field of view
+    threshold: float
+    seconds: float
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The lesion at the threshold, decided on the stored uint8 map, so mask and map always agree."""
+        from ..metrics import level_threshold
+
+        return self.prob_uint8 >= level_threshold(self.threshold)
+
+    @property
+    def prob_uint8(self) -> np.ndarray:
+        return probability_to_uint8(self.prob)
+
+
+class LesionSegmenter:
+    """A lesion segmentation model folder, ready to map whole fundus images on CPU or GPU."""
+
+    def __init__(self, model_dir: str | Path, device: str = "cpu"):
+        from .registry import check_model_folder
+
+        model_dir = Path(model_dir)
+        self._load(model_dir, check_model_folder(model_dir), device)
+
+    @classmethod
+    def from_folder(cls, model_dir: Path, config: dict, device: str = "cpu") -> "LesionSegmenter":
+        """The registry's entry point: `config` is the checked config.json of `model_dir`."""
+        self = cls.__new__(cls)
+        self._load(Path(model_dir), config, device)
+        return self
+
+    @classmethod
+    def from_network(cls, net, config: dict, device: str = "cpu") -> "LesionSegmenter":
+        """Around a network in memory (validation during training)."""
+        self = cls.__new__(cls)
+        self.model_dir = None
+        self._setup(net, config, device)
+        return self
+
+    def _load(self, model_dir: Path, config: dict, device: str) -> None:
+        from ..nets.segmentation import SegmentationNet
+        from .folder import load_state_dict
+
+        self.model_dir = model_dir
+        try:
+            net = SegmentationNet.from_config(config["net"])
+            net.load_state_dict(load_state_dict(model_dir), strict=True)
+        except (KeyError, RuntimeError, TypeError, ValueError) as e:
+            raise RetinaInputError(f"{model_dir}: weights do not match config.json ({str(e).splitlines()[0]})") from None
+        self._setup(net, config, device)
+
+    def _setup(self, net, config: dict, device: str) -> None:
+        import torch
+
+        self.config = config
+        self.device = torch.device(device)
+        self.net = net.eval().to(self.device)
+        self.lesion = str(config.get("lesion", "EX"))
+        self.scale = float(config.get("input_scale", 1.0))
+        self.tile = int(config.get("tile", DEFAULT_TILE))
+        self.overlap = int(config.get("overlap", DEFAULT_OVERLAP))
+        self.threshold = float(config.get("threshold", 0.5))
+        self.version = str(config.get("version", "unknown"))
+        self.kind = str(config.get("model", "segmenter"))
+        self.stride_multiple = 2 ** int(config.get("net", {}).get("depth", 4))
+        self.batch = int(config.get("batch", 2))
+
+    @property
+    def description(self) -> dict:
+        return {"model": self.kind, "version": self.version, "folder": str(self.model_dir) if self.model_dir else None}
+
+    def probability(
+        self,
+        rgb: np.ndarray,
+        fov: np.ndarray | None = None,
+        progress: Optional[Callable[[int, int], None]] = None,
+        cancelled: Optional[Callable[[], bool]] = None,
+    ) -> np.ndarray:
+        """Full-size float32 lesion probability (0 outside the field of view).
+
+        `progress(done, total)` is called per batch of tiles; `cancelled()` is checked between
+        them and stops the run with `tiling.TilingCancelled`.
+        """
+        from ..fundus import field_of_view_mask
+        from .tiling import predict_tiled, torch_predictor
+
+        h, w = rgb.shape[:2]
+        if fov is None:
+            fov = field_of_view_mask(rgb)
+        x, small_fov = network_input(rgb, fov, self.scale)
+        tile = min(self.tile, _round_up(max(x.shape[1:]), self.stride_multiple))
+        prob = predict_tiled(
+            torch_predictor(self.net, self.device), x, tile, min(self.overlap, tile // 2), fov=small_fov,
+            batch=self.batch, stride_multiple=self.stride_multiple, progress=progress, cancelled=cancelled,
+        )[0]
+        if prob.shape != (h, w):
+            prob = cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
+        prob[~fov] = 0.0
+        return np.clip(prob, 0.0, 1.0, out=prob)
+
+    def segment(self, rgb: np.ndarray, fov: np.ndarray | None = None, progress=None, cancelled=None) -> Segmentation:
+        t0 = time.perf_counter()
+        prob = self.probability(rgb, fov, progress=progress, cancelled=cancelled)
+        return Segmentation(self.lesion, prob, self.threshold, time.perf_counter() - t0)
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-int(n) // m) * m

@@ -1,0 +1,222 @@
+"""Whole-image segmenters at work: files, annotation projects and evaluation (headless).
+
+The CLI (`napari-retina segment`, `evaluate ex`), the annotator's "Find exudates" and
+training's validation call these, so all of them write, propose and score alike.
+
+Proposals: a segmenter's map enters an image's pixel record (napari_retina.proposals) as
+one proposal per `BLOCK` x `BLOCK` block of the image that holds a candidate (probability
+>= `FLOOR`), carrying its probabilities, so the threshold moves live, the grader accepts
+or erases, and a rerun withdraws only the model's unaccepted pixels; the grader's own
+pixels are never touched. Blocks keep every record operation local and bounded (at most
+54 on a 4288 x 2848 image).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+
+from .io.errors import RetinaInputError
+from .proposals import PixelChange, PixelRecord
+
+BLOCK = 512  # full-resolution pixels per proposal block side
+FLOOR = 0.05  # probabilities below this are not proposed at any threshold
+
+
+def propose_map(
+    record: PixelRecord,
+    lesion: str,
+    prob: np.ndarray,
+    threshold: float,
+    description: dict,
+    block: int = BLOCK,
+    floor: float = FLOOR,
+    tiles: Optional[Iterable[tuple[int, int, int, int]]] = None,
+) -> list[PixelChange]:
+    """Put a full-size probability map into `record` as block proposals; returns the changes.
+
+    The model's earlier proposals of this lesion in those blocks (not yet accepted) are
+    withdrawn first, so running a segmenter twice never stacks its pixels. `tiles` limits
+    the work to some boxes (r0, r1, c0, c1) of the image (the widget fills tile by tile).
+    """
+    h, w = prob.shape
+    model = description.get("model")
+    boxes = list(tiles) if tiles is not None else [(0, h, 0, w)]
+    changes: list[PixelChange] = []
+    for r0, r1, c0, c1 in boxes:
+        for br in range((r0 // block) * block, r1, block):
+            for bc in range((c0 // block) * block, c1, block):
+                box = (br, min(br + block, h), bc, min(bc + block, w))
+                if box[0] < r0 or box[1] > r1 or box[2] < c0 or box[3] > c1:
+                    continue  # a block is proposed once the tile that completes it is done
+                for p in record.find(model=model, block=[box[0], box[2]]):
+                    if p.lesion == lesion:
+                        c = record.withdraw(p.id)
+                        if c is not None:
+                            changes.append(c)
+                sub = prob[box[0] : box[1], box[2] : box[3]]
+                if not (sub >= floor).any():
+                    continue
+                data = np.where(sub >= floor, sub, 0.0).astype(np.float32)
+                desc = dict(description, block=[box[0], box[2]])
+                _, change = record.propose(lesion, box, prob=data, threshold=threshold, description=desc)
+                if change is not None:
+                    changes.append(change)
+    return changes
+
+
+def segment_into_project(image_record, segmenter, project_root=None, grader: str | None = None) -> dict:
+    """Pre-annotate one image's project with the segmenter's candidates; returns a summary.
+
+    Opens the image as the annotator does (its project if there is one, else its masks),
+    proposes the map, and saves the project folder (atomic writes, as autosave does).
+    """
+    from .session import open_record
+    from .io.project import ProjectWriter
+
+    opened = open_record(image_record, project_root=project_root)
+    seg = segmenter.segment(opened.rgb)
+    ann = opened.annotation
+    hand_before = ann.masks[seg.lesion].copy()
+    desc = {"kind": "model", **segmenter.description}
+    ann.provenance.setdefault("models", {})[segmenter.kind] = segmenter.description
+    propose_map(ann.record, seg.lesion, seg.prob, seg.threshold, desc)
+    writer = ProjectWriter(opened.project_dir, opened.record.image, opened.rgb, ann.masks, grader=grader)
+    from .fundus import field_of_view_mask
+
+    writer.set_fov(field_of_view_mask(opened.rgb))
+    writer.write(ann.snapshot(ellipses=ann.ellipses, all_lesions=not opened.from_project), summary=True, grader=grader)
+    added = int(np.count_nonzero(ann.masks[seg.lesion] & ~hand_before))
+    return {"image": opened.record.image.name, "project": str(opened.project_dir), "lesion": seg.lesion,
+            "proposed_px": added, "seconds": round(seg.seconds, 2)}
+
+
+def write_outputs(out: Path, stem: str, seg) -> tuple[Path, Path]:
+    """`<stem>_<LESION>.tif` (binary, 1-bit palette) and `<stem>_<LESION>_prob.tif` (uint8 0-255)."""
+    import tifffile
+
+    from .io.atomic import atomic_path
+    from .io.masks import write_mask
+
+    mask_path = out / f"{stem}_{seg.lesion}.tif"
+    prob_path = out / f"{stem}_{seg.lesion}_prob.tif"
+    write_mask(mask_path, seg.mask)
+    with atomic_path(prob_path) as tmp:
+        tifffile.imwrite(tmp, seg.prob_uint8, compression="zlib")
+    return mask_path, prob_path
+
+
+# ---- evaluation ---------------------------------------------------------------------------------
+
+
+def evaluate_segmenter(
+    data: Path,
+    segmenter,
+    split: str = "all",
+    limit: int | None = None,
+    progress: Optional[Callable[[int, int, str], None]] = None,
+    maps: Optional[Callable[[object], np.ndarray]] = None,
+) -> dict:
+    """Score a segmenter on an IDRiD-layout folder: the JSON `evaluate ex` prints.
+
+    Pixel level, pooled over every field-of-view pixel of the split (the IDRiD challenge's
+    AUPR, from 256-bin histograms) and averaged per image; lesion level (8-connectivity, a
+    predicted lesion counts when it touches a ground-truth lesion): figures at the threshold
+    and FROC points. An image without a mask file of the lesion has none of it (IDRiD
+    convention). `maps` replaces the segmenter's own map (tests, cached runs).
+    """
+    from .evaluation import _records
+    from .fundus import field_of_view_mask
+    from .io.images import read_fundus
+    from .io.masks import read_mask
+    from .metrics import LesionFROC, PixelPR, lesion_counts, precision_recall_f1, iou, summarise_lesion_counts
+
+    lesion = segmenter.lesion
+    records = _records(Path(data), split, segmenter.config.get("validation_images"))
+    if limit:
+        records = records[:limit]
+    pr, froc = PixelPR(), LesionFROC(candidate_threshold=min(0.1, segmenter.threshold))
+    per_image, lesion_rows, seconds = [], [], []
+    for k, rec in enumerate(records, 1):
+        if progress:
+            progress(k, len(records), rec.stem)
+        rgb = read_fundus(rec.image)
+        gt = (read_mask(rec.masks[lesion], expected_shape=rgb.shape[:2]) if lesion in rec.masks
+              else np.zeros(rgb.shape[:2], bool))
+        fov = field_of_view_mask(rgb)
+        t0 = time.perf_counter()
+        prob = maps(rec) if maps is not None else segmenter.probability(rgb, fov)
+        seconds.append(time.perf_counter() - t0)
+        q = np.round(np.clip(prob, 0, 1) * 255).astype(np.uint8)  # scored as `segment` stores it
+        pr.add(q, gt, region=fov)
+        froc.add(q, gt, region=fov)
+        pred = (q >= pr.bin_of(segmenter.threshold)) & fov
+        p, r, f1 = precision_recall_f1(pred, gt)
+        per_image.append({"image": rec.image.name, "precision": p, "recall": r, "f1": f1, "iou": iou(pred, gt)})
+        lesion_rows.append(lesion_counts(pred, gt))
+
+    def mean(key):
+        v = [d[key] for d in per_image if not math.isnan(d[key])]
+        return float(np.mean(v)) if v else math.nan
+
+    pooled = pr.at_threshold(segmenter.threshold)
+    out = {
+        "model": segmenter.description,
+        "lesion": lesion,
+        "data": str(data),
+        "split": split,
+        "images": len(records),
+        "threshold": segmenter.threshold,
+        "aupr": pr.aupr(),
+        **pooled,
+        "per_image_mean": {k: mean(k) for k in ("precision", "recall", "f1", "iou")},
+        "lesion_level": summarise_lesion_counts(lesion_rows),
+        "froc": froc.points(),
+        "froc_score": froc.score(),
+        "seconds_per_image": float(np.mean(seconds)) if seconds else math.nan,
+        "per_image": per_image,
+    }
+    return _json_safe(out)
+
+
+def _json_safe(v):
+    """nan -> None (JSON has no NaN), recursively; floats rounded to 6 digits."""
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    if isinstance(v, (float, np.floating)):
+        return None if math.isnan(v) else round(float(v), 6)
+    if isinstance(v, np.integer):
+        return int(v)
+    return v
+
+
+def default_segmenter_dir(lesion: str) -> Path:
+    """The shipped model folder of a lesion's segmenter ('EX' -> weights/exudates)."""
+    from .models.registry import shipped_model_dir
+
+    kinds = {"EX": "exudates"}
+    if lesion not in kinds:
+        raise RetinaInputError(f"no segmenter for {lesion} yet (available: {', '.join(kinds)})")
+    return shipped_model_dir(kinds[lesion])
+
+
+def load_segmenter(lesion: str, model_dir: str | Path | None = None, device: str = "cpu"):
+    """The segmenter of `lesion` (the shipped one unless `model_dir`), checked by the registry."""
+    from .models.registry import load_model
+
+    folder = Path(model_dir) if model_dir else default_segmenter_dir(lesion)
+    if model_dir is None and not folder.is_dir():
+        raise RetinaInputError(
+            f"no {lesion} segmentation model is installed ({folder}); train one with "
+            f"`python -m training exudates --data DIR --out MODEL_DIR` and pass --model MODEL_DIR"
+        )
+    seg = load_model(folder, device=device)
+    if getattr(seg, "lesion", None) != lesion:
+        raise RetinaInputError(f"{folder}: segments {getattr(seg, 'lesion', '?')}, not {lesion}")
+    return seg

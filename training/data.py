@@ -222,3 +222,100 @@ class RefinerPatches:
             "target": torch.from_numpy(target[None].astype(np.float32)),
             "lesion": e.lesion,
         }
+
+
+# ---- whole-image segmenters (exudates): patches at the model's working scale ----------------------
+
+
+@dataclass
+class ScaledImage:
+    """One image at a segmenter's working scale, prepared exactly as inference prepares it."""
+
+    stem: str
+    x: np.ndarray  # float32 (3, h, w): models.segmenter.network_input
+    fov: np.ndarray  # bool (h, w)
+    target: np.ndarray  # float32 (h, w): the lesion fraction of each working pixel (soft at edges)
+    lesion_px: np.ndarray  # int32 (n, 2) working pixels with target >= 0.5, for lesion-centred patches
+
+
+def load_scaled(record: ImageRecord, lesion: str, scale: float) -> ScaledImage:
+    """An image and its lesion mask at `scale`; a missing mask file means no lesion (IDRiD convention)."""
+    import cv2
+
+    from napari_retina.fundus import field_of_view_mask
+    from napari_retina.models.segmenter import network_input
+
+    rgb = read_fundus(record.image)
+    full = (read_mask(record.masks[lesion], expected_shape=rgb.shape[:2]) if lesion in record.masks
+            else np.zeros(rgb.shape[:2], bool))
+    fov_full = field_of_view_mask(rgb)
+    x, fov = network_input(rgb, fov_full, scale)
+    h, w = fov.shape
+    # area averaging keeps a 1-px exudate as a 0.25 target at half scale instead of erasing it
+    target = full.astype(np.float32) if (h, w) == full.shape else cv2.resize(
+        full.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)
+    lesion_px = np.argwhere((target >= 0.5) & fov).astype(np.int32)
+    return ScaledImage(record.stem, x, fov, target, lesion_px)
+
+
+class SegmentationPatches:
+    """torch Dataset of `size` x `size` patches at the working scale, half centred on lesion pixels.
+
+    Balanced as the patch-based paper samples (lesion and non-lesion patches alike); the rest
+    are drawn uniformly from the field of view. Augmentation: flips, quarter turns, and a
+    per-channel gain and offset in the standardised space (brightness, contrast and hue, as
+    a colour jitter of the photograph would move them).
+    """
+
+    def __init__(self, images: list[ScaledImage], size: int = 256, augment: bool = True, seed: int = 0,
+                 length: int = 1000, lesion_fraction: float = 0.5):
+        self.images, self.size, self.augment, self.seed = images, int(size), augment, seed
+        self.length, self.lesion_fraction = int(length), float(lesion_fraction)
+        self.epoch = 0
+        self.with_lesion = [i for i, im in enumerate(images) if len(im.lesion_px)]
+        self.fov_px = [np.argwhere(im.fov[:: 8, :: 8]).astype(np.int32) * 8 for im in images]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, idx: int) -> dict:
+        import torch
+
+        rng = np.random.default_rng([self.seed, self.epoch, idx])
+        if self.with_lesion and rng.random() < self.lesion_fraction:
+            im = self.images[self.with_lesion[rng.integers(len(self.with_lesion))]]
+            cy, cx = im.lesion_px[rng.integers(len(im.lesion_px))]
+        else:
+            k = int(rng.integers(len(self.images)))
+            im = self.images[k]
+            pts = self.fov_px[k]
+            cy, cx = pts[rng.integers(len(pts))] if len(pts) else (im.fov.shape[0] // 2, im.fov.shape[1] // 2)
+        s = self.size
+        h, w = im.fov.shape
+        # a random offset of the centre inside the patch, clamped to the image (padded if smaller)
+        y0 = int(np.clip(cy - rng.integers(s // 8, s - s // 8), 0, max(h - s, 0)))
+        x0 = int(np.clip(cx - rng.integers(s // 8, s - s // 8), 0, max(w - s, 0)))
+        x = np.zeros((3, s, s), np.float32)
+        t = np.zeros((s, s), np.float32)
+        f = np.zeros((s, s), np.float32)
+        ph, pw = min(s, h - y0), min(s, w - x0)
+        x[:, :ph, :pw] = im.x[:, y0 : y0 + ph, x0 : x0 + pw]
+        t[:ph, :pw] = im.target[y0 : y0 + ph, x0 : x0 + pw]
+        f[:ph, :pw] = im.fov[y0 : y0 + ph, x0 : x0 + pw]
+        if self.augment:
+            k = int(rng.integers(4))
+            flip = rng.random() < 0.5
+            x, t, f = (np.rot90(a, k, axes=(-2, -1)) for a in (x, t, f))
+            if flip:
+                x, t, f = (a[..., ::-1] for a in (x, t, f))
+            gain = rng.uniform(0.85, 1.15) * rng.uniform(0.95, 1.05, 3)  # contrast, then hue per channel
+            offset = rng.uniform(-0.2, 0.2) + rng.uniform(-0.05, 0.05, 3)  # brightness, then hue
+            x = (x * gain[:, None, None] + offset[:, None, None]) * (f > 0)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(x, np.float32)),
+            "target": torch.from_numpy(np.ascontiguousarray(t, np.float32)[None]),
+            "fov": torch.from_numpy(np.ascontiguousarray(f, np.float32)[None]),
+        }

@@ -1,0 +1,313 @@
+"""python -m training exudates: train the hard-exudate segmenter.
+
+    python -m training exudates --data DIR [DIR ...] --out MODEL_DIR
+        [--backbone unet|unetpp|resunet|cenet] [--loss bce|wbce|contrastive] [--global-loss bce|wbce]
+        [--scale 0.5] [--epochs N | --minutes M] [--resume] [--init MODEL_DIR]
+
+Whole images are held out for validation (split by image, named in the card). Training
+patches are `--patch-size` px at the working scale `--scale` (the network's input at
+inference too: half scale is a quarter of the pixels of a 4288 x 2848 photograph), half
+centred on exudate pixels, half anywhere in the field of view (the patch-based paper's
+balance), flipped, turned and colour-jittered.
+
+Losses (--loss): `bce` plain BCE; `wbce` the class-weighted BCE of the patch-based paper
+(lesion pixels weigh background/lesion pixel ratio of the batch); `contrastive` the global
+loss (--global-loss) + 0.02 x patch-wise density + 0.1 x patch-wise edge-aware contrastive
+losses (Eq. 1; --alpha, --beta). A 256-px input is a 16 x 16 grid of 16-px cells, as in
+the paper; another patch size keeps the 16 x 16 grid (cells of size/16 px).
+
+Validation after every epoch: every held-out image whole, tiled exactly as inference runs,
+scored by the area under the pixel-level precision-recall curve pooled over the field of
+view at the working scale (`val_aupr`, the figure early stopping watches with --patience);
+the threshold with the best pooled F1 there is stored. `napari-retina evaluate ex --split
+val` scores the same images at full resolution. Each improving epoch rewrites the model
+folder (weights.safetensors, config.json, card.md); log and checkpoints live in
+MODEL_DIR/run (--run-dir), --resume continues them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from napari_retina import __version__
+from napari_retina.io.errors import RetinaInputError
+
+from ..data import DataError, SegmentationPatches, gather_records, load_scaled, split_by_image, write_split
+
+LESION = "EX"
+BACKBONES = ("unet", "unetpp", "resunet", "cenet")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m training exudates",
+        description="Train the hard-exudate segmenter (patch-wise contrastive loss) from lesion masks.",
+    )
+    p.add_argument("--data", nargs="+", required=True, metavar="DIR",
+                   help="IDRiD-layout, flat or annotation project folders with EX masks")
+    p.add_argument("--out", required=True, metavar="MODEL_DIR", help="model folder to write")
+    p.add_argument("--backbone", choices=BACKBONES, default="unet")
+    p.add_argument("--base-channels", type=int, default=16)
+    p.add_argument("--depth", type=int, default=4, help="downsamplings of the backbone (default 4)")
+    p.add_argument("--loss", choices=("bce", "wbce", "contrastive"), default="contrastive")
+    p.add_argument("--global-loss", choices=("bce", "wbce"), default="bce",
+                   help="global term of --loss contrastive (default bce, as in the paper)")
+    p.add_argument("--alpha", type=float, default=0.02, help="weight of the patch-wise density loss")
+    p.add_argument("--beta", type=float, default=0.1, help="weight of the patch-wise edge-aware loss")
+    p.add_argument("--scale", type=float, default=0.5,
+                   help="working scale: network pixels per full-resolution pixel (default 0.5)")
+    p.add_argument("--patch-size", type=int, default=256, help="training patch side at the working scale")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    budget = p.add_argument_group("how long (at least one; with both, whichever ends first)")
+    budget.add_argument("--epochs", type=int, help="total epochs (a resumed run continues the count)")
+    budget.add_argument("--minutes", type=float, help="wall-clock budget of this run")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.add_argument("--run-dir", metavar="DIR", help="log, checkpoints and split (default MODEL_DIR/run)")
+    p.add_argument("--init", metavar="MODEL_DIR", help="start from this exudate model folder's weights")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (paper: 1e-3)")
+    p.add_argument("--samples-per-epoch", type=int, default=1000)
+    p.add_argument("--patience", type=int, default=10, help="early stopping on val_aupr (epochs without improvement)")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--val-images", nargs="+", metavar="NAME", help="hold out exactly these images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0, help="data loader processes")
+    p.add_argument("--version", default=None, help="model version for config.json (default: a date stamp)")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def _validate_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    if a.epochs is None and a.minutes is None:
+        p.error("give --epochs N or --minutes M (or both)")
+    if not 0.05 <= a.scale <= 1.0:
+        p.error(f"--scale must lie between 0.05 and 1, not {a.scale}")
+    if a.patch_size % 16 or a.patch_size % (2**a.depth) or a.patch_size < 32:
+        p.error(f"--patch-size must be a multiple of 16 and of 2**depth, at least 32, not {a.patch_size}")
+    if not 0 < a.val_fraction < 1:
+        p.error(f"--val-fraction must be between 0 and 1, not {a.val_fraction}")
+    if a.patience < 1:
+        p.error("--patience must be at least 1")
+
+
+def scaled_predictions(net, images, tile: int, overlap: int, stride_multiple: int, device) -> list[np.ndarray]:
+    """Each image's map at the working scale, tiled exactly as inference runs it."""
+    from napari_retina.models.tiling import predict_tiled, torch_predictor
+
+    predict = torch_predictor(net, device)
+    out = []
+    for im in images:
+        t = min(tile, -(-max(im.fov.shape) // stride_multiple) * stride_multiple)
+        out.append(predict_tiled(predict, im.x, t, min(overlap, t // 2), fov=im.fov, batch=2,
+                                 stride_multiple=stride_multiple)[0])
+    return out
+
+
+def score_scaled(probs, images) -> dict:
+    """Pooled pixel AUPR at the working scale and the threshold with the best pooled F1."""
+    from napari_retina.metrics import PixelPR
+
+    pr = PixelPR()
+    for prob, im in zip(probs, images):
+        pr.add(np.round(np.clip(prob, 0, 1) * 255).astype(np.uint8), im.target >= 0.5, region=im.fov)
+    best_f1, best_t = -1.0, 0.5
+    for level in range(1, 255):
+        tp, fp, fn, _ = pr.counts(level)
+        f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+        if f1 > best_f1:
+            best_f1, best_t = f1, level / 255
+    aupr = pr.aupr()
+    return {"aupr": 0.0 if np.isnan(aupr) else aupr, "f1": best_f1, "threshold": best_t}
+
+
+def model_config(net, info: dict, metrics: dict, trainer) -> dict:
+    parent = info.get("parent_training") or {}
+    epochs_here = int(metrics["epoch"])
+    minutes_here = (trainer._train_seconds_before + trainer._seconds()) / 60
+    return {
+        "model": "exudates",
+        "lesion": LESION,
+        "version": info["version"],
+        "net": net.config(),
+        "input_scale": info["scale"],
+        "tile": 512,
+        "overlap": 128,
+        "normalisation": "per-image standardisation over the field of view (models.segmenter.network_input)",
+        "threshold": round(float(metrics.get("val_threshold", 0.5)), 4),
+        "validation_images": info["validation_images"],
+        "training": {
+            "epochs": int(parent.get("epochs", 0)) + epochs_here,
+            "best_epoch": int(parent.get("epochs", 0)) + epochs_here,
+            "minutes": round(float(parent.get("minutes", 0.0)) + minutes_here, 1),
+            "device": str(trainer.device),
+            "loss": info["loss"],
+            "val_aupr_working_scale": round(float(metrics.get("val_aupr", float("nan"))), 4),
+            "val_f1_working_scale": round(float(metrics.get("val_f1", float("nan"))), 4),
+            "early_stopping_patience": info["patience"],
+            "command": info["command"],
+            "parent": info.get("init"),
+            "trained": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        },
+    }
+
+
+def render_card(config: dict, info: dict) -> str:
+    t = config["training"]
+    return f"""# Hard-exudate segmenter ({config['net']['backbone']}, {t['loss']}) {config['version']}
+
+Maps hard exudates (EX) in a colour fundus photograph: a {config['net']['backbone']} backbone trained from
+scratch by napari-retina {__version__} with {t['loss']}, run at {config['input_scale']} of full resolution,
+tiled over the field of view.
+
+## Training
+
+- Data: {', '.join(info['data'])} ({info['train_count']} training images, {len(config['validation_images'])} validation images)
+- Patches: {info['patch_size']} px at scale {config['input_scale']}, half centred on exudates; {info['samples_per_epoch']} per epoch,
+  batch {info['batch_size']}, Adam lr {info['lr']}
+- Epochs: {t['epochs']} (best epoch {t['best_epoch']}), {t['minutes']:.0f} min on {t['device']} ({platform.machine()}, torch {info['torch']})
+- Early stopping: pooled pixel AUPR on the validation images, patience {t['early_stopping_patience']} epochs
+- Parent model: {t['parent'] or 'none (trained from scratch)'}
+- Command: `{t['command']}`
+
+## Validation (working scale, pooled over the field of view)
+
+| AUPR | best F1 | threshold |
+|---|---|---|
+| {t['val_aupr_working_scale']:.3f} | {t['val_f1_working_scale']:.3f} | {config['threshold']:.3f} |
+
+Full resolution: `napari-retina evaluate ex --data DIR --model THIS_FOLDER --split val`.
+
+Validation images (held out by image): {', '.join(config['validation_images'])}
+
+## Checksum
+
+weights.safetensors SHA-256: {{sha256}}
+"""
+
+
+def run(a: argparse.Namespace, argv: list[str]) -> int:
+    import torch
+
+    from napari_retina.models.folder import load_state_dict, write_model_folder
+    from napari_retina.models.registry import check_model_folder
+    from napari_retina.nets.segmentation import SegmentationNet
+    from training.losses import ExudateLoss
+    from training.trainer import Trainer, is_main_process
+
+    out = Path(a.out)
+    run_dir = Path(a.run_dir) if a.run_dir else out / "run"
+    say = (lambda *x: None) if a.quiet else (lambda *x: print(*x, flush=True))
+    records = gather_records(a.data)
+    parent_config = check_model_folder(Path(a.init), expect="exudates") if a.init else None
+    split_file = run_dir / "split.json"
+    val_names = a.val_images
+    if a.resume and split_file.is_file() and not val_names:
+        val_names = json.loads(split_file.read_text())["val"]
+    elif parent_config and not val_names:
+        val_names = parent_config.get("validation_images")
+    train_recs, val_recs = split_by_image(records, a.val_fraction, a.seed, val_names)
+    if not val_recs:
+        raise DataError("no validation image: give at least two images")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        write_split(split_file, train_recs, val_recs)
+    t0 = time.monotonic()
+    train_imgs = [load_scaled(r, LESION, a.scale) for r in train_recs]
+    val_imgs = [load_scaled(r, LESION, a.scale) for r in val_recs]
+    if not any(len(im.lesion_px) for im in train_imgs):
+        raise DataError("no exudates in the training images' masks")
+    say(f"{len(train_imgs)} training images ({sum(len(im.lesion_px) > 0 for im in train_imgs)} with exudates), "
+        f"{len(val_imgs)} validation images at scale {a.scale}; loaded in {time.monotonic() - t0:.0f} s")
+    train_set = SegmentationPatches(train_imgs, a.patch_size, augment=True, seed=a.seed, length=a.samples_per_epoch)
+
+    net = SegmentationNet(backbone=a.backbone, base_channels=a.base_channels, depth=a.depth)
+    if a.init:
+        try:
+            net.load_state_dict(load_state_dict(Path(a.init)), strict=True)
+        except RuntimeError as e:
+            raise RetinaInputError(f"--init {a.init}: weights do not fit this network ({str(e).splitlines()[0]})") from None
+    if a.loss == "contrastive":
+        criterion = ExudateLoss(alpha=a.alpha, beta=a.beta, global_loss=a.global_loss)
+    else:
+        criterion = ExudateLoss(alpha=0.0, beta=0.0, global_loss="wbce" if a.loss == "wbce" else "bce")
+
+    def loss_fn(outputs, batch):
+        logits, features = outputs
+        total, _ = criterion(logits, features, batch["target"], mask=batch["fov"])
+        return total
+
+    def forward_fn(model, batch):
+        m = model.module if hasattr(model, "module") and not hasattr(model, "forward_with_features") else model
+        return m.forward_with_features(batch["image"])
+
+    stride = 2**a.depth
+
+    def val_fn(model, _val_set, device) -> dict:
+        return score_scaled(scaled_predictions(model, val_imgs, 512, 128, stride, device), val_imgs)
+
+    info = {
+        "version": a.version or datetime.date.today().strftime("%Y.%m.%d-exudates"),
+        "data": [str(Path(d)) for d in a.data],
+        "train_count": len(train_imgs),
+        "validation_images": [r.image.name for r in val_recs],
+        "scale": a.scale,
+        "loss": a.loss if a.loss != "contrastive" else f"{a.global_loss} + {a.alpha} density + {a.beta} edge",
+        "patch_size": a.patch_size,
+        "samples_per_epoch": a.samples_per_epoch,
+        "batch_size": a.batch_size,
+        "lr": a.lr,
+        "patience": a.patience,
+        "init": a.init,
+        "parent_training": dict(parent_config.get("training", {})) if parent_config else None,
+        "torch": torch.__version__,
+        "command": "python -m training exudates " + shlex.join(argv),
+    }
+
+    def export(trainer, metrics):
+        if not metrics["is_best"]:
+            return
+        state = {k: v.detach().cpu() for k, v in trainer.module.state_dict().items()}
+        config = model_config(trainer.module, info, metrics, trainer)
+        write_model_folder(out, state, config, render_card(config, info))
+
+    trainer = Trainer(
+        net, loss_fn, train_set, None, run_dir,
+        device=a.device, batch_size=a.batch_size, lr=a.lr, epochs=a.epochs, minutes=a.minutes,
+        num_workers=a.workers, seed=a.seed, val_fn=val_fn, monitor="val_aupr", mode="max",
+        lr_patience=max(1, a.patience // 2), early_stop_patience=a.patience, forward_fn=forward_fn,
+        on_epoch_end=[export], info={k: info[k] for k in ("version", "data", "command", "loss")},
+        verbose=not a.quiet,
+    )
+    summary = trainer.fit(resume=a.resume)
+    if is_main_process():
+        if summary["best"] is None:
+            say(f"no usable epoch; nothing written to {out}")
+        else:
+            say(f"model folder: {out} (best epoch {summary['best_epoch']}, val AUPR {summary['best']:.3f} at the "
+                f"working scale; stopped by {summary['stopped']})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = build_parser()
+    a = p.parse_args(argv)
+    _validate_args(p, a)
+    try:
+        return run(a, argv)
+    except (RetinaInputError, DataError, OSError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"training exudates: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("training exudates: interrupted; resume with --resume", file=sys.stderr)
+        return 130

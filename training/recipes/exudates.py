@@ -246,8 +246,8 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
         return total
 
     def forward_fn(model, batch):
-        m = model.module if hasattr(model, "module") and not hasattr(model, "forward_with_features") else model
-        return m.forward_with_features(batch["image"])
+        # through the (possibly DDP-wrapped) module's own forward, so gradients are synchronised
+        return model(batch["image"], return_features=True)
 
     stride = 2**a.depth
 

@@ -1,0 +1,188 @@
+"""Whole-image segmentation: model folder, tiles, `segment` files and projects, `evaluate ex`."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import EX_BLOBS, H, W, blob_mask, fundus_rgb
+from napari_retina.models.folder import write_model_folder
+from napari_retina.models.registry import ModelFolderError, load_model
+from napari_retina.models.segmenter import LesionSegmenter, network_input
+from napari_retina.models.tiling import TilingCancelled
+from napari_retina.nets.segmentation import SegmentationNet
+
+
+def _segmenter_folder(folder, scale=0.5, tile=32, threshold=0.5, val=None):
+    torch.manual_seed(0)
+    net = SegmentationNet(backbone="unet", base_channels=4, depth=2)
+    cfg = {"model": "exudates", "lesion": "EX", "version": "t-ex", "net": net.config(), "input_scale": scale,
+           "tile": tile, "overlap": 16, "threshold": threshold}
+    if val is not None:
+        cfg["validation_images"] = val
+    return write_model_folder(folder, net.state_dict(), cfg, "test exudates\n\nSHA-256: {sha256}\n")
+
+
+def _median_threshold(seg, rgb) -> float:
+    """A threshold at which the untrained net claims about half the field of view."""
+    prob = seg.probability(rgb)
+    return float(np.median(prob[prob > 0]))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return _segmenter_folder(tmp_path_factory.mktemp("ex") / "m")
+
+
+def test_the_registry_loads_a_segmenter_and_refuses_changed_weights(model_dir, tmp_path):
+    import shutil
+
+    seg = load_model(model_dir)
+    assert isinstance(seg, LesionSegmenter) and seg.lesion == "EX" and seg.scale == 0.5
+    bad = tmp_path / "bad"
+    shutil.copytree(model_dir, bad)
+    w = bad / "weights.safetensors"
+    w.write_bytes(w.read_bytes()[:-2] + b"\x01\x02")
+    with pytest.raises(ModelFolderError, match="checksum"):
+        load_model(bad)
+
+
+def test_network_input_is_standardised_inside_the_field_of_view_only():
+    rgb = fundus_rgb(3)
+    fov = np.zeros(rgb.shape[:2], bool)
+    fov[10:80, 20:110] = True
+    x, small = network_input(rgb, fov, 0.5)
+    assert x.shape == (3, H // 2, W // 2) and small.shape == (H // 2, W // 2)
+    inside = x[:, small]
+    np.testing.assert_allclose(inside.mean(axis=1), 0.0, atol=1e-4)
+    np.testing.assert_allclose(inside.std(axis=1), 1.0, atol=1e-3)
+    assert not x[:, ~small].any()
+
+
+def test_the_map_is_full_size_zero_outside_the_field_of_view_and_tiled_like_one_pass(model_dir):
+    seg = load_model(model_dir)
+    rgb = fundus_rgb(4)
+    fov = np.zeros(rgb.shape[:2], bool)
+    fov[8:90, 8:120] = True
+    calls = []
+    prob = seg.probability(rgb, fov, progress=lambda k, n: calls.append((k, n)))
+    assert prob.shape == (H, W) and prob.dtype == np.float32
+    assert not prob[~fov].any() and (prob[fov] > 0).all() and prob.max() <= 1
+    assert calls and calls[-1][0] == calls[-1][1] > 1  # several tiles, all reported
+    # one window over the whole working image: the blended tiles agree away from borders
+    seg.tile = 64
+    whole = seg.probability(rgb, fov)
+    assert np.abs(whole - prob)[20:-20, 20:-20].max() < 0.05
+
+
+def test_cancel_stops_between_tiles(model_dir):
+    seg = load_model(model_dir)
+    done = []
+    with pytest.raises(TilingCancelled):
+        seg.probability(fundus_rgb(1), progress=lambda k, n: done.append(k), cancelled=lambda: bool(done))
+    assert len(done) == 1
+
+
+def test_segment_writes_mask_and_probability_and_goes_on_after_a_bad_image(model_dir, flat_folder, tmp_path):
+    (flat_folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    out = tmp_path / "out"
+    t = round(_median_threshold(load_model(model_dir), fundus_rgb(1)), 4)
+    r = subprocess.run(
+        [sys.executable, "-m", "napari_retina.cli", "segment", "--lesion", "EX", str(flat_folder),
+         "--out", str(out), "--model", str(model_dir), "--threshold", str(t)],
+        capture_output=True, text=True,
+    )
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 4 and "broken.jpg: error" in lines[0] and "1 of 3 images failed" in lines[-1]
+    from napari_retina.io.masks import read_mask
+
+    for stem in ("IDRiD_01", "IDRiD_02"):
+        prob = np.asarray(Image.open(out / f"{stem}_EX_prob.tif"))
+        mask = read_mask(out / f"{stem}_EX.tif")
+        assert prob.dtype == np.uint8 and prob.shape == (H, W) and mask.shape == (H, W)
+        assert 0 < mask.sum() < mask.size
+        # the mask is exactly the stored map at the threshold (the rule evaluation uses)
+        np.testing.assert_array_equal(mask, prob >= int(np.ceil(t * 255)))
+        with Image.open(out / f"{stem}_EX.tif") as im:
+            assert im.mode == "1" or im.mode == "P"
+    # the output folder lists no probability map as a fundus image
+    from napari_retina.io.datasets import open_dataset
+
+    assert open_dataset(out) is None or all("_prob" not in r.image.name for r in open_dataset(out).records)
+
+
+def test_into_projects_never_touches_the_graders_pixels_and_reruns_do_not_stack(model_dir, flat_folder):
+    from napari_retina.io.datasets import open_dataset
+    from napari_retina.segmentation import segment_into_project
+    from napari_retina.session import open_record
+
+    seg = load_model(model_dir)
+    seg.threshold = _median_threshold(seg, fundus_rgb(1))
+    rec = open_dataset(flat_folder).records[0]
+    hand = blob_mask(EX_BLOBS)  # IDRiD_01_EX.tif beside the image: the grader's starting mask
+    first = segment_into_project(rec, seg)
+    assert first["proposed_px"] > 0
+    again = open_record(open_dataset(flat_folder).records[0])
+    assert again.from_project
+    ann = again.annotation
+    ex = ann.masks["EX"]
+    assert (ex & hand).sum() == hand.sum() and ex.sum() > hand.sum()
+    n_props = len(ann.record.find(model="exudates"))
+    assert n_props >= 1
+    # a second run replaces the model's unaccepted blocks instead of adding more
+    segment_into_project(open_dataset(flat_folder).records[0], seg)
+    ann2 = open_record(open_dataset(flat_folder).records[0]).annotation
+    assert len(ann2.record.find(model="exudates")) == n_props
+    np.testing.assert_array_equal(ann2.masks["EX"], ex)
+    # withdrawing every proposal leaves exactly the grader's pixels
+    for p in ann2.record.find(model="exudates"):
+        ann2.record.withdraw(p.id)
+    np.testing.assert_array_equal(ann2.masks["EX"], hand)
+
+
+def test_evaluate_ex_scores_a_known_map_by_hand(model_dir, flat_folder):
+    from napari_retina.io.datasets import open_dataset
+    from napari_retina.segmentation import evaluate_segmenter
+
+    seg = load_model(model_dir)
+    gt = blob_mask(EX_BLOBS)
+    perfect = {"IDRiD_01": gt.astype(np.float32) * 0.9, "IDRiD_02": np.zeros((H, W), np.float32)}
+    res = evaluate_segmenter(flat_folder, seg, maps=lambda rec: perfect[rec.stem])
+    assert res["images"] == 2 and res["aupr"] == pytest.approx(1.0)
+    assert res["f1"] == pytest.approx(1.0) and res["iou"] == pytest.approx(1.0) and res["specificity"] == pytest.approx(1.0)
+    assert res["lesion_level"]["lesion_sensitivity"] == pytest.approx(1.0) and res["froc"]["0.125"] == pytest.approx(1.0)
+    # IDRiD_02 has no EX file: no lesion there, and predicting none is not scored as a failure
+    assert res["per_image"][1]["f1"] is None and res["per_image_mean"]["f1"] == pytest.approx(1.0)
+    # half the lesion pixels missed: recall 0.5 pooled
+    half = gt.copy()
+    rows = np.nonzero(gt.any(axis=1))[0]
+    half[rows[: len(rows) // 2]] = False
+    res2 = evaluate_segmenter(flat_folder, seg, maps=lambda rec: (half if rec.stem == "IDRiD_01" else ~gt & False).astype(np.float32))
+    assert res2["recall"] == pytest.approx(half.sum() / gt.sum()) and res2["precision"] == pytest.approx(1.0)
+    assert all(k == k.lower() for k in res2)
+
+
+def test_evaluate_ex_cli_prints_json_with_the_challenge_keys(model_dir, flat_folder):
+    r = subprocess.run(
+        [sys.executable, "-m", "napari_retina.cli", "evaluate", "ex", "--data", str(flat_folder), "--model", str(model_dir)],
+        capture_output=True, text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    for key in ("aupr", "precision", "recall", "f1", "iou", "sensitivity", "specificity", "froc", "seconds_per_image"):
+        assert key in res
+    assert 0.0 <= res["aupr"] <= 1.0 and set(res["froc"]) == {"0.125", "0.25", "0.5", "1", "2", "4", "8"}
+
+
+def test_no_installed_model_and_a_model_of_another_lesion_are_one_line_errors(tmp_path, flat_folder):
+    r = subprocess.run(
+        [sys.executable, "-m", "napari_retina.cli", "segment", "--lesion", "EX", str(flat_folder), "--out",
+         str(tmp_path / "o"), "--model", str(tmp_path / "nope")],
+        capture_output=True, text=True,
+    )
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "no such model folder" in r.stderr

@@ -120,10 +120,16 @@ class LesionAnnotator(QWidget):
     """Dock widget: pick the lesion class, draw ellipses, paint; everything is autosaved."""
 
     def __init__(
-        self, napari_viewer: napari.Viewer, parent: QWidget | None = None, model_dir=None, preload_model: bool = True
+        self,
+        napari_viewer: napari.Viewer,
+        parent: QWidget | None = None,
+        model_dir=None,
+        preload_model: bool = True,
+        exudate_model_dir=None,
     ):
         super().__init__(parent)
         self.refinement = EllipseRefinement(self, model_dir=model_dir)
+        self._exudate_model_dir = exudate_model_dir
         self.viewer = napari_viewer
         self.opened: OpenedImage | None = None
         self.dataset: Dataset | None = None
@@ -242,6 +248,11 @@ class LesionAnnotator(QWidget):
         self.model_label = QLabel("loading the refinement model...")
         rl.addWidget(self.model_label, 4, 0, 1, 2)
         lay.addWidget(ref)
+
+        from .segment import LesionFinder
+
+        self.exudate_finder = LesionFinder(self, "EX", model_dir=self._exudate_model_dir)
+        lay.addWidget(self.exudate_finder)
 
         view = QGroupBox("Display")
         vl = QHBoxLayout(view)
@@ -846,7 +857,7 @@ class LesionAnnotator(QWidget):
         opened, index = result
         try:
             for layer in list(self.viewer.layers):
-                if _role(layer) in ("image", "lesion", "ellipses", "fov"):
+                if _role(layer) in ("image", "lesion", "ellipses", "fov", "probability"):
                     self.viewer.layers.remove(layer)
             self.opened = opened
             self.index = index

@@ -1,0 +1,218 @@
+""""Find exudates" in the annotator: a whole-image segmenter as an overlay and as proposals.
+
+The segmenter runs in a worker thread, tile by tile, with napari's progress bar and a
+cancel button; the GUI never waits. Its map becomes (1) a probability overlay (an Image
+layer, role "probability") and (2) block proposals in the lesion's pixel record
+(`segmentation.propose_map`), so the threshold slider moves them live, "Accept all" keeps
+them as the grader's pixels, the grader erases what is wrong with napari's eraser, and the
+project folder saves and restores all of it. This class forwards and paints; the pixel
+logic lives in the headless core.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from napari.qt.threading import thread_worker
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtWidgets import QGridLayout, QGroupBox, QLabel, QPushButton, QSlider
+
+from ..lesions import lesion as lesion_info
+
+if TYPE_CHECKING:
+    from .annotator import LesionAnnotator
+
+ROLE = "probability"
+NAMES = {"EX": "exudates"}
+
+
+class _Progress(QObject):
+    tile = Signal(int, int)  # done, total (emitted from the worker; delivered on the GUI thread)
+
+
+class LesionFinder(QGroupBox):
+    """One lesion's segmenter in the dock: find, cancel, threshold, accept all."""
+
+    finished = Signal(str)  # lesion code, when the proposals are in the layer
+
+    def __init__(self, annotator: "LesionAnnotator", code: str = "EX", model_dir=None):
+        super().__init__(f"Find {NAMES.get(code, code)}")
+        self.ann_widget = annotator
+        self.code = code
+        self.model_dir = Path(model_dir) if model_dir is not None else None
+        self.segmenter = None
+        self.threshold: float | None = None
+        self._worker = None
+        self._cancel = False
+        self._pbar = None
+        self._signals = _Progress()
+        self._signals.tile.connect(self._on_tile)
+
+        lay = QGridLayout(self)
+        self.find_button = QPushButton(f"Find {NAMES.get(code, code)}")
+        self.find_button.setToolTip("segment the whole image; the candidates become proposals in the "
+                                    f"{lesion_info(code).layer_name} layer")
+        self.find_button.clicked.connect(self.find)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.threshold_slider = QSlider(Qt.Orientation.Horizontal)
+        self.threshold_slider.setRange(5, 95)
+        self.threshold_slider.setValue(50)
+        self.threshold_label = QLabel("threshold 0.50")
+        self.threshold_slider.valueChanged.connect(self._on_threshold)
+        self.accept_button = QPushButton("Accept all")
+        self.accept_button.setToolTip("keep every remaining candidate as the grader's own pixels")
+        self.accept_button.clicked.connect(self.accept_all)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        lay.addWidget(self.find_button, 0, 0)
+        lay.addWidget(self.cancel_button, 0, 1)
+        lay.addWidget(self.threshold_label, 1, 0)
+        lay.addWidget(self.threshold_slider, 1, 1)
+        lay.addWidget(self.accept_button, 2, 0, 1, 2)
+        lay.addWidget(self.status, 3, 0, 1, 2)
+
+    # --- running -------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._worker is not None
+
+    def find(self) -> None:
+        op = self.ann_widget.opened
+        if op is None:
+            show_info("open a fundus image first")
+            return
+        if self.running:
+            return
+        rgb, fov = op.rgb, self.ann_widget.fov
+        segmenter, model_dir, code = self.segmenter, self.model_dir, self.code
+        self._cancel = False
+        signals = self._signals
+
+        @thread_worker(ignore_errors=True)  # errors (and a cancel) are reported by _failed, not re-raised
+        def run():
+            from ..segmentation import load_segmenter
+
+            seg = segmenter or load_segmenter(code, model_dir)
+            result = seg.segment(rgb, fov, progress=signals.tile.emit, cancelled=lambda: self._cancel)
+            return rgb, seg, result
+
+        self._worker = run()
+        self._worker.returned.connect(self._done)
+        self._worker.errored.connect(self._failed)
+        self._worker.finished.connect(self._ended)
+        self.find_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.status.setText("loading the model..." if segmenter is None else "segmenting...")
+        self._worker.start()
+
+    def cancel(self) -> None:
+        self._cancel = True  # checked between tiles: the run stops within one tile
+        self.status.setText("cancelling...")
+
+    def _on_tile(self, done: int, total: int) -> None:
+        from napari.utils import progress
+
+        if self._pbar is None:
+            self._pbar = progress(total=total, desc=f"finding {NAMES.get(self.code, self.code)}")
+        self._pbar.n = done
+        self._pbar.refresh()
+        self.status.setText(f"tile {done} of {total}")
+
+    def _ended(self) -> None:
+        self._worker = None
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+        self.find_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+
+    def _failed(self, exc) -> None:
+        from ..models.tiling import TilingCancelled
+
+        if isinstance(exc, TilingCancelled):
+            self.status.setText("cancelled: nothing was changed")
+            return
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        self.status.setText(msg)
+        show_error(f"find {NAMES.get(self.code, self.code)}: {msg}")
+
+    def _done(self, payload) -> None:
+        from ..segmentation import propose_map
+
+        rgb, seg, result = payload
+        self.segmenter = seg
+        op = self.ann_widget.opened
+        if op is None or op.rgb is not rgb:
+            self.status.setText("the image changed while the model ran: run it again")
+            return
+        if self.threshold is None:
+            self.set_threshold_value(seg.threshold)
+        self._show_overlay(result.prob_uint8)
+        desc = {"kind": "model", **seg.description}
+        op.annotation.provenance.setdefault("models", {})[seg.kind] = seg.description
+        changes = propose_map(op.annotation.record, self.code, result.prob, self.threshold, desc)
+        self.ann_widget.show_changes(changes)
+        n = len(self.proposals())
+        self.status.setText(f"{n} blocks with candidates ({result.seconds:.1f} s); erase what is wrong, then accept")
+        self.finished.emit(self.code)
+
+    # --- the overlay and the proposals ------------------------------------------------------------------
+    def overlay_layer(self):
+        for layer in self.ann_widget.viewer.layers:
+            meta = layer.metadata.get("napari_retina", {})
+            if meta.get("role") == ROLE and meta.get("lesion") == self.code:
+                return layer
+        return None
+
+    def _show_overlay(self, prob_u8: np.ndarray) -> None:
+        layer = self.overlay_layer()
+        if layer is not None:
+            layer.data = prob_u8
+            return
+        self.ann_widget.viewer.add_image(
+            prob_u8, name=f"{self.code} probability", colormap="magma", contrast_limits=(0, 255),
+            opacity=0.5, blending="additive", visible=True,
+            metadata={"napari_retina": {"role": ROLE, "lesion": self.code}},
+        )
+        lesion_layer = self.ann_widget.lesion_layer(self.code)
+        if lesion_layer is not None:  # the mask stays on top of the overlay
+            viewer = self.ann_widget.viewer
+            viewer.layers.move(viewer.layers.index(lesion_layer), len(viewer.layers))
+
+    def proposals(self):
+        op = self.ann_widget.opened
+        if op is None:
+            return []
+        model = NAMES.get(self.code, self.code)
+        return [p for p in op.annotation.record.find(model=model) if p.lesion == self.code]
+
+    def set_threshold_value(self, t: float) -> None:
+        self.threshold_slider.blockSignals(True)
+        self.threshold_slider.setValue(int(round(t * 100)))
+        self.threshold_slider.blockSignals(False)
+        self.threshold = self.threshold_slider.value() / 100
+        self.threshold_label.setText(f"threshold {self.threshold:.2f}")
+
+    def _on_threshold(self, value: int) -> None:
+        self.threshold = value / 100
+        self.threshold_label.setText(f"threshold {self.threshold:.2f}")
+        op = self.ann_widget.opened
+        if op is not None:
+            ids = [p.id for p in self.proposals()]
+            if ids:
+                self.ann_widget.show_changes(op.annotation.record.set_threshold(self.threshold, ids=ids))
+
+    def accept_all(self) -> int:
+        op = self.ann_widget.opened
+        if op is None:
+            return 0
+        ids = [p.id for p in self.proposals()]
+        n = op.annotation.record.accept(ids=ids) if ids else 0
+        self.ann_widget._edited()
+        self.status.setText(f"{n} candidate pixels accepted as yours")
+        return n

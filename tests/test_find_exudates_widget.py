@@ -1,0 +1,143 @@
+"""'Find exudates' in the annotator, driven as a grader would: find, threshold, erase, accept, reopen."""
+
+import numpy as np
+import pytest
+import torch
+from qtpy.QtCore import Qt
+
+from conftest import EX_BLOBS, blob_mask
+from napari_retina.models.folder import write_model_folder
+from napari_retina.nets.segmentation import SegmentationNet
+from napari_retina.widgets.annotator import LesionAnnotator
+
+
+@pytest.fixture(scope="module")
+def ex_model(tmp_path_factory):
+    """A real (untrained, seeded) exudate segmenter in a real model folder; many small tiles."""
+    torch.manual_seed(0)
+    net = SegmentationNet(backbone="unet", base_channels=4, depth=2)
+    with torch.no_grad():  # spread the untrained logits so that a 0.01 slider step moves pixels
+        net.classifier.weight.mul_(40.0)
+    cfg = {"model": "exudates", "lesion": "EX", "version": "t-ex", "net": net.config(), "input_scale": 1.0,
+           "tile": 32, "overlap": 16, "threshold": 0.5, "batch": 1}
+    return write_model_folder(tmp_path_factory.mktemp("ex") / "m", net.state_dict(), cfg, "t {sha256}")
+
+
+@pytest.fixture
+def annotator(make_napari_viewer, qtbot, flat_folder, ex_model):
+    viewer = make_napari_viewer()
+    viewer.open(str(flat_folder / "IDRiD_01.jpg"), plugin="napari-retina")
+    widget = LesionAnnotator(viewer, preload_model=False, exudate_model_dir=ex_model)
+    viewer.window.add_dock_widget(widget)
+    qtbot.waitUntil(lambda: widget.opened is not None, timeout=10000)
+    yield viewer, widget
+    widget.flush()
+    widget._timer.stop()
+
+
+def _find(widget, qtbot):
+    finder = widget.exudate_finder
+    with qtbot.waitSignal(finder.finished, timeout=30000):
+        qtbot.mouseClick(finder.find_button, Qt.MouseButton.LeftButton)
+    return finder
+
+
+def _median_of_proposals(finder):
+    vals = np.concatenate([p.prob[p.prob > 0] for p in finder.proposals()])
+    return float(np.median(vals))
+
+
+def test_find_fills_overlay_and_proposals_and_never_touches_hand_pixels(annotator, qtbot):
+    viewer, widget = annotator
+    hand = blob_mask(EX_BLOBS)  # IDRiD_01_EX.tif: the grader's mask
+    layer = widget.lesion_layer("EX")
+    np.testing.assert_array_equal(layer.data != 0, hand)
+    finder = _find(widget, qtbot)
+    overlay = finder.overlay_layer()
+    assert overlay is not None and overlay.data.shape == layer.data.shape and overlay.data.dtype == np.uint8
+    assert finder.proposals()
+    # the threshold moves the candidates live: at the median about half the proposed pixels
+    finder.threshold_slider.setValue(int(round(100 * _median_of_proposals(finder))))
+    mid = int((layer.data != 0).sum())
+    finder.threshold_slider.setValue(5)
+    low = int((layer.data != 0).sum())
+    finder.threshold_slider.setValue(95)
+    high = int((layer.data != 0).sum())
+    assert high < mid < low
+    assert (layer.data[hand] != 0).all()  # the grader's pixels at every threshold
+    # withdrawing every candidate leaves exactly the grader's mask
+    for p in finder.proposals():
+        widget.show_changes([widget.opened.annotation.record.withdraw(p.id)])
+    np.testing.assert_array_equal(layer.data != 0, hand)
+
+
+def test_erase_accept_and_reopen_keep_the_graders_choice(annotator, qtbot, make_napari_viewer, flat_folder, ex_model):
+    viewer, widget = annotator
+    finder = _find(widget, qtbot)
+    finder.threshold_slider.setValue(int(round(100 * _median_of_proposals(finder))))
+    layer = widget.lesion_layer("EX")
+    hand = blob_mask(EX_BLOBS)
+    on = np.argwhere((layer.data != 0) & ~hand)
+    assert len(on) > 20
+    r, c = on[len(on) // 2]
+    layer.brush_size = 1
+    layer.mode = "erase"
+    layer.paint((r, c), 0)  # the grader rejects one candidate pixel
+    finder.accept_all()
+    accepted = layer.data != 0
+    assert not accepted[r, c] and accepted.sum() == len(on) - 1 + hand.sum()
+    assert finder.proposals() == []
+    finder.threshold_slider.setValue(5)  # accepted pixels are the grader's now: the slider leaves them
+    np.testing.assert_array_equal(layer.data != 0, accepted)
+    widget.flush()
+    # reopen in a fresh window: the accepted pixels are there, as the grader's own
+    viewer2 = make_napari_viewer()
+    viewer2.open(str(flat_folder / "IDRiD_01.jpg"), plugin="napari-retina")
+    w2 = LesionAnnotator(viewer2, preload_model=False, exudate_model_dir=ex_model)
+    viewer2.window.add_dock_widget(w2)
+    qtbot.waitUntil(lambda: w2.opened is not None, timeout=10000)
+    np.testing.assert_array_equal(w2.lesion_layer("EX").data != 0, accepted)
+    assert w2.exudate_finder.proposals() == []
+    w2.flush()
+    w2._timer.stop()
+
+
+def test_unaccepted_candidates_survive_reopen_and_cancel_changes_nothing(annotator, qtbot, make_napari_viewer, flat_folder, ex_model):
+    viewer, widget = annotator
+    finder = _find(widget, qtbot)
+    finder.threshold_slider.setValue(int(round(100 * _median_of_proposals(finder))))
+    shown = widget.lesion_layer("EX").data != 0
+    n_props = len(finder.proposals())
+    widget.flush()
+    viewer2 = make_napari_viewer()
+    viewer2.open(str(flat_folder / "IDRiD_01.jpg"), plugin="napari-retina")
+    w2 = LesionAnnotator(viewer2, preload_model=False, exudate_model_dir=ex_model)
+    viewer2.window.add_dock_widget(w2)
+    qtbot.waitUntil(lambda: w2.opened is not None, timeout=10000)
+    np.testing.assert_array_equal(w2.lesion_layer("EX").data != 0, shown)
+    assert len(w2.exudate_finder.proposals()) == n_props
+    # a cancelled run leaves the layer as it was
+    f2 = w2.exudate_finder
+    before = w2.lesion_layer("EX").data.copy()
+    qtbot.mouseClick(f2.find_button, Qt.MouseButton.LeftButton)
+    f2.cancel()
+    qtbot.waitUntil(lambda: not f2.running, timeout=30000)
+    assert "cancelled" in f2.status.text()
+    np.testing.assert_array_equal(w2.lesion_layer("EX").data, before)
+    w2.flush()
+    w2._timer.stop()
+
+
+def test_no_installed_model_is_one_clear_message(make_napari_viewer, qtbot, flat_folder, tmp_path):
+    viewer = make_napari_viewer()
+    viewer.open(str(flat_folder / "IDRiD_01.jpg"), plugin="napari-retina")
+    widget = LesionAnnotator(viewer, preload_model=False, exudate_model_dir=tmp_path / "none")
+    viewer.window.add_dock_widget(widget)
+    qtbot.waitUntil(lambda: widget.opened is not None, timeout=10000)
+    finder = widget.exudate_finder
+    qtbot.mouseClick(finder.find_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: not finder.running, timeout=10000)
+    assert "no such model folder" in finder.status.text() and "\n" not in finder.status.text()
+    assert finder.overlay_layer() is None
+    widget.flush()
+    widget._timer.stop()

@@ -52,7 +52,13 @@ def test_find_fills_overlay_and_proposals_and_never_touches_hand_pixels(annotato
     hand = blob_mask(EX_BLOBS)  # IDRiD_01_EX.tif: the grader's mask
     layer = widget.lesion_layer("EX")
     np.testing.assert_array_equal(layer.data != 0, hand)
+    previews = []
+    widget.exudate_finder._signals.preview.connect(
+        lambda m: previews.append(None if isinstance(m, float) else int((m > 0).sum())))
     finder = _find(widget, qtbot)
+    # the overlay filled tile by tile: more of the map with each preview
+    filled = [n for n in previews if n is not None]
+    assert len(filled) > 3 and filled == sorted(filled) and filled[0] < filled[-1]
     overlay = finder.overlay_layer()
     assert overlay is not None and overlay.data.shape == layer.data.shape and overlay.data.dtype == np.uint8
     assert finder.proposals()

@@ -141,11 +141,13 @@ class LesionSegmenter:
         fov: np.ndarray | None = None,
         progress: Optional[Callable[[int, int], None]] = None,
         cancelled: Optional[Callable[[], bool]] = None,
+        preview: Optional[Callable[[np.ndarray], None]] = None,
     ) -> np.ndarray:
         """Full-size float32 lesion probability (0 outside the field of view).
 
         `progress(done, total)` is called per batch of tiles; `cancelled()` is checked between
-        them and stops the run with `tiling.TilingCancelled`.
+        them and stops the run with `tiling.TilingCancelled`; `preview(map)` receives the map at
+        the working scale as uint8 (0-255) as it fills, tile by tile.
         """
         from ..fundus import field_of_view_mask
         from .tiling import predict_tiled, torch_predictor
@@ -158,15 +160,18 @@ class LesionSegmenter:
         prob = predict_tiled(
             torch_predictor(self.net, self.device), x, tile, min(self.overlap, tile // 2), fov=small_fov,
             batch=self.batch, stride_multiple=self.stride_multiple, progress=progress, cancelled=cancelled,
+            partial=None if preview is None else (lambda out: preview(probability_to_uint8(out[0]))),
         )[0]
         if prob.shape != (h, w):
             prob = cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
         prob[~fov] = 0.0
         return np.clip(prob, 0.0, 1.0, out=prob)
 
-    def segment(self, rgb: np.ndarray, fov: np.ndarray | None = None, progress=None, cancelled=None) -> Segmentation:
+    def segment(
+        self, rgb: np.ndarray, fov: np.ndarray | None = None, progress=None, cancelled=None, preview=None
+    ) -> Segmentation:
         t0 = time.perf_counter()
-        prob = self.probability(rgb, fov, progress=progress, cancelled=cancelled)
+        prob = self.probability(rgb, fov, progress=progress, cancelled=cancelled, preview=preview)
         return Segmentation(self.lesion, prob, self.threshold, time.perf_counter() - t0)
 
 

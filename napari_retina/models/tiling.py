@@ -134,6 +134,7 @@ def predict_tiled(
     stride_multiple: int = 1,
     progress: Optional[Callable[[int, int], None]] = None,
     cancelled: Optional[Callable[[], bool]] = None,
+    partial: Optional[Callable[[np.ndarray], None]] = None,
     dtype=np.float32,
 ) -> np.ndarray:
     """Run `predict` over a whole normalised image (C, H, W) window by window; returns (out_channels, H, W).
@@ -143,6 +144,8 @@ def predict_tiled(
     `fov` are 0. At most `batch` windows are in memory at once, plus the one output array.
     `progress(done, total)` is called after each batch (windows done, windows to run);
     `cancelled()` is asked before each batch and, when True, `TilingCancelled` is raised.
+    `partial(out)` sees the map as blended so far after each batch (a live preview; where a
+    neighbouring window is still to come its values are not final yet): read it, do not keep it.
     """
     image = np.asarray(image)
     if image.ndim != 3:
@@ -172,6 +175,8 @@ def predict_tiled(
             th, tw = min(tile, h - y), min(tile, w - x)
             weight = np.outer(row_w[y][:th], col_w[x][:tw]).astype(dtype)
             out[:, y : y + th, x : x + tw] += p[:, :th, :tw] * weight
+        if partial is not None:
+            partial(out)
         if progress is not None:
             progress(start + len(chunk), total)
     if fov is not None:

@@ -31,6 +31,7 @@ NAMES = {"EX": "exudates"}
 
 class _Progress(QObject):
     tile = Signal(int, int)  # done, total (emitted from the worker; delivered on the GUI thread)
+    preview = Signal(object)  # uint8 map at the working scale, filled so far
 
 
 class LesionFinder(QGroupBox):
@@ -50,6 +51,8 @@ class LesionFinder(QGroupBox):
         self._pbar = None
         self._signals = _Progress()
         self._signals.tile.connect(self._on_tile)
+        self._signals.preview.connect(self._on_preview)
+        self._scale = 1.0
 
         lay = QGridLayout(self)
         self.find_button = QPushButton(f"Find {NAMES.get(code, code)}")
@@ -98,7 +101,9 @@ class LesionFinder(QGroupBox):
             from ..segmentation import load_segmenter
 
             seg = segmenter or load_segmenter(code, model_dir)
-            result = seg.segment(rgb, fov, progress=signals.tile.emit, cancelled=lambda: self._cancel)
+            signals.preview.emit(seg.scale)  # a float first: the overlay's scale
+            result = seg.segment(rgb, fov, progress=signals.tile.emit, cancelled=lambda: self._cancel,
+                                 preview=lambda m: signals.preview.emit(m.copy()))
             return rgb, seg, result
 
         self._worker = run()
@@ -122,6 +127,14 @@ class LesionFinder(QGroupBox):
         self._pbar.n = done
         self._pbar.refresh()
         self.status.setText(f"tile {done} of {total}")
+
+    def _on_preview(self, data) -> None:
+        """The overlay fills tile by tile while the model runs (at the working scale, scaled up)."""
+        if isinstance(data, float):
+            self._scale = data
+            return
+        if self.ann_widget.opened is not None:
+            self._show_overlay(data, 1.0 / self._scale)
 
     def _ended(self) -> None:
         self._worker = None
@@ -152,7 +165,14 @@ class LesionFinder(QGroupBox):
             return
         if self.threshold is None:
             self.set_threshold_value(seg.threshold)
-        self._show_overlay(result.prob_uint8)
+        h, w = result.prob.shape
+        if self._scale != 1.0:  # the overlay stays at the working scale: a quarter of the memory
+            import cv2
+
+            small = (max(1, round(w * self._scale)), max(1, round(h * self._scale)))
+            self._show_overlay(cv2.resize(result.prob_uint8, small, interpolation=cv2.INTER_AREA), 1.0 / self._scale)
+        else:
+            self._show_overlay(result.prob_uint8, 1.0)
         desc = {"kind": "model", **seg.description}
         op.annotation.provenance.setdefault("models", {})[seg.kind] = seg.description
         changes = propose_map(op.annotation.record, self.code, result.prob, self.threshold, desc)
@@ -169,13 +189,18 @@ class LesionFinder(QGroupBox):
                 return layer
         return None
 
-    def _show_overlay(self, prob_u8: np.ndarray) -> None:
+    def _show_overlay(self, prob_u8: np.ndarray, scale: float = 1.0) -> None:
         layer = self.overlay_layer()
+        # pixel (r, c) of a map at 1/s covers full-resolution pixels s r .. s (r + 1): its centre
+        # is at s r + (s - 1) / 2, so the overlay lines up with the image
+        shift = (scale - 1.0) / 2.0
         if layer is not None:
+            layer.scale, layer.translate = (scale, scale), (shift, shift)
             layer.data = prob_u8
             return
         self.ann_widget.viewer.add_image(
             prob_u8, name=f"{self.code} probability", colormap="magma", contrast_limits=(0, 255),
+            scale=(scale, scale), translate=(shift, shift),
             opacity=0.5, blending="additive", visible=True,
             metadata={"napari_retina": {"role": ROLE, "lesion": self.code}},
         )

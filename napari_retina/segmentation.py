@@ -214,7 +214,7 @@ def load_segmenter(lesion: str, model_dir: str | Path | None = None, device: str
     if model_dir is None and not folder.is_dir():
         raise RetinaInputError(
             f"no {lesion} segmentation model is installed ({folder}); train one with "
-            f"`python -m training exudates --data DIR --out MODEL_DIR` and pass --model MODEL_DIR"
+            f"`python -m training exudates --data DIR --out MODEL_DIR` (the command line takes --model MODEL_DIR)"
         )
     seg = load_model(folder, device=device)
     if getattr(seg, "lesion", None) != lesion:

@@ -1,12 +1,18 @@
-"""Make docs/refine.png from a real napari window: coarse ellipses refined into lesion masks.
+"""Make docs/refine.png (and docs/find_exudates.png) from a real napari window, as a grader works.
 
-    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/screenshot_refine.py
+    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/screenshot_refine.py \\
+        [--refiner DIR] [--exudates DIR] [--out-dir docs]
 
 The IDRiD sample image is opened on its own (a copy in a temporary folder, so that its
-ground-truth masks stay out of the picture); ellipses simulated from its HE and EX masks
-around one region are drawn on the ellipse layer, and the shipped model refines them.
+ground-truth masks stay out of the picture). refine.png: one large ellipse drawn around the
+exudate cluster temporal to the optic disc (centre x 2146, y 1270, semi-axes 324 x 193), as a
+grader circles a cluster, plus coarse ellipses simulated from the sample's HE masks nearby;
+every lesion pixel shown is the model's. find_exudates.png (with an exudate model): "Find
+exudates" on the same image, its overlay and its candidates in the EX layer. Prints what it
+measured (pixels inside the cluster ellipse against the sample's own EX mask).
 """
 
+import argparse
 import shutil
 import sys
 import tempfile
@@ -15,29 +21,37 @@ from pathlib import Path
 
 import napari
 import numpy as np
+from PIL import Image
 from qtpy.QtWidgets import QApplication
 
 from napari_retina.coarse import simulate_coarse_ellipses
-from napari_retina.io.ellipses import ellipse_to_corners
+from napari_retina.io.ellipses import Ellipse, ellipse_to_corners, rasterize_ellipse
 from napari_retina.io.masks import read_mask
 from napari_retina.sample_data import idrid_sample_masks
 from napari_retina.widgets.annotator import LesionAnnotator
 
 ROOT = Path(__file__).resolve().parents[1]
-out = Path(sys.argv[1] if len(sys.argv) > 1 else ROOT / "docs" / "refine.png")
+CLUSTER = Ellipse("EX", (2146.0, 1270.0), (324.0, 193.0), 0.0)
+
+p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+p.add_argument("--refiner", help="refiner model folder (default: the shipped one)")
+p.add_argument("--exudates", help="exudate model folder (default: the shipped one, if any)")
+p.add_argument("--out-dir", default=str(ROOT / "docs"))
+a = p.parse_args()
+out_dir = Path(a.out_dir)
 tmp = Path(tempfile.mkdtemp())
 image = tmp / "IDRiD_22.jpg"
 shutil.copy(ROOT / "napari_retina" / "samples" / "IDRiD_22.jpg", image)
 
-viewer = napari.Viewer(title="napari-retina: ellipse refinement")
+viewer = napari.Viewer(title="napari-retina")
 viewer.window._qt_window.resize(1500, 950)
-widget = LesionAnnotator(viewer)
+widget = LesionAnnotator(viewer, model_dir=a.refiner, exudate_model_dir=a.exudates)
 viewer.window.add_dock_widget(widget, name="Lesion annotator")
 widget.open_path(image)
 app = QApplication.instance()
 
 
-def wait(cond, seconds=60):
+def wait(cond, seconds=120):
     end = time.monotonic() + seconds
     while not cond():
         app.processEvents()
@@ -46,31 +60,53 @@ def wait(cond, seconds=60):
             raise SystemExit(f"timed out after {seconds} s")
 
 
-wait(lambda: widget.ellipses_layer is not None)  # the model loads at the first ellipse
-centre, half = np.array([1450.0, 2150.0]), 420.0  # (row, col) of a region rich in exudates
-drawn = 0
-for code, path in idrid_sample_masks().items():
-    if code not in ("HE", "EX"):
-        continue
-    for e in simulate_coarse_ellipses(read_mask(path), code, seed=0):
-        x, y = e.center_xy
-        if abs(y - centre[0]) < half and abs(x - centre[1]) < half * 1.5:
-            widget.set_lesion(code, activate=False)
-            widget.ellipses_layer.add(ellipse_to_corners(e), shape_type="ellipse")
-            drawn += 1
-wait(lambda: len(widget.refinement.results) >= drawn, 120)
-widget.set_lesion("HE")
-viewer.layers.selection.active = widget.ellipses_layer
-viewer.camera.center = tuple(centre)
-viewer.camera.zoom = 0.85
-for _ in range(50):
-    app.processEvents()
-    time.sleep(0.02)
-img = viewer.screenshot(canvas_only=False, flash=False)
-from PIL import Image  # noqa: E402
+def settle(n=50):
+    for _ in range(n):
+        app.processEvents()
+        time.sleep(0.02)
 
-Image.fromarray(np.asarray(img)).convert("RGB").save(out)
-print(f"wrote {out} {img.shape}: {drawn} ellipses refined")
+
+wait(lambda: widget.ellipses_layer is not None and widget.refinement.refiner is not None)
+refined = []
+widget.refinement.refined.connect(lambda eid, s: refined.append(eid))
+ellipses = [CLUSTER]
+masks = {c: read_mask(pth) for c, pth in idrid_sample_masks().items()}
+for e in simulate_coarse_ellipses(masks["HE"], "HE", seed=0):
+    x, y = e.center_xy
+    if abs(y - 1300) < 450 and abs(x - 2150) < 650:
+        ellipses.append(e)
+for e in ellipses:
+    widget.set_lesion(e.lesion, activate=False)
+    widget.ellipses_layer.add(ellipse_to_corners(e), shape_type="ellipse")
+wait(lambda: len(set(refined)) >= len(ellipses))
+ex = widget.lesion_layer("EX").data != 0
+inside = rasterize_ellipse(CLUSTER, ex.shape)
+gt = masks["EX"]
+iou = (ex & gt & inside).sum() / max(((ex | gt) & inside).sum(), 1)
+print(f"cluster ellipse: {int((ex & inside).sum())} model px, {int((gt & inside).sum())} exudate px inside, IoU {iou:.2f}")
+widget.set_lesion("EX")
+viewer.layers.selection.active = widget.ellipses_layer
+viewer.camera.center = (1300.0, 2150.0)
+viewer.camera.zoom = 0.9
+settle()
+Image.fromarray(np.asarray(viewer.screenshot(canvas_only=False, flash=False))).convert("RGB").save(out_dir / "refine.png")
+print(f"wrote {out_dir / 'refine.png'}: {len(ellipses)} ellipses refined")
+
+finder = widget.exudate_finder
+done = []
+finder.finished.connect(done.append)
+finder.find_button.click()
+wait(lambda: done or not finder.running and "tile" not in finder.status.text() and finder.status.text() != "", 300)
+if done:
+    widget.ellipses_layer.visible = False
+    viewer.camera.center = (1424.0, 2144.0)
+    viewer.camera.zoom = 0.22
+    settle()
+    Image.fromarray(np.asarray(viewer.screenshot(canvas_only=False, flash=False))).convert("RGB").save(
+        out_dir / "find_exudates.png")
+    print(f"wrote {out_dir / 'find_exudates.png'}: {finder.status.text()}")
+else:
+    print(f"no exudate screenshot: {finder.status.text()}")
 widget.flush()
 widget._timer.stop()
 viewer.close()

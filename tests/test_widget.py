@@ -221,6 +221,22 @@ def test_all_lesion_rows_of_the_count_table_are_visible(make_napari_viewer, qtbo
     widget._timer.stop()
 
 
+def test_nothing_in_the_dock_is_cut_off_at_the_right(make_napari_viewer, qtbot, flat_folder):
+    viewer = make_napari_viewer(show=True)  # napari's default window size, napari's style sheet
+    viewer.open(str(flat_folder), plugin="napari-retina")
+    widget = LesionAnnotator(viewer, preload_model=False)
+    viewer.window.add_dock_widget(widget)
+    qtbot.waitUntil(lambda: widget.isVisible() and widget._scroll.viewport().width() > 0, timeout=3000)
+    qtbot.wait(200)
+    viewport, content = widget._scroll.viewport(), widget._content
+    assert content.width() <= viewport.width(), (content.width(), viewport.width())
+    for w in (widget.superpixel_check, widget.fov_check, widget.exudate_finder.cancel_button, widget.counts):
+        right = w.mapTo(content, w.rect().topRight()).x()
+        assert right < viewport.width(), (type(w).__name__, right, viewport.width())
+    widget.flush()
+    widget._timer.stop()
+
+
 @pytest.fixture
 def bad_mask_folder(tmp_path):
     """IDRiD_22 with an EX mask of the wrong size (100x100) and a good HE mask, then IDRiD_23."""

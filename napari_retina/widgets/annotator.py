@@ -224,8 +224,9 @@ class LesionAnnotator(QWidget):
         self.auto_refine.toggled.connect(self._on_auto_refine)
         self.superpixel_check = QCheckBox("superpixel weighting")
         self.superpixel_check.toggled.connect(self._on_superpixels)
-        rl.addWidget(self.auto_refine, 0, 0)
-        rl.addWidget(self.superpixel_check, 0, 1)
+        # one check box per row: side by side they made the dock wider than napari's default window leaves
+        rl.addWidget(self.auto_refine, 0, 0, 1, 2)
+        rl.addWidget(self.superpixel_check, 5, 0, 1, 2)
         self.threshold_slider = QSlider(Qt.Orientation.Horizontal)
         self.threshold_slider.setRange(5, 95)
         self.threshold_slider.setValue(50)
@@ -255,7 +256,7 @@ class LesionAnnotator(QWidget):
         lay.addWidget(self.exudate_finder)
 
         view = QGroupBox("Display")
-        vl = QHBoxLayout(view)
+        vl = QVBoxLayout(view)  # stacked: side by side they were the dock's widest row
         self.display_combo = QComboBox()
         self.display_combo.addItems(DISPLAY_MODES)
         self.display_combo.currentIndexChanged.connect(self._on_display_changed)
@@ -318,7 +319,24 @@ class LesionAnnotator(QWidget):
         lay.addStretch(1)
         self.class_buttons.button(0).setChecked(True)
         # as wide as the content: only the height scrolls
-        scroll.setMinimumWidth(content.sizeHint().width() + scroll.verticalScrollBar().sizeHint().width())
+        self._scroll, self._content = scroll, content
+        self._fit_width()
+
+    def _fit_width(self) -> None:
+        scroll, content = self._scroll, self._content
+        # the scroll bar napari's style draws is a few pixels wider than its size hint says
+        bar = max(scroll.verticalScrollBar().sizeHint().width(), scroll.verticalScrollBar().width() if scroll.verticalScrollBar().isVisible() else 0)
+        scroll.setMinimumWidth(content.minimumSizeHint().width() + bar + 2 * scroll.frameWidth() + 4)
+
+    def changeEvent(self, event) -> None:
+        # napari's style sheet arrives when the dock is added (larger font, padding): widen to fit it
+        if event.type() in (QEvent.Type.StyleChange, QEvent.Type.FontChange) and hasattr(self, "_scroll"):
+            self._fit_width()
+        super().changeEvent(event)
+
+    def showEvent(self, event) -> None:
+        self._fit_width()
+        super().showEvent(event)
 
     def _bind_keys(self) -> None:
         for les in LESIONS:

@@ -205,7 +205,8 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
 
     out = Path(a.out)
     run_dir = Path(a.run_dir) if a.run_dir else out / "run"
-    say = (lambda *x: None) if a.quiet else (lambda *x: print(*x, flush=True))
+    main_process = is_main_process()  # under torchrun, one process speaks
+    say = (lambda *x: None) if a.quiet or not main_process else (lambda *x: print(*x, flush=True))
     records = gather_records(a.data)
     parent_config = check_model_folder(Path(a.init), expect="exudates") if a.init else None
     split_file = run_dir / "split.json"

@@ -276,9 +276,10 @@ def cmd_segment(args) -> int:
                 summary = segment_into_project(rec, segmenter, project_root=args.project_root)
                 line = f"{summary['project']}: {summary['proposed_px']} px proposed, {summary['seconds']:.1f} s"
             print(f"[{k}/{len(records)}] {rec.image.name}: {line}", file=sys.stderr, flush=True)
-        except (RetinaInputError, OSError) as e:  # one bad image costs only itself
+        except (RetinaInputError, OSError, RuntimeError) as e:  # one bad image (or out of memory) costs only itself
             failed += 1
-            print(f"[{k}/{len(records)}] {rec.image.name}: error: {e}", file=sys.stderr, flush=True)
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            print(f"[{k}/{len(records)}] {rec.image.name}: error: {msg}", file=sys.stderr, flush=True)
     if failed:
         print(f"napari-retina: error: {failed} of {len(records)} images failed", file=sys.stderr)
         return EXIT_USAGE

@@ -217,8 +217,13 @@ class PixelRecord:
         mask: np.ndarray | None = None,
         threshold: float = 0.5,
         description: dict | None = None,
+        erased: np.ndarray | None = None,
     ) -> tuple[Proposal, PixelChange | None]:
-        """Register a proposal (probabilities or a mask on `box`) and add the pixels it claims."""
+        """Register a proposal (probabilities or a mask on `box`) and add the pixels it claims.
+
+        `erased` (bool, the shape of the box) are pixels the grader already rejected: a model
+        run again over the same place keeps them rejected.
+        """
         if lesion not in self.masks:
             raise ValueError(f"unknown lesion {lesion!r}")
         if (prob is None) == (mask is None):
@@ -233,10 +238,15 @@ class PixelRecord:
             data = data[:0, :0]
         else:
             data = data[_local(clipped, full)]
+            if erased is not None:
+                erased = np.asarray(erased, bool)[_local(clipped, full)]
             # a model's box has margins where it proposes nothing (probability 0): keep only the rest
             inner = _tight(data != 0, clipped)
             if inner is not None:
-                data, clipped = data[_local(inner, clipped)], inner
+                data = data[_local(inner, clipped)]
+                if erased is not None:
+                    erased = erased[_local(inner, clipped)]
+                clipped = inner
         p = Proposal(
             id=self.next_id,
             lesion=lesion,
@@ -245,6 +255,7 @@ class PixelRecord:
             prob=np.ascontiguousarray(data, np.float32) if prob is not None else None,
             fixed=np.ascontiguousarray(data, bool) if mask is not None else None,
             threshold=float(threshold),
+            erased=None if erased is None or erased.shape != data.shape else np.array(erased, bool),
         )
         self.next_id += 1
         self._hand_array(lesion)  # what is there now stays the grader's
@@ -278,6 +289,7 @@ class PixelRecord:
                 continue
             p.threshold = float(threshold)
             self._changes.table = True
+            self._changes.proposals.add(p.id)  # its saved probabilities are quantised around the threshold
             change = self._rederive(p.lesion, p.box)
             if change is not None:
                 out.append(change)

@@ -23,6 +23,7 @@ import numpy as np
 from .io.errors import RetinaInputError
 from .proposals import PixelChange, PixelRecord
 
+SEGMENTER_KINDS = {"EX": "exudates"}  # lesion -> the registry's model kind that segments it
 BLOCK = 512  # full-resolution pixels per proposal block side
 FLOOR = 0.05  # probabilities below this are not proposed at any threshold
 
@@ -53,8 +54,12 @@ def propose_map(
                 box = (br, min(br + block, h), bc, min(bc + block, w))
                 if box[0] < r0 or box[1] > r1 or box[2] < c0 or box[3] > c1:
                     continue  # a block is proposed once the tile that completes it is done
+                # what the grader rejected in this block stays rejected when the model runs again
+                erased = np.zeros((box[1] - box[0], box[3] - box[2]), bool)
                 for p in record.find(model=model, block=[box[0], box[2]]):
                     if p.lesion == lesion:
+                        pr0, pr1, pc0, pc1 = p.box
+                        erased[pr0 - box[0] : pr1 - box[0], pc0 - box[2] : pc1 - box[2]] |= p.erased
                         c = record.withdraw(p.id)
                         if c is not None:
                             changes.append(c)
@@ -63,7 +68,8 @@ def propose_map(
                     continue
                 data = np.where(sub >= floor, sub, 0.0).astype(np.float32)
                 desc = dict(description, block=[box[0], box[2]])
-                _, change = record.propose(lesion, box, prob=data, threshold=threshold, description=desc)
+                _, change = record.propose(lesion, box, prob=data, threshold=threshold, description=desc,
+                                           erased=erased if erased.any() else None)
                 if change is not None:
                     changes.append(change)
     return changes
@@ -132,8 +138,8 @@ def evaluate_segmenter(
     from .evaluation import _records
     from .fundus import field_of_view_mask
     from .io.images import read_fundus
-    from .io.masks import read_mask
     from .metrics import LesionFROC, PixelPR, lesion_counts, precision_recall_f1, iou, summarise_lesion_counts
+    from .session import graders_mask
 
     lesion = segmenter.lesion
     records = _records(Path(data), split, segmenter.config.get("validation_images"))
@@ -145,8 +151,7 @@ def evaluate_segmenter(
         if progress:
             progress(k, len(records), rec.stem)
         rgb = read_fundus(rec.image)
-        gt = (read_mask(rec.masks[lesion], expected_shape=rgb.shape[:2]) if lesion in rec.masks
-              else np.zeros(rgb.shape[:2], bool))
+        gt = graders_mask(rec, lesion, rgb.shape[:2])  # a project's unaccepted proposals are not ground truth
         fov = field_of_view_mask(rgb)
         t0 = time.perf_counter()
         prob = maps(rec) if maps is not None else segmenter.probability(rgb, fov)
@@ -155,9 +160,10 @@ def evaluate_segmenter(
         pr.add(q, gt, region=fov)
         froc.add(q, gt, region=fov)
         pred = (q >= pr.bin_of(segmenter.threshold)) & fov
-        p, r, f1 = precision_recall_f1(pred, gt)
-        per_image.append({"image": rec.image.name, "precision": p, "recall": r, "f1": f1, "iou": iou(pred, gt)})
-        lesion_rows.append(lesion_counts(pred, gt))
+        gt_fov = gt & fov  # the pixels the pooled figures count too
+        p, r, f1 = precision_recall_f1(pred, gt_fov)
+        per_image.append({"image": rec.image.name, "precision": p, "recall": r, "f1": f1, "iou": iou(pred, gt_fov)})
+        lesion_rows.append(lesion_counts(pred, gt_fov))
 
     def mean(key):
         v = [d[key] for d in per_image if not math.isnan(d[key])]
@@ -200,10 +206,9 @@ def default_segmenter_dir(lesion: str) -> Path:
     """The shipped model folder of a lesion's segmenter ('EX' -> weights/exudates)."""
     from .models.registry import shipped_model_dir
 
-    kinds = {"EX": "exudates"}
-    if lesion not in kinds:
-        raise RetinaInputError(f"no segmenter for {lesion} yet (available: {', '.join(kinds)})")
-    return shipped_model_dir(kinds[lesion])
+    if lesion not in SEGMENTER_KINDS:
+        raise RetinaInputError(f"no segmenter for {lesion} yet (available: {', '.join(SEGMENTER_KINDS)})")
+    return shipped_model_dir(SEGMENTER_KINDS[lesion])
 
 
 def load_segmenter(lesion: str, model_dir: str | Path | None = None, device: str = "cpu"):
@@ -216,7 +221,14 @@ def load_segmenter(lesion: str, model_dir: str | Path | None = None, device: str
             f"no {lesion} segmentation model is installed ({folder}); train one with "
             f"`python -m training exudates --data DIR --out MODEL_DIR` (the command line takes --model MODEL_DIR)"
         )
-    seg = load_model(folder, device=device)
+    if str(device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RetinaInputError(f"--device {device}: no CUDA device here (use cpu)")
+    elif str(device) != "cpu":
+        raise RetinaInputError(f"--device must be cpu, cuda or cuda:N, not {device!r}")
+    seg = load_model(folder, expect=SEGMENTER_KINDS[lesion], device=device)
     if getattr(seg, "lesion", None) != lesion:
         raise RetinaInputError(f"{folder}: segments {getattr(seg, 'lesion', '?')}, not {lesion}")
     return seg

@@ -86,6 +86,21 @@ def open_record(
     )
 
 
+def graders_mask(record: ImageRecord, code: str, shape: tuple[int, int]) -> np.ndarray:
+    """A lesion as a label: in an annotation project the grader's own pixels (painted or
+    accepted), never model proposals left unaccepted; elsewhere the mask file; none if absent."""
+    if record.project is not None:
+        ann = ProjectFolder(record.project).load()
+        if tuple(ann.shape) != tuple(shape):
+            raise RetinaInputError(f"{record.project}: masks of {ann.shape[1]}x{ann.shape[0]}, image {shape[1]}x{shape[0]}")
+        if code in ann.unreadable:
+            raise RetinaInputError(ann.unreadable[code])
+        return ann.record.hand(code)
+    if code in record.masks:
+        return read_mask(record.masks[code], expected_shape=shape)
+    return np.zeros(shape, bool)
+
+
 def _resize_guard(ann: Annotation, rgb: np.ndarray) -> Annotation:
     raise RetinaInputError(
         f"{ann.image_name}: the image is {rgb.shape[1]}x{rgb.shape[0]} but its annotation "

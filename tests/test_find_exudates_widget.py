@@ -54,7 +54,7 @@ def test_find_fills_overlay_and_proposals_and_never_touches_hand_pixels(annotato
     np.testing.assert_array_equal(layer.data != 0, hand)
     previews = []
     widget.exudate_finder._signals.preview.connect(
-        lambda m: previews.append(None if isinstance(m, float) else int((m > 0).sum())))
+        lambda pl: previews.append(None if isinstance(pl[1], float) else int((pl[1] > 0).sum())))
     finder = _find(widget, qtbot)
     # the overlay filled tile by tile: more of the map with each preview
     filled = [n for n in previews if n is not None]
@@ -147,3 +147,15 @@ def test_no_installed_model_is_one_clear_message(make_napari_viewer, qtbot, flat
     assert finder.overlay_layer() is None
     widget.flush()
     widget._timer.stop()
+
+
+def test_opening_another_image_mid_run_leaves_nothing_of_the_old_one(annotator, qtbot, flat_folder):
+    viewer, widget = annotator
+    finder = widget.exudate_finder
+    qtbot.mouseClick(finder.find_button, Qt.MouseButton.LeftButton)
+    widget.open_path(flat_folder / "IDRiD_02.jpg")
+    qtbot.waitUntil(lambda: not finder.running, timeout=30000)
+    qtbot.waitUntil(lambda: widget.opened.stem == "IDRiD_02", timeout=30000)
+    qtbot.wait(200)
+    assert finder.overlay_layer() is None
+    assert finder.proposals() == [] and not widget.lesion_layer("EX").data.any()

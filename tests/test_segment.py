@@ -186,3 +186,38 @@ def test_no_installed_model_and_a_model_of_another_lesion_are_one_line_errors(tm
         capture_output=True, text=True,
     )
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "no such model folder" in r.stderr
+
+
+def test_running_the_segmenter_again_keeps_what_the_grader_rejected():
+    from napari_retina.proposals import PixelRecord
+    from napari_retina.segmentation import propose_map
+
+    rng = np.random.default_rng(1)
+    shape = (700, 600)  # two blocks by two
+    masks = {"EX": np.zeros(shape, bool)}
+    masks["EX"][10:20, 10:20] = True  # the grader's own
+    record = PixelRecord(masks)
+    prob = rng.random(shape).astype(np.float32)
+    desc = {"kind": "model", "model": "exudates", "version": "a"}
+    propose_map(record, "EX", prob, 0.5, desc)
+    n = len(record.find(model="exudates"))
+    assert n == 4
+    # the grader erases two candidate pixels in different blocks
+    spots = [(300, 100), (600, 550)]
+    for r, c in spots:
+        er = np.zeros((1, 1), bool)
+        er[0, 0] = True
+        record.hand_edit("EX", (r, r + 1, c, c + 1), erased=er)
+        assert not record.masks["EX"][r, c]
+    # a second run (another version, new probabilities that would claim those pixels)
+    prob2 = np.clip(prob + 0.3, 0, 1)
+    propose_map(record, "EX", prob2, 0.5, dict(desc, version="b"))
+    assert len(record.find(model="exudates")) == n  # replaced, not stacked
+    for r, c in spots:
+        assert not record.masks["EX"][r, c]
+    assert record.masks["EX"][10:20, 10:20].all()
+    want = (prob2 >= 0.5) | masks["EX"]
+    for r, c in spots:
+        want[r, c] = False
+    want[10:20, 10:20] = True
+    np.testing.assert_array_equal(record.masks["EX"], want)

@@ -89,8 +89,11 @@ def load_image(record: ImageRecord, lesions=REFINER_LESIONS) -> LoadedImage:
 
 
 def write_split(path: Path, train: list[ImageRecord], val: list[ImageRecord]) -> None:
-    path.write_text(
-        json.dumps({"train": [r.image.name for r in train], "val": [r.image.name for r in val]}, indent=1) + "\n"
+    from napari_retina.io.atomic import atomic_write_text
+
+    # atomic: under torchrun the other processes may read it while the first one writes
+    atomic_write_text(
+        path, json.dumps({"train": [r.image.name for r in train], "val": [r.image.name for r in val]}, indent=1) + "\n"
     )
 
 
@@ -245,9 +248,10 @@ def load_scaled(record: ImageRecord, lesion: str, scale: float) -> ScaledImage:
     from napari_retina.fundus import field_of_view_mask
     from napari_retina.models.segmenter import network_input
 
+    from napari_retina.session import graders_mask
+
     rgb = read_fundus(record.image)
-    full = (read_mask(record.masks[lesion], expected_shape=rgb.shape[:2]) if lesion in record.masks
-            else np.zeros(rgb.shape[:2], bool))
+    full = graders_mask(record, lesion, rgb.shape[:2])  # a project's unaccepted proposals are not labels
     fov_full = field_of_view_mask(rgb)
     x, fov = network_input(rgb, fov_full, scale)
     h, w = fov.shape

@@ -873,6 +873,7 @@ class LesionAnnotator(QWidget):
     def _show_opened(self, result: tuple[OpenedImage, int]) -> None:
         """Replace the previous image's layers (its save is already queued)."""
         opened, index = result
+        self.exudate_finder.image_changed()
         try:
             for layer in list(self.viewer.layers):
                 if _role(layer) in ("image", "lesion", "ellipses", "fov", "probability"):
@@ -1048,6 +1049,7 @@ class LesionAnnotator(QWidget):
 
     def closeEvent(self, event) -> None:
         self._timer.stop()
+        self.exudate_finder.image_changed()  # a run in progress stops with the window
         try:
             self.flush()
         except Exception as e:

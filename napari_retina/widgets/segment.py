@@ -101,15 +101,18 @@ class LesionFinder(QGroupBox):
             from ..segmentation import load_segmenter
 
             seg = segmenter or load_segmenter(code, model_dir)
-            signals.preview.emit(seg.scale)  # a float first: the overlay's scale
+            signals.preview.emit((rgb, seg.scale))  # first the overlay's scale, then the maps
             result = seg.segment(rgb, fov, progress=signals.tile.emit, cancelled=lambda: self._cancel,
-                                 preview=lambda m: signals.preview.emit(m.copy()))
+                                 preview=lambda m: signals.preview.emit((rgb, m.copy())))
             return rgb, seg, result
 
         self._worker = run()
+        self._worker._rgb = rgb  # the image this run belongs to
         self._worker.returned.connect(self._done)
         self._worker.errored.connect(self._failed)
         self._worker.finished.connect(self._ended)
+        overlay = self.overlay_layer()  # given back if the run is cancelled or fails
+        self._overlay_before = None if overlay is None else (overlay.data, tuple(overlay.scale), tuple(overlay.translate))
         self.find_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.status.setText("loading the model..." if segmenter is None else "segmenting...")
@@ -128,13 +131,28 @@ class LesionFinder(QGroupBox):
         self._pbar.refresh()
         self.status.setText(f"tile {done} of {total}")
 
-    def _on_preview(self, data) -> None:
+    def _on_preview(self, payload) -> None:
         """The overlay fills tile by tile while the model runs (at the working scale, scaled up)."""
+        rgb, data = payload
+        op = self.ann_widget.opened
+        if op is None or op.rgb is not rgb or self._cancel:
+            return  # another image is open now (its run is being cancelled)
         if isinstance(data, float):
             self._scale = data
             return
-        if self.ann_widget.opened is not None:
-            self._show_overlay(data, 1.0 / self._scale)
+        self._show_overlay(data, 1.0 / self._scale)
+
+    def _restore_overlay(self) -> None:
+        layer = self.overlay_layer()
+        before = getattr(self, "_overlay_before", None)
+        if layer is None:
+            return
+        if before is None:
+            self.ann_widget.viewer.layers.remove(layer)
+        else:
+            data, scale, translate = before
+            layer.scale, layer.translate = scale, translate
+            layer.data = data
 
     def _ended(self) -> None:
         self._worker = None
@@ -147,6 +165,9 @@ class LesionFinder(QGroupBox):
     def _failed(self, exc) -> None:
         from ..models.tiling import TilingCancelled
 
+        op = self.ann_widget.opened
+        if op is not None and op.rgb is getattr(self._worker, "_rgb", None):
+            self._restore_overlay()
         if isinstance(exc, TilingCancelled):
             self.status.setText("cancelled: nothing was changed")
             return
@@ -217,11 +238,17 @@ class LesionFinder(QGroupBox):
         return [p for p in op.annotation.record.find(model=model) if p.lesion == self.code]
 
     def set_threshold_value(self, t: float) -> None:
+        """The model's own threshold, exactly (the slider shows it to 0.01 until the grader moves it)."""
         self.threshold_slider.blockSignals(True)
         self.threshold_slider.setValue(int(round(t * 100)))
         self.threshold_slider.blockSignals(False)
-        self.threshold = self.threshold_slider.value() / 100
+        self.threshold = float(t)
         self.threshold_label.setText(f"threshold {self.threshold:.2f}")
+
+    def image_changed(self) -> None:
+        """A new image is open: a run on the previous one stops (its results would not apply)."""
+        if self.running:
+            self.cancel()
 
     def _on_threshold(self, value: int) -> None:
         self.threshold = value / 100

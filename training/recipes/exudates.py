@@ -124,7 +124,8 @@ def score_scaled(probs, images) -> dict:
         tp, fp, fn, _ = pr.counts(level)
         f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
         if f1 > best_f1:
-            best_f1, best_t = f1, level / 255
+            # half a level below: p >= t then keeps exactly the levels >= `level` (metrics.level_threshold)
+            best_f1, best_t = f1, (level - 0.5) / 255
     aupr = pr.aupr()
     return {"aupr": 0.0 if np.isnan(aupr) else aupr, "f1": best_f1, "threshold": best_t}
 
@@ -142,7 +143,7 @@ def model_config(net, info: dict, metrics: dict, trainer) -> dict:
         "tile": 512,
         "overlap": 128,
         "normalisation": "per-image standardisation over the field of view (models.segmenter.network_input)",
-        "threshold": round(float(metrics.get("val_threshold", 0.5)), 4),
+        "threshold": round(float(metrics.get("val_threshold", 0.5)), 6),
         "validation_images": info["validation_images"],
         "training": {
             "epochs": int(parent.get("epochs", 0)) + epochs_here,

@@ -86,19 +86,34 @@ def open_record(
     )
 
 
-def graders_mask(record: ImageRecord, code: str, shape: tuple[int, int]) -> np.ndarray:
-    """A lesion as a label: in an annotation project the grader's own pixels (painted or
-    accepted), never model proposals left unaccepted; elsewhere the mask file; none if absent."""
-    if record.project is not None:
-        ann = ProjectFolder(record.project).load()
+def graders_masks(
+    record: ImageRecord, codes, shape: tuple[int, int], project_root: str | Path | None = None
+) -> dict[str, np.ndarray]:
+    """Lesions as labels for training and evaluation, {code: bool mask}.
+
+    Where the image has an annotation project (it lives in one, or one exists where the
+    annotator saves it: beside the image or under `project_root`), the grader's corrections
+    count: the grader's own pixels (painted, or proposals accepted), never model proposals
+    left unaccepted. Elsewhere the mask files; no file means no lesion (IDRiD convention).
+    """
+    project = project_dir_for(record, project_root)
+    if ProjectFolder(project).exists():
+        ann = ProjectFolder(project).load()
         if tuple(ann.shape) != tuple(shape):
-            raise RetinaInputError(f"{record.project}: masks of {ann.shape[1]}x{ann.shape[0]}, image {shape[1]}x{shape[0]}")
-        if code in ann.unreadable:
-            raise RetinaInputError(ann.unreadable[code])
-        return ann.record.hand(code)
-    if code in record.masks:
-        return read_mask(record.masks[code], expected_shape=shape)
-    return np.zeros(shape, bool)
+            raise RetinaInputError(f"{project}: masks of {ann.shape[1]}x{ann.shape[0]}, image {shape[1]}x{shape[0]}")
+        for code in codes:
+            if code in ann.unreadable:
+                raise RetinaInputError(ann.unreadable[code])
+        return {code: ann.record.hand(code) for code in codes}
+    return {
+        code: read_mask(record.masks[code], expected_shape=shape) if code in record.masks else np.zeros(shape, bool)
+        for code in codes
+    }
+
+
+def graders_mask(record: ImageRecord, code: str, shape: tuple[int, int], project_root=None) -> np.ndarray:
+    """One lesion of `graders_masks`."""
+    return graders_masks(record, [code], shape, project_root)[code]
 
 
 def _resize_guard(ann: Annotation, rgb: np.ndarray) -> Annotation:

@@ -75,16 +75,15 @@ class LoadedImage:
 
 
 def load_image(record: ImageRecord, lesions=REFINER_LESIONS) -> LoadedImage:
-    """Pixels and masks of one record; a project folder's saved masks win over ground truth."""
-    image = record.image
-    masks = dict(record.masks)
-    rgb = read_fundus(image)
+    """Pixels and labels of one record: where the image has an annotation project, the grader's
+    own pixels there (never unaccepted proposals), else its mask files (session.graders_masks)."""
+    from napari_retina.session import graders_masks
+
+    rgb = read_fundus(record.image)
     out = LoadedImage(record.stem, rgb)
-    for code in lesions:
-        if code in masks:
-            m = read_mask(masks[code], expected_shape=rgb.shape[:2])
-            if m.any():
-                out.masks[code] = m
+    for code, m in graders_masks(record, list(lesions), rgb.shape[:2]).items():
+        if m.any():
+            out.masks[code] = m
     return out
 
 

@@ -1,0 +1,48 @@
+"""A grader's corrections reach training: a project beside the image wins over the data set's masks."""
+
+import numpy as np
+import pytest
+
+from conftest import EX_BLOBS, blob_mask
+
+
+def _correct_in_project(record, code="EX"):
+    """What the annotator saves after a grader erases one blob, paints one and leaves one proposal."""
+    from napari_retina.io.project import ProjectWriter
+    from napari_retina.session import open_record
+
+    op = open_record(record)
+    ann = op.annotation
+    rec = ann.record
+    gt = ann.masks[code].copy()
+    first = blob_mask(EX_BLOBS[:1])
+    rec.hand_edit(code, (0, gt.shape[0], 0, gt.shape[1]), erased=first)  # the first blob was wrong
+    painted = blob_mask([(80, 110)], radius=2)
+    rec.hand_edit(code, (0, gt.shape[0], 0, gt.shape[1]), painted=painted)  # one the data set missed
+    prob = np.zeros(gt.shape, np.float32)
+    prob[5:15, 100:120] = 0.9  # a model proposal never accepted
+    rec.propose(code, (0, gt.shape[0], 0, gt.shape[1]), prob=prob, threshold=0.5,
+                description={"kind": "model", "model": "exudates"})
+    writer = ProjectWriter(op.project_dir, op.record.image, op.rgb, ann.masks)
+    writer.write(ann.snapshot(ellipses=ann.ellipses, all_lesions=True))
+    assert op.project_dir.is_dir()
+    return (gt & ~first) | painted, prob >= 0.5
+
+
+@pytest.mark.parametrize("layout", ["flat", "idrid"])
+def test_a_corrected_project_beside_the_image_is_what_training_reads(layout, flat_folder, idrid_folder):
+    from napari_retina.io.datasets import open_dataset
+    from training.data import load_image, load_scaled
+
+    root = flat_folder if layout == "flat" else idrid_folder
+    record = [r for r in open_dataset(root).records if r.stem == "IDRiD_01"][0]
+    want, proposal = _correct_in_project(record)
+    record = [r for r in open_dataset(root).records if r.stem == "IDRiD_01"][0]  # as training lists it
+    img = load_image(record, lesions=("EX",))
+    np.testing.assert_array_equal(img.masks["EX"], want)
+    assert not (img.masks["EX"] & proposal).any()  # the unaccepted proposal is not a label
+    scaled = load_scaled(record, "EX", 1.0)
+    np.testing.assert_array_equal(scaled.target >= 0.5, want)
+    # the image without a project still reads the data set's own masks
+    other = [r for r in open_dataset(root).records if r.stem == "IDRiD_02"][0]
+    assert "EX" not in load_image(other, lesions=("EX",)).masks

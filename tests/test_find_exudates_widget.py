@@ -122,6 +122,9 @@ def test_unaccepted_candidates_survive_reopen_and_cancel_changes_nothing(annotat
     qtbot.waitUntil(lambda: w2.opened is not None, timeout=10000)
     np.testing.assert_array_equal(w2.lesion_layer("EX").data != 0, shown)
     assert len(w2.exudate_finder.proposals()) == n_props
+    # the slider shows the candidates' threshold, so the first move starts from what is shown
+    assert w2.exudate_finder.threshold == pytest.approx(finder.threshold)
+    assert w2.exudate_finder.threshold_slider.value() == finder.threshold_slider.value()
     # a cancelled run leaves the layer as it was
     f2 = w2.exudate_finder
     before = w2.lesion_layer("EX").data.copy()

@@ -479,6 +479,7 @@ class LesionAnnotator(QWidget):
         n = f" ({self.index + 1}/{len(self.dataset)})" if self.dataset else ""
         self.image_label.setText(f"<b>{op.record.image.name}</b>{n}")
         self.refinement.reset(self.current_ellipses())
+        self.exudate_finder.show_restored()
         self.fov = None
         self._compute_fov()  # the counts follow once the field of view is known
 

@@ -245,6 +245,15 @@ class LesionFinder(QGroupBox):
         self.threshold = float(t)
         self.threshold_label.setText(f"threshold {self.threshold:.2f}")
 
+    def show_restored(self) -> None:
+        """An image opened with candidates already in its project: the slider shows their threshold."""
+        props = self.proposals()
+        if props:
+            self.set_threshold_value(props[0].threshold)
+            self.status.setText(f"{len(props)} blocks with candidates from the project; erase what is wrong, then accept")
+        else:
+            self.status.setText("")
+
     def image_changed(self) -> None:
         """A new image is open: a run on the previous one stops (its results would not apply)."""
         if self.running:

@@ -286,9 +286,24 @@ def cmd_segment(args) -> int:
     return 0
 
 
-def cmd_evaluate(args) -> int:
+def _progress_line(k: int, n: int, stem: str) -> None:
+    print(f"[{k}/{n}] {stem}", file=sys.stderr, flush=True)
+
+
+def _print_json(result: dict, out: str | None) -> int:
+    """The one JSON document of an `evaluate` command, also written to `out` (atomically)."""
     import json
 
+    text = json.dumps(result, indent=2)
+    if out:
+        from .io.atomic import atomic_write_text
+
+        atomic_write_text(out, text + "\n")
+    print(text)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
     if args.what == "ex":
         return _evaluate_segmenter(args, "EX")
     if args.what != "refine":
@@ -310,20 +325,12 @@ def cmd_evaluate(args) -> int:
         split=args.split,
         seed=args.seed,
         limit=args.limit,
-        progress=lambda k, n, stem: print(f"[{k}/{n}] {stem}", file=sys.stderr, flush=True),
+        progress=_progress_line,
     )
-    text = json.dumps(result, indent=2)
-    if args.out:
-        from .io.atomic import atomic_write_text
-
-        atomic_write_text(args.out, text + "\n")
-    print(text)
-    return 0
+    return _print_json(result, args.out)
 
 
 def _evaluate_segmenter(args, lesion: str) -> int:
-    import json
-
     from .segmentation import evaluate_segmenter, load_segmenter
 
     data = Path(args.data)
@@ -332,15 +339,9 @@ def _evaluate_segmenter(args, lesion: str) -> int:
     segmenter = load_segmenter(lesion, args.model, device=args.device)
     result = evaluate_segmenter(
         data, segmenter, split=args.split, limit=args.limit,
-        progress=lambda k, n, stem: print(f"[{k}/{n}] {stem}", file=sys.stderr, flush=True),
+        progress=_progress_line,
     )
-    text = json.dumps(result, indent=2)
-    if args.out:
-        from .io.atomic import atomic_write_text
-
-        atomic_write_text(args.out, text + "\n")
-    print(text)
-    return 0
+    return _print_json(result, args.out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -36,42 +36,37 @@ def propose_map(
     description: dict,
     block: int = BLOCK,
     floor: float = FLOOR,
-    tiles: Optional[Iterable[tuple[int, int, int, int]]] = None,
 ) -> list[PixelChange]:
     """Put a full-size probability map into `record` as block proposals; returns the changes.
 
     The model's earlier proposals of this lesion in those blocks (not yet accepted) are
-    withdrawn first, so running a segmenter twice never stacks its pixels. `tiles` limits
-    the work to some boxes (r0, r1, c0, c1) of the image (the widget fills tile by tile).
+    withdrawn first, so running a segmenter twice never stacks its pixels; what the grader
+    erased in a block stays erased.
     """
     h, w = prob.shape
     model = description.get("model")
-    boxes = list(tiles) if tiles is not None else [(0, h, 0, w)]
     changes: list[PixelChange] = []
-    for r0, r1, c0, c1 in boxes:
-        for br in range((r0 // block) * block, r1, block):
-            for bc in range((c0 // block) * block, c1, block):
-                box = (br, min(br + block, h), bc, min(bc + block, w))
-                if box[0] < r0 or box[1] > r1 or box[2] < c0 or box[3] > c1:
-                    continue  # a block is proposed once the tile that completes it is done
-                # what the grader rejected in this block stays rejected when the model runs again
-                erased = np.zeros((box[1] - box[0], box[3] - box[2]), bool)
-                for p in record.find(model=model, block=[box[0], box[2]]):
-                    if p.lesion == lesion:
-                        pr0, pr1, pc0, pc1 = p.box
-                        erased[pr0 - box[0] : pr1 - box[0], pc0 - box[2] : pc1 - box[2]] |= p.erased
-                        c = record.withdraw(p.id)
-                        if c is not None:
-                            changes.append(c)
-                sub = prob[box[0] : box[1], box[2] : box[3]]
-                if not (sub >= floor).any():
-                    continue
-                data = np.where(sub >= floor, sub, 0.0).astype(np.float32)
-                desc = dict(description, block=[box[0], box[2]])
-                _, change = record.propose(lesion, box, prob=data, threshold=threshold, description=desc,
-                                           erased=erased if erased.any() else None)
-                if change is not None:
-                    changes.append(change)
+    for br in range(0, h, block):
+        for bc in range(0, w, block):
+            box = (br, min(br + block, h), bc, min(bc + block, w))
+            # what the grader rejected in this block stays rejected when the model runs again
+            erased = np.zeros((box[1] - box[0], box[3] - box[2]), bool)
+            for p in record.find(model=model, block=[box[0], box[2]]):
+                if p.lesion == lesion:
+                    pr0, pr1, pc0, pc1 = p.box
+                    erased[pr0 - box[0] : pr1 - box[0], pc0 - box[2] : pc1 - box[2]] |= p.erased
+                    c = record.withdraw(p.id)
+                    if c is not None:
+                        changes.append(c)
+            sub = prob[box[0] : box[1], box[2] : box[3]]
+            if not (sub >= floor).any():
+                continue
+            data = np.where(sub >= floor, sub, 0.0).astype(np.float32)
+            desc = dict(description, block=[box[0], box[2]])
+            _, change = record.propose(lesion, box, prob=data, threshold=threshold, description=desc,
+                                       erased=erased if erased.any() else None)
+            if change is not None:
+                changes.append(change)
     return changes
 
 

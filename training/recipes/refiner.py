@@ -29,7 +29,6 @@ import datetime
 import json
 import platform
 import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -441,16 +440,6 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    p = build_parser()
-    a = p.parse_args(argv)
-    _validate_args(p, a)
-    try:
-        return run(a, argv)
-    except (RetinaInputError, DataError, OSError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"training refiner: error: {msg}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("training refiner: interrupted; resume with --resume", file=sys.stderr)
-        return 130
+    from ._main import recipe_main
+
+    return recipe_main("refiner", build_parser, _validate_args, run, argv)

@@ -28,6 +28,54 @@ BLOCK = 512  # full-resolution pixels per proposal block side
 FLOOR = 0.05  # probabilities below this are not proposed at any threshold
 
 
+def propose_block(
+    record: PixelRecord,
+    lesion: str,
+    box: tuple[int, int, int, int],
+    sub: np.ndarray,
+    threshold: float,
+    description: dict,
+    floor: float = FLOOR,
+    withdrawn: list | None = None,
+) -> list[PixelChange]:
+    """Put one block's probabilities (`sub`, the shape of `box`) into `record`; returns the changes.
+
+    The model's earlier proposals of this lesion in this block (not yet accepted) are withdrawn
+    first (appended to `withdrawn` when given), so running a segmenter twice never stacks its
+    pixels; what the grader erased in the block stays erased.
+    """
+    model = description.get("model")
+    changes: list[PixelChange] = []
+    # what the grader rejected in this block stays rejected when the model runs again
+    erased = np.zeros((box[1] - box[0], box[3] - box[2]), bool)
+    for p in record.find(model=model, block=[box[0], box[2]]):
+        if p.lesion == lesion:
+            pr0, pr1, pc0, pc1 = p.box
+            erased[pr0 - box[0] : pr1 - box[0], pc0 - box[2] : pc1 - box[2]] |= p.erased
+            if withdrawn is not None:
+                withdrawn.append(p)
+            c = record.withdraw(p.id)
+            if c is not None:
+                changes.append(c)
+    if not (sub >= floor).any():
+        return changes
+    data = np.where(sub >= floor, sub, 0.0).astype(np.float32)
+    desc = dict(description, block=[box[0], box[2]])
+    _, change = record.propose(lesion, box, prob=data, threshold=threshold, description=desc,
+                               erased=erased if erased.any() else None)
+    if change is not None:
+        changes.append(change)
+    return changes
+
+
+def blocks_of(shape: tuple[int, int], block: int = BLOCK):
+    """The proposal blocks (r0, r1, c0, c1) of an image of `shape`, row by row from (0, 0)."""
+    h, w = shape
+    for br in range(0, h, block):
+        for bc in range(0, w, block):
+            yield br, min(br + block, h), bc, min(bc + block, w)
+
+
 def propose_map(
     record: PixelRecord,
     lesion: str,
@@ -39,35 +87,65 @@ def propose_map(
 ) -> list[PixelChange]:
     """Put a full-size probability map into `record` as block proposals; returns the changes.
 
-    The model's earlier proposals of this lesion in those blocks (not yet accepted) are
-    withdrawn first, so running a segmenter twice never stacks its pixels; what the grader
-    erased in a block stays erased.
+    Each block as `propose_block`: earlier unaccepted proposals of the model are replaced,
+    the grader's erasures kept.
     """
-    h, w = prob.shape
-    model = description.get("model")
     changes: list[PixelChange] = []
-    for br in range(0, h, block):
-        for bc in range(0, w, block):
-            box = (br, min(br + block, h), bc, min(bc + block, w))
-            # what the grader rejected in this block stays rejected when the model runs again
-            erased = np.zeros((box[1] - box[0], box[3] - box[2]), bool)
-            for p in record.find(model=model, block=[box[0], box[2]]):
-                if p.lesion == lesion:
-                    pr0, pr1, pc0, pc1 = p.box
-                    erased[pr0 - box[0] : pr1 - box[0], pc0 - box[2] : pc1 - box[2]] |= p.erased
-                    c = record.withdraw(p.id)
-                    if c is not None:
-                        changes.append(c)
-            sub = prob[box[0] : box[1], box[2] : box[3]]
-            if not (sub >= floor).any():
-                continue
-            data = np.where(sub >= floor, sub, 0.0).astype(np.float32)
-            desc = dict(description, block=[box[0], box[2]])
-            _, change = record.propose(lesion, box, prob=data, threshold=threshold, description=desc,
-                                       erased=erased if erased.any() else None)
-            if change is not None:
-                changes.append(change)
+    for box in blocks_of(prob.shape, block):
+        changes += propose_block(record, lesion, box, prob[box[0] : box[1], box[2] : box[3]], threshold,
+                                 description, floor)
     return changes
+
+
+class RunProposals:
+    """One segmenter run's proposals, block by block as the map is made; undone whole on cancel.
+
+    `add` proposes a block as soon as its values are final (`LesionSegmenter.probability`'s
+    `on_block`), so candidates appear while the model runs; `finish` proposes the blocks not
+    yet added from the finished map; `roll_back` withdraws what this run proposed and puts
+    back the proposals it replaced, so a cancelled run leaves the record as it found it.
+    """
+
+    def __init__(self, record: PixelRecord, lesion: str, threshold: float, description: dict,
+                 block: int = BLOCK, floor: float = FLOOR):
+        self.record, self.lesion, self.threshold = record, lesion, float(threshold)
+        self.description, self.block, self.floor = dict(description), block, floor
+        self.done: set[tuple[int, int]] = set()  # block origins proposed by this run
+        self.replaced: list = []  # the proposals this run withdrew, as they were
+        self.closed = False
+
+    def add(self, box: tuple[int, int, int, int], sub: np.ndarray) -> list[PixelChange]:
+        if self.closed or (box[0], box[2]) in self.done:
+            return []
+        self.done.add((box[0], box[2]))
+        return propose_block(self.record, self.lesion, box, sub, self.threshold, self.description, self.floor,
+                             withdrawn=self.replaced)
+
+    def finish(self, prob: np.ndarray) -> list[PixelChange]:
+        changes: list[PixelChange] = []
+        for box in blocks_of(prob.shape, self.block):
+            changes += self.add(box, prob[box[0] : box[1], box[2] : box[3]])
+        self.closed = True
+        return changes
+
+    def roll_back(self) -> list[PixelChange]:
+        if self.closed:
+            return []
+        self.closed = True
+        model = self.description.get("model")
+        changes: list[PixelChange] = []
+        for p in self.record.find(model=model):
+            if p.lesion == self.lesion and tuple(p.description.get("block", ())) in self.done:
+                c = self.record.withdraw(p.id)
+                if c is not None:
+                    changes.append(c)
+        for p in self.replaced:
+            data = {"prob": p.prob} if p.prob is not None else {"mask": p.fixed}
+            _, c = self.record.propose(p.lesion, p.box, threshold=p.threshold, description=p.description,
+                                       erased=p.erased if p.erased.any() else None, **data)
+            if c is not None:
+                changes.append(c)
+        return changes
 
 
 def segment_into_project(image_record, segmenter, project_root=None, grader: str | None = None) -> dict:

@@ -54,10 +54,10 @@ def test_find_fills_overlay_and_proposals_and_never_touches_hand_pixels(annotato
     np.testing.assert_array_equal(layer.data != 0, hand)
     previews = []
     widget.exudate_finder._signals.preview.connect(
-        lambda pl: previews.append(None if isinstance(pl[1], float) else int((pl[1] > 0).sum())))
+        lambda pl: previews.append(int((pl[1] > 0).sum())))
     finder = _find(widget, qtbot)
     # the overlay filled tile by tile: more of the map with each preview
-    filled = [n for n in previews if n is not None]
+    filled = previews
     assert len(filled) > 3 and filled == sorted(filled) and filled[0] < filled[-1]
     overlay = finder.overlay_layer()
     assert overlay is not None and overlay.data.shape == layer.data.shape and overlay.data.dtype == np.uint8
@@ -162,3 +162,50 @@ def test_opening_another_image_mid_run_leaves_nothing_of_the_old_one(annotator, 
     qtbot.wait(200)
     assert finder.overlay_layer() is None
     assert finder.proposals() == [] and not widget.lesion_layer("EX").data.any()
+
+
+def test_candidates_appear_block_by_block_while_the_model_runs(annotator, qtbot, monkeypatch):
+    import napari_retina.segmentation as segmentation
+
+    monkeypatch.setattr(segmentation, "BLOCK", 32)  # 12 blocks on the small test image
+    viewer, widget = annotator
+    finder = widget.exudate_finder
+    layer = widget.lesion_layer("EX")
+    hand = blob_mask(EX_BLOBS)
+    seen = []  # (blocks proposed, model pixels shown) after each block, as the grader sees them
+    finder._signals.block.connect(lambda pl: seen.append((len(finder.proposals()), int(((layer.data != 0) & ~hand).sum()))))
+    finder.threshold_slider.setValue(10)
+    with qtbot.waitSignal(finder.finished, timeout=30000):
+        qtbot.mouseClick(finder.find_button, Qt.MouseButton.LeftButton)
+    assert len(seen) == 12
+    counts = [n for n, _ in seen]
+    assert counts == sorted(counts) and counts[0] >= 1 and counts[0] < counts[-1]
+    shown = [px for _, px in seen]
+    assert shown == sorted(shown) and 0 < shown[len(shown) // 2] < shown[-1]  # on screen while the model runs
+    assert len(finder.proposals()) == counts[-1]  # the end of the run adds nothing twice
+
+
+def test_cancel_mid_run_withdraws_what_the_run_proposed_and_gives_back_the_earlier_candidates(annotator, qtbot, monkeypatch):
+    import napari_retina.segmentation as segmentation
+
+    monkeypatch.setattr(segmentation, "BLOCK", 32)
+    viewer, widget = annotator
+    finder = _find(widget, qtbot)  # a first run: its candidates are in the layer
+    layer = widget.lesion_layer("EX")
+    finder.threshold_slider.setValue(int(round(100 * _median_of_proposals(finder))))
+    ids_before = sorted(p.id for p in finder.proposals())
+    assert ids_before
+    finder.threshold_slider.setValue(finder.threshold_slider.value() - 20)  # the second run would show more
+    before = layer.data.copy()
+
+    def cancel_after_some_blocks(pl):
+        if len([p for p in finder.proposals() if p.id not in ids_before]) >= 3:
+            finder.cancel()
+    finder._signals.block.connect(cancel_after_some_blocks)
+    qtbot.mouseClick(finder.find_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: not finder.running, timeout=30000)
+    assert "cancelled" in finder.status.text()
+    np.testing.assert_array_equal(layer.data, before)
+    assert len(finder.proposals()) == len(ids_before)
+    # what is shown is what the record holds, and it is saved as such
+    np.testing.assert_array_equal(layer.data != 0, widget.opened.annotation.masks["EX"])

@@ -221,3 +221,68 @@ def test_running_the_segmenter_again_keeps_what_the_grader_rejected():
         want[r, c] = False
     want[10:20, 10:20] = True
     np.testing.assert_array_equal(record.masks["EX"], want)
+
+
+def test_blocks_of_the_map_arrive_while_it_is_made_with_their_final_values(model_dir):
+    seg = load_model(model_dir)
+    seg.batch = 1
+    rgb = fundus_rgb(4)
+    events = []
+    prob = seg.probability(rgb, progress=lambda k, n: events.append(("tile", k, n)),
+                           on_block=lambda box, sub: events.append(("block", box, sub)), block=16)
+    blocks = [e for e in events if e[0] == "block"]
+    boxes = [e[1] for e in blocks]
+    assert sorted(boxes) == sorted((r, min(r + 16, H), c, min(c + 16, W)) for r in range(0, H, 16) for c in range(0, W, 16))
+    for _, (r0, r1, c0, c1), sub in blocks:  # exactly the finished map's values
+        np.testing.assert_array_equal(sub, prob[r0:r1, c0:c1])
+    # the first blocks came before the last tiles ran: a caller can show them at once
+    first_block = next(i for i, e in enumerate(events) if e[0] == "block")
+    tiles_after = [e for e in events[first_block:] if e[0] == "tile"]
+    assert len(tiles_after) >= 2
+
+
+def test_a_run_proposes_block_by_block_finishes_like_propose_map_and_rolls_back_to_what_it_found():
+    from napari_retina.proposals import PixelRecord
+    from napari_retina.segmentation import RunProposals, propose_map
+
+    rng = np.random.default_rng(2)
+    shape = (700, 600)  # two blocks by two
+    desc = {"kind": "model", "model": "exudates", "version": "a"}
+    prob_a = rng.random(shape).astype(np.float32)
+    prob_b = rng.random(shape).astype(np.float32)
+
+    def fresh():
+        masks = {"EX": np.zeros(shape, bool)}
+        masks["EX"][10:20, 10:20] = True  # the grader's own
+        record = PixelRecord(masks)
+        propose_map(record, "EX", prob_a, 0.5, desc)  # an earlier run
+        er = np.zeros((1, 1), bool)
+        er[0, 0] = True
+        record.hand_edit("EX", (600, 601, 550, 551), erased=er)  # the grader rejected one of its pixels
+        return record
+
+    # one block at a time, then the rest from the finished map: the same as proposing the map whole
+    rec = fresh()
+    run = RunProposals(rec, "EX", 0.5, dict(desc, version="b"))
+    changes = run.add((512, 700, 512, 600), prob_b[512:, 512:])
+    assert changes and len(rec.find(model="exudates", version="b")) == 1
+    assert not rec.masks["EX"][600, 550]  # the rejection carries over to the new run
+    run.finish(prob_b)
+    whole = fresh()
+    propose_map(whole, "EX", prob_b, 0.5, dict(desc, version="b"))
+    np.testing.assert_array_equal(rec.masks["EX"], whole.masks["EX"])
+    assert len(rec.find(model="exudates", version="b")) == 4 and not rec.find(version="a")
+    # a run stopped half way gives back exactly what was there before
+    rec = fresh()
+    before = rec.masks["EX"].copy()
+    run = RunProposals(rec, "EX", 0.5, dict(desc, version="b"))
+    run.add((0, 512, 0, 512), prob_b[:512, :512])
+    run.add((512, 700, 512, 600), prob_b[512:, 512:])
+    assert not np.array_equal(rec.masks["EX"], before)
+    run.roll_back()
+    np.testing.assert_array_equal(rec.masks["EX"], before)
+    assert len(rec.find(model="exudates", version="a")) == 4 and not rec.find(version="b")
+    # the old proposals are live again: the threshold still moves them
+    rec.set_threshold(0.9, model="exudates")
+    assert rec.masks["EX"].sum() < before.sum() and rec.masks["EX"][10:20, 10:20].all()
+    assert not rec.masks["EX"][600, 550]

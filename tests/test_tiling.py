@@ -196,3 +196,21 @@ def test_importing_the_engine_needs_neither_torch_nor_opencv_nor_a_gui():
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+def test_partial_marks_final_only_pixels_no_window_to_come_will_change():
+    image = random_image(64, 96)
+    fov = disc(64, 96, (32, 48), 40)
+    seen = []
+    out = predict_tiled(correlate, image, 32, 16, fov=fov, batch=2,
+                        partial=lambda o, final: seen.append((o.copy(), final.copy())))
+    assert len(seen) == 8  # one call per batch (15 windows)
+    finals = [f for _, f in seen]
+    for a, b in zip(finals, finals[1:]):
+        assert (b >= a).all()  # once final, always final
+    assert finals[0].sum() < finals[-2].sum() < finals[-1].sum() == 64 * 96
+    for o, final in seen:  # a final value is the value the finished map has
+        np.testing.assert_array_equal(o[0][final & fov], out[0][final & fov])
+    # and a pixel not yet final did change afterwards somewhere (the flag is not trivially True)
+    o, final = seen[2]
+    assert not np.allclose(o[0][~final & fov], out[0][~final & fov])

@@ -142,12 +142,17 @@ class LesionSegmenter:
         progress: Optional[Callable[[int, int], None]] = None,
         cancelled: Optional[Callable[[], bool]] = None,
         preview: Optional[Callable[[np.ndarray], None]] = None,
+        on_block: Optional[Callable[[tuple[int, int, int, int], np.ndarray], None]] = None,
+        block: int = 512,
     ) -> np.ndarray:
         """Full-size float32 lesion probability (0 outside the field of view).
 
         `progress(done, total)` is called per batch of tiles; `cancelled()` is checked between
         them and stops the run with `tiling.TilingCancelled`; `preview(map)` receives the map at
-        the working scale as uint8 (0-255) as it fills, tile by tile.
+        the working scale as uint8 (0-255) as it fills, tile by tile. `on_block(box, prob)`
+        receives each `block` x `block` full-resolution block (box = r0, r1, c0, c1, on the
+        grid from (0, 0)) as soon as no tile still to run can change it, with exactly the
+        values the returned map has there, so a caller can use the map while it is made.
         """
         from ..fundus import field_of_view_mask
         from .tiling import predict_tiled, torch_predictor
@@ -157,22 +162,73 @@ class LesionSegmenter:
             fov = field_of_view_mask(rgb)
         x, small_fov = network_input(rgb, fov, self.scale)
         tile = min(self.tile, _round_up(max(x.shape[1:]), self.stride_multiple))
-        prob = predict_tiled(
+        blocks = _BlockFeed(on_block, block, (h, w), x.shape[1:], fov, small_fov) if on_block is not None else None
+
+        def partial(out: np.ndarray, final: np.ndarray) -> None:
+            if preview is not None:
+                preview(probability_to_uint8(out[0]))
+            if blocks is not None:
+                blocks.update(out[0], final)
+
+        small = predict_tiled(
             torch_predictor(self.net, self.device), x, tile, min(self.overlap, tile // 2), fov=small_fov,
             batch=self.batch, stride_multiple=self.stride_multiple, progress=progress, cancelled=cancelled,
-            partial=None if preview is None else (lambda out: preview(probability_to_uint8(out[0]))),
+            partial=partial if (preview is not None or blocks is not None) else None,
         )[0]
-        if prob.shape != (h, w):
-            prob = cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
-        prob[~fov] = 0.0
-        return np.clip(prob, 0.0, 1.0, out=prob)
+        return _full_size(small, fov)
 
     def segment(
-        self, rgb: np.ndarray, fov: np.ndarray | None = None, progress=None, cancelled=None, preview=None
+        self, rgb: np.ndarray, fov: np.ndarray | None = None, progress=None, cancelled=None, preview=None,
+        on_block=None, block: int = 512,
     ) -> Segmentation:
         t0 = time.perf_counter()
-        prob = self.probability(rgb, fov, progress=progress, cancelled=cancelled, preview=preview)
+        prob = self.probability(rgb, fov, progress=progress, cancelled=cancelled, preview=preview,
+                                on_block=on_block, block=block)
         return Segmentation(self.lesion, prob, self.threshold, time.perf_counter() - t0)
+
+
+def _full_size(small: np.ndarray, fov: np.ndarray) -> np.ndarray:
+    """A working-scale map (0 outside the field of view) at full size, 0 outside the field of view, in [0, 1]."""
+    h, w = fov.shape
+    prob = small if small.shape == (h, w) else cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+    prob = np.array(prob, np.float32, copy=prob is small)
+    prob[~fov] = 0.0
+    return np.clip(prob, 0.0, 1.0, out=prob)
+
+
+class _BlockFeed:
+    """Hands out full-resolution blocks of the map as soon as their values are final.
+
+    A full-resolution pixel interpolates the working-scale pixels around it, so a block is
+    final when every working-scale pixel within one pixel of its footprint is final. Its
+    values come from the same resize of the same numbers as the returned map (bilinear
+    interpolation reads only a pixel's neighbours), so they are the same.
+    """
+
+    def __init__(self, emit, block: int, full: tuple[int, int], small: tuple[int, int], fov, small_fov):
+        self.emit, self.fov, self.small_fov = emit, fov, small_fov
+        h, w = full
+        sh, sw = small
+        self.todo = []
+        for r0 in range(0, h, block):
+            for c0 in range(0, w, block):
+                box = (r0, min(r0 + block, h), c0, min(c0 + block, w))
+                # working-scale footprint of the box, one pixel wider on each side
+                fr0 = max(0, int(np.floor(box[0] * sh / h)) - 1)
+                fr1 = min(sh, int(np.ceil(box[1] * sh / h)) + 1)
+                fc0 = max(0, int(np.floor(box[2] * sw / w)) - 1)
+                fc1 = min(sw, int(np.ceil(box[3] * sw / w)) + 1)
+                self.todo.append((box, (slice(fr0, fr1), slice(fc0, fc1))))
+
+    def update(self, small: np.ndarray, final: np.ndarray) -> None:
+        ready = [(box, fp) for box, fp in self.todo if final[fp].all()]
+        if not ready:
+            return
+        self.todo = [t for t in self.todo if t not in ready]
+        masked = np.where(self.small_fov, small, 0.0).astype(np.float32)  # as predict_tiled ends
+        prob = _full_size(masked, self.fov)
+        for box, _ in ready:
+            self.emit(box, prob[box[0] : box[1], box[2] : box[3]].copy())
 
 
 def _round_up(n: int, m: int) -> int:

@@ -144,8 +144,9 @@ def predict_tiled(
     `fov` are 0. At most `batch` windows are in memory at once, plus the one output array.
     `progress(done, total)` is called after each batch (windows done, windows to run);
     `cancelled()` is asked before each batch and, when True, `TilingCancelled` is raised.
-    `partial(out)` sees the map as blended so far after each batch (a live preview; where a
-    neighbouring window is still to come its values are not final yet): read it, do not keep it.
+    `partial(out, final)` sees the map as blended so far after each batch, and a bool (H, W)
+    array that is True where no window still to come covers the pixel (its value is final,
+    save that pixels outside `fov` become 0 at the end): read them, do not keep them.
     """
     image = np.asarray(image)
     if image.ndim != 3:
@@ -158,6 +159,11 @@ def predict_tiled(
     out = np.zeros((out_channels, h, w), dtype)
     total = len(plan.origins)
     windows = np.zeros((min(batch, max(total, 1)), c, tile, tile), np.float32)  # reused: memory stays bounded
+    pending = None
+    if partial is not None:  # how many windows still to run cover each pixel
+        pending = np.zeros((h, w), np.int32)
+        for y, x in plan.origins:
+            pending[y : y + tile, x : x + tile] += 1
     for start in range(0, total, batch):
         if cancelled is not None and cancelled():
             raise TilingCancelled(f"tiled inference cancelled after {start} of {total} tiles")
@@ -175,8 +181,10 @@ def predict_tiled(
             th, tw = min(tile, h - y), min(tile, w - x)
             weight = np.outer(row_w[y][:th], col_w[x][:tw]).astype(dtype)
             out[:, y : y + th, x : x + tw] += p[:, :th, :tw] * weight
+            if pending is not None:
+                pending[y : y + th, x : x + tw] -= 1
         if partial is not None:
-            partial(out)
+            partial(out, pending == 0)
         if progress is not None:
             progress(start + len(chunk), total)
     if fov is not None:

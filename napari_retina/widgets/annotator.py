@@ -829,6 +829,7 @@ class LesionAnnotator(QWidget):
             return
         if index == self.index and self.opened is not None:
             return
+        self.exudate_finder.image_changed()  # a run on this image stops, and what it proposed goes before the save
         if self.opened is not None and (self.has_unsaved_changes() or self._summary_since is not None):
             self.save(summary=True)  # leaving this image: its overlay and lesion table too
         record = self.dataset.records[index]

@@ -2,11 +2,13 @@
 
 The segmenter runs in a worker thread, tile by tile, with napari's progress bar and a
 cancel button; the GUI never waits. Its map becomes (1) a probability overlay (an Image
-layer, role "probability") and (2) block proposals in the lesion's pixel record
-(`segmentation.propose_map`), so the threshold slider moves them live, "Accept all" keeps
-them as the grader's pixels, the grader erases what is wrong with napari's eraser, and the
-project folder saves and restores all of it. This class forwards and paints; the pixel
-logic lives in the headless core.
+layer, role "probability") that fills as tiles finish and (2) block proposals in the
+lesion's pixel record (`segmentation.RunProposals`), each 512-px block proposed as soon as
+no tile still to run can change it, so candidates appear while the model runs. The
+threshold slider moves them live, "Accept all" keeps them as the grader's pixels, the grader
+erases what is wrong with napari's eraser, and the project folder saves and restores all of
+it. Cancel (or opening another image) withdraws what the run proposed and puts back what it
+replaced. This class forwards and paints; the pixel logic lives in the headless core.
 """
 
 from __future__ import annotations
@@ -30,8 +32,11 @@ NAMES = {"EX": "exudates"}
 
 
 class _Progress(QObject):
-    tile = Signal(int, int)  # done, total (emitted from the worker; delivered on the GUI thread)
-    preview = Signal(object)  # uint8 map at the working scale, filled so far
+    # emitted from the worker, delivered on the GUI thread in the order emitted
+    tile = Signal(int, int)  # done, total
+    started = Signal(object)  # (rgb, segmenter): the model is loaded
+    preview = Signal(object)  # (rgb, uint8 map at the working scale, filled so far)
+    block = Signal(object)  # (rgb, box, float32 probabilities): a final block of the full-size map
 
 
 class LesionFinder(QGroupBox):
@@ -51,8 +56,11 @@ class LesionFinder(QGroupBox):
         self._pbar = None
         self._signals = _Progress()
         self._signals.tile.connect(self._on_tile)
+        self._signals.started.connect(self._on_started)
         self._signals.preview.connect(self._on_preview)
+        self._signals.block.connect(self._on_block)
         self._scale = 1.0
+        self._run = None  # segmentation.RunProposals of the run in progress
 
         lay = QGridLayout(self)
         self.find_button = QPushButton(f"Find {NAMES.get(code, code)}")
@@ -96,14 +104,20 @@ class LesionFinder(QGroupBox):
         self._cancel = False
         signals = self._signals
 
+        from .. import segmentation
+
+        self._run = None
+        self._block = block = segmentation.BLOCK  # one block size for the worker and the record
+
         @thread_worker(ignore_errors=True)  # errors (and a cancel) are reported by _failed, not re-raised
         def run():
             from ..segmentation import load_segmenter
 
             seg = segmenter or load_segmenter(code, model_dir)
-            signals.preview.emit((rgb, seg.scale))  # first the overlay's scale, then the maps
+            signals.started.emit((rgb, seg))  # first the model (scale, threshold), then the maps
             result = seg.segment(rgb, fov, progress=signals.tile.emit, cancelled=lambda: self._cancel,
-                                 preview=lambda m: signals.preview.emit((rgb, m.copy())))
+                                 preview=lambda m: signals.preview.emit((rgb, m.copy())),
+                                 on_block=lambda box, sub: signals.block.emit((rgb, box, sub)), block=block)
             return rgb, seg, result
 
         self._worker = run()
@@ -122,6 +136,17 @@ class LesionFinder(QGroupBox):
         self._cancel = True  # checked between tiles: the run stops within one tile
         self.status.setText("cancelling...")
 
+    def _roll_back(self) -> None:
+        """Withdraw what the run proposed and put back what it replaced (its image is still open)."""
+        run, self._run = self._run, None
+        if run is not None:
+            self.ann_widget.show_changes(run.roll_back())
+
+    def _current(self, rgb) -> bool:
+        """Is `rgb` (a run's image) the image open now, and the run not cancelled?"""
+        op = self.ann_widget.opened
+        return op is not None and op.rgb is rgb and not self._cancel
+
     def _on_tile(self, done: int, total: int) -> None:
         from napari.utils import progress
 
@@ -131,16 +156,31 @@ class LesionFinder(QGroupBox):
         self._pbar.refresh()
         self.status.setText(f"tile {done} of {total}")
 
+    def _on_started(self, payload) -> None:
+        from ..segmentation import RunProposals
+
+        rgb, seg = payload
+        if not self._current(rgb):
+            return  # another image is open now (its run is being cancelled)
+        self.segmenter, self._scale = seg, seg.scale
+        if self.threshold is None:
+            self.set_threshold_value(seg.threshold)
+        op = self.ann_widget.opened
+        self._run = RunProposals(op.annotation.record, self.code, self.threshold, {"kind": "model", **seg.description},
+                                 block=self._block)
+        self.status.setText("segmenting...")
+
     def _on_preview(self, payload) -> None:
         """The overlay fills tile by tile while the model runs (at the working scale, scaled up)."""
         rgb, data = payload
-        op = self.ann_widget.opened
-        if op is None or op.rgb is not rgb or self._cancel:
-            return  # another image is open now (its run is being cancelled)
-        if isinstance(data, float):
-            self._scale = data
-            return
-        self._show_overlay(data, 1.0 / self._scale)
+        if self._current(rgb):
+            self._show_overlay(data, 1.0 / self._scale)
+
+    def _on_block(self, payload) -> None:
+        """A block of the map is final: its candidates go into the record at once."""
+        rgb, box, sub = payload
+        if self._run is not None and self._current(rgb):
+            self.ann_widget.show_changes(self._run.add(box, sub))
 
     def _restore_overlay(self) -> None:
         layer = self.overlay_layer()
@@ -167,6 +207,7 @@ class LesionFinder(QGroupBox):
 
         op = self.ann_widget.opened
         if op is not None and op.rgb is getattr(self._worker, "_rgb", None):
+            self._roll_back()
             self._restore_overlay()
         if isinstance(exc, TilingCancelled):
             self.status.setText("cancelled: nothing was changed")
@@ -176,13 +217,18 @@ class LesionFinder(QGroupBox):
         show_error(f"find {NAMES.get(self.code, self.code)}: {msg}")
 
     def _done(self, payload) -> None:
-        from ..segmentation import propose_map
+        from ..segmentation import RunProposals
 
         rgb, seg, result = payload
         self.segmenter = seg
         op = self.ann_widget.opened
         if op is None or op.rgb is not rgb:
             self.status.setText("the image changed while the model ran: run it again")
+            return
+        if self._cancel:  # cancelled after the last tile: as if it had stopped before
+            self._roll_back()
+            self._restore_overlay()
+            self.status.setText("cancelled: nothing was changed")
             return
         if self.threshold is None:
             self.set_threshold_value(seg.threshold)
@@ -194,10 +240,12 @@ class LesionFinder(QGroupBox):
             self._show_overlay(cv2.resize(result.prob_uint8, small, interpolation=cv2.INTER_AREA), 1.0 / self._scale)
         else:
             self._show_overlay(result.prob_uint8, 1.0)
-        desc = {"kind": "model", **seg.description}
         op.annotation.provenance.setdefault("models", {})[seg.kind] = seg.description
-        changes = propose_map(op.annotation.record, self.code, result.prob, self.threshold, desc)
-        self.ann_widget.show_changes(changes)
+        run, self._run = self._run, None
+        if run is None:
+            run = RunProposals(op.annotation.record, self.code, self.threshold, {"kind": "model", **seg.description},
+                               block=self._block)
+        self.ann_widget.show_changes(run.finish(result.prob))  # the blocks not proposed yet
         n = len(self.proposals())
         self.status.setText(f"{n} blocks with candidates ({result.seconds:.1f} s); erase what is wrong, then accept")
         self.finished.emit(self.code)
@@ -255,13 +303,17 @@ class LesionFinder(QGroupBox):
             self.status.setText("")
 
     def image_changed(self) -> None:
-        """A new image is open: a run on the previous one stops (its results would not apply)."""
+        """Another image is about to open: a run on this one stops, and what it proposed goes
+        now, before this image is saved (its results would not apply)."""
         if self.running:
             self.cancel()
+            self._roll_back()
 
     def _on_threshold(self, value: int) -> None:
         self.threshold = value / 100
         self.threshold_label.setText(f"threshold {self.threshold:.2f}")
+        if self._run is not None:
+            self._run.threshold = self.threshold  # blocks still to come use it too
         op = self.ann_widget.opened
         if op is not None:
             ids = [p.id for p in self.proposals()]

@@ -258,12 +258,15 @@ class LesionFROC:
     above `candidate_threshold`, each scored by its highest probability; sweeping a score
     threshold over all candidates gives sensitivity (ground-truth lesions touched by a kept
     candidate / all ground-truth lesions) against false positives (kept candidates touching
-    none) per image.
+    none) per image. Candidates with the same highest probability are ranked by their mean
+    probability: a confident model saturates (many candidates at 1.0, or at 255 in a stored
+    uint8 map), and tied candidates entering together would make the low-FP points meaningless.
     """
 
     def __init__(self, candidate_threshold: float = 0.1):
         self.candidate_threshold = float(candidate_threshold)
-        self.scores: list[np.ndarray] = []  # per image: candidate scores
+        self.scores: list[np.ndarray] = []  # per image: candidate scores (highest probability)
+        self.means: list[np.ndarray] = []  # per image: candidates' mean probability (breaks ties)
         self.touches: list[list[set[int]]] = []  # per image: gt lesions each candidate touches
         self.n_gt: list[int] = []
 
@@ -280,30 +283,30 @@ class LesionFROC:
             cand &= np.asarray(region, dtype=bool)
         cand_labels, n = label_lesions(cand)
         gt_labels, n_gt = label_lesions(g)
-        scores = (
-            np.asarray(ndimage.maximum(p, cand_labels, index=np.arange(1, n + 1)), np.float32).reshape(-1)
-            if n else np.zeros(0, np.float32)
-        )
+        index = np.arange(1, n + 1)
+        scores = np.asarray(ndimage.maximum(p, cand_labels, index=index), np.float32).reshape(-1) if n else np.zeros(0, np.float32)
+        means = np.asarray(ndimage.mean(p, cand_labels, index=index), np.float64).reshape(-1) if n else np.zeros(0)
         self.scores.append(scores)
+        self.means.append(means)
         self.touches.append(match_lesions(cand_labels, gt_labels))
         self.n_gt.append(int(n_gt))
 
     def curve(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(score thresholds, FP per image, sensitivity), one point per distinct score, falling."""
+        """(score thresholds, FP per image, sensitivity), one point per distinct (score, mean), falling."""
         images = len(self.scores)
         total_gt = sum(self.n_gt)
-        entries = [(float(s), i, k) for i, sc in enumerate(self.scores) for k, s in enumerate(sc)]
-        entries.sort(key=lambda e: -e[0])
+        entries = [(float(s), float(self.means[i][k]), i, k) for i, sc in enumerate(self.scores) for k, s in enumerate(sc)]
+        entries.sort(key=lambda e: (-e[0], -e[1]))
         found: set[tuple[int, int]] = set()
         fp = 0
         th, fps, sens = [], [], []
-        for j, (s, i, k) in enumerate(entries):
+        for j, (s, m, i, k) in enumerate(entries):
             t = self.touches[i][k]
             if t:
                 found.update((i, g) for g in t)
             else:
                 fp += 1
-            if j + 1 == len(entries) or entries[j + 1][0] != s:  # ties enter together
+            if j + 1 == len(entries) or entries[j + 1][:2] != (s, m):  # full ties enter together
                 th.append(s)
                 fps.append(fp / max(images, 1))
                 sens.append(len(found) / total_gt if total_gt else math.nan)

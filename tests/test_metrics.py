@@ -219,3 +219,24 @@ def test_froc_by_hand():
     pts = froc.points()
     assert pts["0.125"] == pytest.approx(1 / 3) and pts["0.5"] == pytest.approx(1 / 3) and pts["1"] == pytest.approx(1.0)
     assert froc.score() == pytest.approx((1 / 3 * 3 + 1.0 * 4) / 7)
+
+
+def test_froc_ranks_saturated_candidates_by_their_mean_probability():
+    from napari_retina.metrics import LesionFROC
+
+    # a confident model: every candidate peaks at 255 in the stored uint8 map
+    gt = np.zeros((30, 30), bool)
+    gt[2:6, 2:6] = True
+    q = np.zeros((30, 30), np.uint8)
+    q[2:6, 2:6] = 240
+    q[3, 3] = 255  # the true lesion: high all over
+    for r, v in ((12, 40), (20, 50)):  # two false ones: one saturated pixel in a faint blob
+        q[r : r + 4, 20:24] = v
+        q[r + 1, 21] = 255
+    froc = LesionFROC(candidate_threshold=0.1)
+    froc.add(q, gt)
+    th, fps, sens = froc.curve()
+    # without the tie-break all three would enter at once (1 TP, 2 FP): no point below 2 FP per image
+    np.testing.assert_allclose(fps, [0.0, 1.0, 2.0])
+    np.testing.assert_allclose(sens, [1.0, 1.0, 1.0])
+    assert froc.points()["0.125"] == 1.0

@@ -286,3 +286,19 @@ def test_a_run_proposes_block_by_block_finishes_like_propose_map_and_rolls_back_
     rec.set_threshold(0.9, model="exudates")
     assert rec.masks["EX"].sum() < before.sum() and rec.masks["EX"][10:20, 10:20].all()
     assert not rec.masks["EX"][600, 550]
+
+
+def test_the_rim_margin_clears_the_aperture_edge_but_not_where_the_image_border_cuts_the_circle():
+    from napari_retina.models.segmenter import inside_rim
+
+    h, w = 200, 300
+    yy, xx = np.mgrid[:h, :w]
+    fov = (yy - 100) ** 2 + (xx - 150) ** 2 <= 120**2  # a circle cut by the top and bottom borders
+    assert fov[0].any() and fov[-1].any()
+    np.testing.assert_array_equal(inside_rim(fov, 0.0), fov)
+    kept = inside_rim(fov, 0.05)  # 0.05 x 241 px wide = 12 px
+    ring = fov & ((yy - 100) ** 2 + (xx - 150) ** 2 > 110**2)  # within 10 px of the edge
+    assert not (kept & ring & (yy > 50) & (yy < 150)).any()  # the aperture edge is cleared
+    assert kept[0, 140:160].all() and kept[-1, 140:160].all()  # the cut edges keep their retina
+    first = int(np.flatnonzero(kept[100])[0])  # the circle starts at x = 30; the surround's last pixel is 29
+    assert 29 + 12 <= first <= 29 + 14

@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, default=0.5,
                    help="working scale: network pixels per full-resolution pixel (default 0.5)")
     p.add_argument("--patch-size", type=int, default=256, help="training patch side at the working scale")
+    p.add_argument("--rim-margin", type=float, default=0.006,
+                   help="at inference, no candidates within this fraction of the field of view's width from "
+                        "the dark surround (the aperture's bright edge; 0: off; default 0.006, 21 px on IDRiD)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     budget = p.add_argument_group("how long (at least one; with both, whichever ends first)")
     budget.add_argument("--epochs", type=int, help="total epochs (a resumed run continues the count)")
@@ -90,6 +93,8 @@ def _validate_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("give --epochs N or --minutes M (or both)")
     if not 0.05 <= a.scale <= 1.0:
         p.error(f"--scale must lie between 0.05 and 1, not {a.scale}")
+    if not 0 <= a.rim_margin < 0.25:
+        p.error(f"--rim-margin must lie between 0 and 0.25, not {a.rim_margin}")
     if a.patch_size % 16 or a.patch_size % (2**a.depth) or a.patch_size < 32:
         p.error(f"--patch-size must be a multiple of 16 and of 2**depth, at least 32, not {a.patch_size}")
     if not 0 < a.val_fraction < 1:
@@ -143,6 +148,7 @@ def model_config(net, info: dict, metrics: dict, trainer) -> dict:
         "overlap": 128,
         "normalisation": "per-image standardisation over the field of view (models.segmenter.network_input)",
         "threshold": round(float(metrics.get("val_threshold", 0.5)), 6),
+        "rim_margin": info["rim_margin"],
         "validation_images": info["validation_images"],
         "training": {
             "epochs": int(parent.get("epochs", 0)) + epochs_here,
@@ -166,7 +172,8 @@ def render_card(config: dict, info: dict) -> str:
 
 Maps hard exudates (EX) in a colour fundus photograph: a {config['net']['backbone']} backbone trained from
 scratch by napari-retina {__version__} with {t['loss']}, run at {config['input_scale']} of full resolution,
-tiled over the field of view.
+tiled over the field of view. No candidates within {config.get('rim_margin', 0)} of the field of view's width
+of the dark surround (the aperture's bright edge; `rim_margin` in config.json).
 
 ## Training
 
@@ -261,6 +268,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
         "train_count": len(train_imgs),
         "validation_images": [r.image.name for r in val_recs],
         "scale": a.scale,
+        "rim_margin": a.rim_margin,
         "loss": a.loss if a.loss != "contrastive" else f"{a.global_loss} + {a.alpha} density + {a.beta} edge",
         "patch_size": a.patch_size,
         "samples_per_epoch": a.samples_per_epoch,

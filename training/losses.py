@@ -32,7 +32,13 @@ Automated Exudate Detection", section 3) is
   three terms and return the parts for logging.
 
 The contrastive losses are pure torch (the morphology is max pooling), so they run on the
-training device; later work adds the triplet loss here.
+training device.
+
+The microaneurysm refinement network (PRN) is trained with `triplet_cosine_loss` (Eq. 1 of
+../shared/papers/microaneurysms-multiscale-triplet.md: anchor and positive are
+microaneurysm patches, the negative a healthy one; cosine distance, margin 0.5) plus the
+cross-entropy of its logits; the hypothesis networks with `bce_dice_loss` (weighted
+cross-entropy plus soft Dice).
 """
 
 from __future__ import annotations
@@ -545,3 +551,28 @@ class ExudateLoss(nn.Module):
             logits, features, target, mask=mask, density_bank=self.density_bank, edge_bank=self.edge_bank,
             **self.settings,
         )  # fmt: skip
+
+
+def cosine_distance(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """1 - cos(a, b) row by row: 0 for the same direction, 1 for orthogonal, 2 for opposite."""
+    a, b = a.float(), b.float()
+    return 1.0 - F.cosine_similarity(a, b, dim=1, eps=eps)
+
+
+def triplet_cosine_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
+                        margin: float = 0.5, reduction: str = "mean") -> torch.Tensor:
+    """[d(a, p) - d(a, n) + margin]_+ with d the cosine distance (the PRN's Eq. 1), per triplet.
+
+    `anchor`, `positive`, `negative`: (N, D) embeddings. The paper sums over its triplets; the
+    mean (default) only rescales that by 1/N, which keeps the loss independent of the batch
+    size; `reduction="none"` gives each triplet's loss (selective sampling ranks negatives by it).
+    """
+    if not anchor.shape == positive.shape == negative.shape or anchor.ndim != 2:
+        raise ValueError(f"anchor, positive and negative must all be (N, D), got {tuple(anchor.shape)}, "
+                         f"{tuple(positive.shape)}, {tuple(negative.shape)}")
+    per = torch.clamp(cosine_distance(anchor, positive) - cosine_distance(anchor, negative) + margin, min=0.0)
+    if reduction == "none":
+        return per
+    if reduction == "sum":
+        return per.sum()
+    return per.mean()

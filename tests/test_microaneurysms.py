@@ -1,0 +1,176 @@
+"""Microaneurysm detection pieces: contrast enhancement, fusion, candidate refinement, PRN, triplet loss, sampling."""
+
+import numpy as np
+import pytest
+import torch
+
+from napari_retina.models.microaneurysms import (
+    OFFSET, candidate_regions, enhance_contrast, fuse_maps, patches_at, refine_candidates,
+)
+from napari_retina.nets.patch_classifier import PATCH_SIZE, PatchClassifier
+from training.losses import cosine_distance, triplet_cosine_loss
+from training.sampling import SelectiveSampler
+
+
+def _disc(h, w, centre, radius):
+    yy, xx = np.mgrid[:h, :w]
+    return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2
+
+
+def test_contrast_enhancement_on_a_hand_made_image():
+    h, w = 200, 240
+    fov = _disc(h, w, (100, 120), 95)
+    rgb = np.zeros((h, w, 3), np.uint8)
+    rgb[fov] = (150, 80, 40)  # a flat fundus
+    rgb[100, 120] = (130, 60, 20)  # one dark pixel, 20 below its surround in every channel
+    out = enhance_contrast(rgb, fov, sigma=10.0)
+    assert out.dtype == np.uint8 and out.shape == rgb.shape
+    # flat retina -> the offset, even next to the dark surround (the background is the
+    # normalised blur over the field of view, so the rim does not light up)
+    flat = fov & ~_disc(h, w, (100, 120), 30)
+    assert np.abs(out[flat].astype(int) - int(OFFSET)).max() <= 1
+    # the dot: 4 x (its value - its background) + 128; its background is barely pulled down by the
+    # dot itself (weight of the centre of a sigma-10 Gaussian: 1 / (2 pi 100))
+    expected = 4 * (np.array([130, 60, 20]) - (np.array([150, 80, 40]) - 20 / (2 * np.pi * 100))) + OFFSET
+    np.testing.assert_allclose(out[100, 120].astype(float), np.clip(np.rint(expected), 0, 255), atol=1)
+    assert (out[~fov] == OFFSET).all()
+
+
+def test_contrast_enhancement_at_photograph_scale_blurs_at_a_lower_resolution_without_losing_accuracy():
+    rng = np.random.default_rng(0)
+    h, w = 400, 640
+    fov = _disc(h, w, (200, 320), 190)
+    yy, xx = np.mgrid[:h, :w]
+    base = 90 + 60 * np.sin(xx / 120.0) * np.cos(yy / 150.0)  # slow illumination changes
+    rgb = np.clip(np.stack([base, base * 0.6, base * 0.3], -1) + rng.normal(0, 2, (h, w, 3)), 0, 255).astype(np.uint8)
+    rgb[~fov] = 0
+    fast = enhance_contrast(rgb, fov, sigma=40.0)  # blurred at 1/8 size
+    import cv2
+
+    img, m = rgb.astype(np.float32), fov.astype(np.float32)
+    bg = cv2.GaussianBlur(img * m[..., None], (0, 0), 40.0, borderType=cv2.BORDER_REFLECT) / np.maximum(
+        cv2.GaussianBlur(m, (0, 0), 40.0, borderType=cv2.BORDER_REFLECT), 1e-6)[..., None]
+    exact = np.clip(np.rint(4 * img - 4 * bg + OFFSET), 0, 255)
+    inner = _disc(h, w, (200, 320), 170)
+    assert np.abs(fast[inner].astype(float) - exact[inner]).mean() < 2.0
+
+
+def test_fusion_maths():
+    full = np.array([[0.0, 0.25], [1.0, 0.64]], np.float32)
+    half = np.array([[0.0, 1.0], [1.0, 0.36]], np.float32)
+    np.testing.assert_allclose(fuse_maps(full, half, "arithmetic"), (full + half) / 2)
+    np.testing.assert_allclose(fuse_maps(full, half, "geometric"), [[0.0, 0.5], [1.0, 0.48]], atol=1e-6)
+    # a half-size map is upsampled linearly to the full size first
+    small = np.full((2, 3), 0.25, np.float32)
+    fused = fuse_maps(np.ones((4, 6), np.float32), small, "geometric")
+    assert fused.shape == (4, 6)
+    np.testing.assert_allclose(fused, 0.5, atol=1e-6)
+    with pytest.raises(ValueError, match="arithmetic"):
+        fuse_maps(full, half, "median")
+
+
+def test_patches_are_centred_on_the_candidates_and_reflected_past_the_border():
+    img = np.arange(50 * 60 * 3, dtype=np.int32).reshape(50, 60, 3) % 251
+    centres = np.array([[25, 30], [0, 0], [49, 59]])
+    p = patches_at(img.astype(np.uint8), centres, size=129)
+    assert p.shape == (3, 129, 129, 3)
+    for (y, x), patch in zip(centres, p):
+        np.testing.assert_array_equal(patch[64, 64], img[y, x])
+    np.testing.assert_array_equal(p[1][64, 63], img[0, 1])  # one to the left of (0, 0) is its mirror
+
+
+def test_the_prn_touches_only_candidate_pixels_and_scores_each_region_once():
+    prob = np.zeros((60, 80), np.float32)
+    prob[10:13, 10:13] = 0.8
+    prob[11, 11] = 0.9  # region 1's most probable pixel
+    prob[40:42, 50:53] = 0.6  # region 2
+    prob[30, 5:70] = 0.3  # below the candidate threshold: left alone
+    image = np.zeros((60, 80, 3), np.uint8)
+    image[11, 11] = 200  # what the scorer looks at: the centre pixel of each patch
+    calls = []
+
+    def score(patches):
+        calls.append(len(patches))
+        return np.where(patches[:, 64, 64, 0] == 200, 1.0, 0.25)
+
+    out, cands, scores = refine_candidates(prob, image, score, threshold=0.5)
+    assert len(cands) == 2 and calls == [2]
+    np.testing.assert_array_equal(cands.centres[0], [11, 11])
+    np.testing.assert_allclose(sorted(scores), [0.25, 1.0])
+    inside = cands.labels > 0
+    np.testing.assert_array_equal(out[~inside], prob[~inside])
+    np.testing.assert_allclose(out[10:13, 10:13], np.sqrt(prob[10:13, 10:13] * 1.0))
+    np.testing.assert_allclose(out[40:42, 50:53], np.sqrt(0.6 * 0.25), rtol=1e-6)
+    # no candidates: nothing is scored and nothing changes
+    calls.clear()
+    out2, c2, _ = refine_candidates(prob * 0.1, image, score)
+    assert len(c2) == 0 and calls == [] and np.array_equal(out2, prob * 0.1)
+    assert len(candidate_regions(prob, 0.5, fov=np.zeros_like(prob, bool))) == 0
+
+
+def test_triplet_loss_with_cosine_distance_by_hand_and_zero_when_the_margin_is_met():
+    a = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    p = torch.tensor([[0.0, 2.0], [3.0, 0.0]])  # orthogonal (d = 1); the same direction (d = 0)
+    n = torch.tensor([[5.0, 0.0], [-1.0, 0.0]])  # the same direction (d = 0); opposite (d = 2)
+    np.testing.assert_allclose(cosine_distance(a, p).numpy(), [1.0, 0.0], atol=1e-6)
+    per = triplet_cosine_loss(a, p, n, margin=0.5, reduction="none")
+    np.testing.assert_allclose(per.numpy(), [1.0 - 0.0 + 0.5, 0.0], atol=1e-6)  # the second: 0 - 2 + 0.5 < 0
+    assert triplet_cosine_loss(a, p, n).item() == pytest.approx(0.75)
+    assert triplet_cosine_loss(a, p, n, reduction="sum").item() == pytest.approx(1.5)
+    # inside the margin: d(a, p) = 1 - cos 45 deg, d(a, n) = 1 - 1 / sqrt(5)
+    per = triplet_cosine_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 1.0]]), torch.tensor([[1.0, 2.0]]),
+                              reduction="none")
+    assert per.item() == pytest.approx((1 - np.sqrt(0.5)) - (1 - 1 / np.sqrt(5)) + 0.5, abs=1e-6)
+    with pytest.raises(ValueError, match=r"\(N, D\)"):
+        triplet_cosine_loss(a, p, n[:1])
+
+
+def test_selective_sampling_draws_high_loss_negatives_more_often():
+    s = SelectiveSampler(4, floor=0.1, seed=0)
+    np.testing.assert_allclose(s.probabilities(), 0.25)  # nothing scored yet: uniform
+    s.update([0, 1, 2, 3], [0.0, 1.0, 3.0, 0.0])
+    draws = s.draw(40000)
+    freq = np.bincount(draws, minlength=4) / len(draws)
+    # weights max(loss, 0.1 x mean 1.0) = 0.1, 1, 3, 0.1 out of 4.2
+    np.testing.assert_allclose(freq, np.array([0.1, 1.0, 3.0, 0.1]) / 4.2, atol=0.01)
+    assert freq[2] > freq[1] > freq[0] > 0  # easy negatives still come back now and then
+    # an unscored item counts as the mean of the scored ones
+    s2 = SelectiveSampler(3, seed=1)
+    s2.update([0, 1], [1.0, 3.0])
+    np.testing.assert_allclose(s2.probabilities(), np.array([1.0, 3.0, 2.0]) / 6.0)
+    with pytest.raises(ValueError, match="finite"):
+        s2.update([0], [float("nan")])
+
+
+def test_the_patch_classifier_is_small_and_a_few_cpu_steps_lower_its_loss():
+    torch.manual_seed(0)
+    net = PatchClassifier()
+    assert net.num_parameters() * 4 < 15 * 2**20  # fits a model folder in float32
+    x = torch.randn(2, 3, PATCH_SIZE, PATCH_SIZE)
+    logits, emb = net(x, return_embedding=True)
+    assert logits.shape == (2,) and emb.shape == (2, net.embedding_dim)
+    # microaneurysm patches: a dark dot at the centre; healthy: none
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(12, 3, 33, 33, generator=g) * 0.2
+    lesion = base[:8].clone()
+    lesion[:, :, 14:19, 14:19] -= 2.0
+    healthy = base[8:]
+    net = PatchClassifier(widths=(8, 16, 16, 32))
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    bce = torch.nn.BCEWithLogitsLoss()
+
+    def loss_now():
+        la, ea = net(lesion[:4], return_embedding=True)
+        lp, ep = net(lesion[4:], return_embedding=True)
+        ln, en = net(healthy, return_embedding=True)
+        ce = bce(torch.cat([la, ln]), torch.cat([torch.ones(4), torch.zeros(4)]))
+        return triplet_cosine_loss(ea, ep, en) + ce
+
+    net.train()
+    first = loss_now().item()
+    for _ in range(15):
+        opt.zero_grad()
+        loss = loss_now()
+        loss.backward()
+        opt.step()
+    assert loss_now().item() < 0.7 * first

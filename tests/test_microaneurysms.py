@@ -174,3 +174,54 @@ def test_the_patch_classifier_is_small_and_a_few_cpu_steps_lower_its_loss():
         loss.backward()
         opt.step()
     assert loss_now().item() < 0.7 * first
+
+
+@pytest.fixture
+def ma_folder(tmp_path):
+    """Three flat-layout images with a few dark microaneurysm dots and their masks."""
+    from PIL import Image
+
+    from conftest import blob_mask, fundus_rgb, write_palette_mask
+
+    d = tmp_path / "ma"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for i in (1, 2, 3):
+        rgb = fundus_rgb(i)
+        centres = [(int(rng.integers(25, 70)), int(rng.integers(30, 100))) for _ in range(5)]
+        m = blob_mask(centres, radius=1)
+        rgb[m] = (60, 20, 10)  # microaneurysms: small dark red dots
+        Image.fromarray(rgb).save(d / f"IDRiD_{i:02d}.png")
+        write_palette_mask(d / f"IDRiD_{i:02d}_MA.tif", m)
+    return d
+
+
+def test_ma_hgn_recipe_trains_on_enhanced_images_and_its_folder_maps_like_it_was_trained(ma_folder, tmp_path):
+    import json
+
+    from conftest import fundus_rgb
+    from napari_retina.fundus import field_of_view_mask
+    from napari_retina.models.registry import load_model
+    from napari_retina.models.segmenter import network_input
+    from training.__main__ import available, main
+
+    assert "ma-hgn" in available()
+    out = tmp_path / "hgn"
+    rc = main(["ma-hgn", "--data", str(ma_folder), "--out", str(out), "--epochs", "2", "--samples-per-epoch", "8",
+               "--batch-size", "4", "--patch-size", "32", "--scale", "1.0", "--base-channels", "4", "--depth", "2",
+               "--val-images", "IDRiD_03.png", "--device", "cpu", "--quiet"])
+    assert rc == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"] == "ma-hgn" and config["lesion"] == "MA" and config["preprocess"] == "enhance"
+    assert config["training"]["loss"] == "weighted BCE + soft Dice" and config["rim_margin"] == 0.0
+    assert "Microaneurysm hypothesis network" in (out / "card.md").read_text()
+    seg = load_model(out)
+    assert seg.lesion == "MA" and seg.preprocess == "enhance"
+    rgb = fundus_rgb(5)
+    prob = seg.probability(rgb)
+    assert prob.shape == rgb.shape[:2]
+    # the network sees the enhanced image: its input differs from the plain standardised one
+    fov = field_of_view_mask(rgb)
+    plain, _ = network_input(rgb, fov, 1.0)
+    enhanced, _ = network_input(rgb, fov, 1.0, "enhance")
+    assert not np.allclose(plain, enhanced)

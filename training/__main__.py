@@ -1,7 +1,7 @@
 """python -m training <model> ...: retrain one of napari-retina's models.
 
-Recipes are modules of `training.recipes` with a `main(argv)`; later work
-adds the refiner, exudate and microaneurysm recipes.
+Recipes are modules of `training.recipes` with a `main(argv)`; a model name with a hyphen
+(`ma-hgn`) is the module with an underscore (`ma_hgn`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from . import recipes
 
 
 def available() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(recipes.__path__) if not m.name.startswith("_"))
+    """Model names as typed (`ma-hgn` is the module `ma_hgn`)."""
+    return sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules(recipes.__path__) if not m.name.startswith("_"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in models:
         print(f"training: error: unknown model {name!r}; available: {', '.join(models) or 'none'}", file=sys.stderr)
         return 2
-    return int(importlib.import_module(f"training.recipes.{name}").main(argv[1:]) or 0)
+    return int(importlib.import_module(f"training.recipes.{name.replace('-', '_')}").main(argv[1:]) or 0)
 
 
 if __name__ == "__main__":

@@ -240,8 +240,14 @@ class ScaledImage:
     lesion_px: np.ndarray  # int32 (n, 2) working pixels with target >= 0.5, for lesion-centred patches
 
 
-def load_scaled(record: ImageRecord, lesion: str, scale: float) -> ScaledImage:
-    """An image and its lesion mask at `scale`; a missing mask file means no lesion (IDRiD convention)."""
+def load_scaled(record: ImageRecord, lesion: str, scale: float, preprocess: str = "none",
+                dtype=np.float32) -> ScaledImage:
+    """An image and its lesion mask at `scale`; a missing mask file means no lesion (IDRiD convention).
+
+    The image is the network's input (`network_input`: `preprocess`, standardised over the
+    field of view); float16 (`dtype`) halves the memory of full-scale images (patches are
+    turned into float32 when drawn).
+    """
     import cv2
 
     from napari_retina.fundus import field_of_view_mask
@@ -252,7 +258,7 @@ def load_scaled(record: ImageRecord, lesion: str, scale: float) -> ScaledImage:
     rgb = read_fundus(record.image)
     full = graders_mask(record, lesion, rgb.shape[:2])  # a project's unaccepted proposals are not labels
     fov_full = field_of_view_mask(rgb)
-    x, fov = network_input(rgb, fov_full, scale)
+    x, fov = network_input(rgb, fov_full, scale, preprocess, dtype=dtype)
     h, w = fov.shape
     # area averaging keeps a 1-px exudate as a 0.25 target at half scale instead of erasing it
     target = full.astype(np.float32) if (h, w) == full.shape else cv2.resize(

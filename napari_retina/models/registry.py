@@ -28,6 +28,7 @@ from .folder import CARD, CONFIG, MAX_WEIGHTS_BYTES, WEIGHTS, read_config, sha25
 KINDS: dict[str, str] = {
     "refiner": "napari_retina.models.refiner:EllipseRefiner",
     "exudates": "napari_retina.models.segmenter:LesionSegmenter",
+    "ma-hgn": "napari_retina.models.segmenter:LesionSegmenter",
 }
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "weights"

@@ -38,12 +38,24 @@ DEFAULT_TILE = 512  # network pixels per window side
 DEFAULT_OVERLAP = 128  # network pixels shared by neighbouring windows
 
 
-def network_input(rgb: np.ndarray, fov: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """(float32 (3, h, w) standardised image, bool (h, w) field of view) at `scale` of the full size.
+PREPROCESSING = ("none", "enhance")
 
-    Each channel is standardised with the mean and standard deviation of its field-of-view
-    pixels (fundus photographs differ widely in exposure and colour); outside it is 0.
+
+def network_input(rgb: np.ndarray, fov: np.ndarray, scale: float, preprocess: str = "none",
+                  dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """(float (3, h, w) standardised image, bool (h, w) field of view) at `scale` of the full size.
+
+    `preprocess` "enhance" first applies the microaneurysm contrast enhancement at full
+    resolution (models.microaneurysms.enhance_contrast; `preprocess` in config.json). Each
+    channel is standardised with the mean and standard deviation of its field-of-view pixels
+    (fundus photographs differ widely in exposure and colour); outside it is 0.
     """
+    if preprocess not in PREPROCESSING:
+        raise ValueError(f"preprocess must be one of {PREPROCESSING}, not {preprocess!r}")
+    if preprocess == "enhance":
+        from .microaneurysms import enhance_contrast
+
+        rgb = enhance_contrast(rgb, fov)
     h, w = rgb.shape[:2]
     if scale != 1.0:
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
@@ -56,7 +68,7 @@ def network_input(rgb: np.ndarray, fov: np.ndarray, scale: float) -> tuple[np.nd
     mean, std = inside.mean(axis=0), inside.std(axis=0)
     x = (x - mean) / np.maximum(std, 1.0)
     x[~small_fov] = 0.0
-    return np.ascontiguousarray(x.transpose(2, 0, 1)), small_fov
+    return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=dtype), small_fov
 
 
 def probability_to_uint8(prob: np.ndarray) -> np.ndarray:
@@ -137,6 +149,7 @@ class LesionSegmenter:
         self.stride_multiple = 2 ** int(config.get("net", {}).get("depth", 4))
         self.batch = int(config.get("batch", 2))
         self.rim_margin = float(config.get("rim_margin", 0.0))
+        self.preprocess = str(config.get("preprocess", "none"))
 
     @property
     def description(self) -> dict:
@@ -167,7 +180,7 @@ class LesionSegmenter:
         h, w = rgb.shape[:2]
         if fov is None:
             fov = field_of_view_mask(rgb)
-        x, small_fov = network_input(rgb, fov, self.scale)
+        x, small_fov = network_input(rgb, fov, self.scale, self.preprocess)
         tile = min(self.tile, _round_up(max(x.shape[1:]), self.stride_multiple))
 
         def partial(out: np.ndarray, final: np.ndarray) -> None:

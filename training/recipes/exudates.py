@@ -1,4 +1,5 @@
-"""python -m training exudates: train the hard-exudate segmenter.
+"""python -m training exudates: train the hard-exudate segmenter (and, with another `Spec`, any
+whole-image lesion segmenter: the microaneurysm hypothesis networks, `ma_hgn`).
 
     python -m training exudates --data DIR [DIR ...] --out MODEL_DIR
         [--backbone unet|unetpp|resunet|cenet] [--loss bce|wbce|contrastive] [--global-loss bce|wbce]
@@ -33,6 +34,7 @@ import json
 import platform
 import shlex
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,41 +44,63 @@ from napari_retina.io.errors import RetinaInputError
 
 from ..data import DataError, SegmentationPatches, gather_records, load_scaled, split_by_image, write_split
 
-LESION = "EX"
 BACKBONES = ("unet", "unetpp", "resunet", "cenet")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m training exudates",
-        description="Train the hard-exudate segmenter (patch-wise contrastive loss) from lesion masks.",
-    )
+@dataclass(frozen=True)
+class Spec:
+    """What makes one whole-image segmenter recipe: its lesion, model kind and defaults."""
+
+    name: str  # python -m training <name>
+    kind: str  # `model` in config.json (the registry's kind)
+    lesion: str
+    title: str  # the card's title
+    description: str
+    losses: tuple[str, ...] = ("bce", "wbce", "contrastive")
+    loss: str = "contrastive"
+    backbone: str = "unet"
+    scale: float = 0.5
+    preprocess: str = "none"
+    rim_margin: float = 0.006
+    lr: float = 1e-3
+    half_inputs: bool = False  # keep training inputs as float16 (full-scale images: half the memory)
+
+
+EXUDATES = Spec(
+    name="exudates", kind="exudates", lesion="EX", title="Hard-exudate segmenter",
+    description="Train the hard-exudate segmenter (patch-wise contrastive loss) from lesion masks.",
+)
+
+
+def build_parser(spec: Spec = EXUDATES) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m training {spec.name}", description=spec.description)
     p.add_argument("--data", nargs="+", required=True, metavar="DIR",
-                   help="IDRiD-layout, flat or annotation project folders with EX masks")
+                   help=f"IDRiD-layout, flat or annotation project folders with {spec.lesion} masks")
     p.add_argument("--out", required=True, metavar="MODEL_DIR", help="model folder to write")
-    p.add_argument("--backbone", choices=BACKBONES, default="unet")
+    p.add_argument("--backbone", choices=BACKBONES, default=spec.backbone)
     p.add_argument("--base-channels", type=int, default=16)
     p.add_argument("--depth", type=int, default=4, help="downsamplings of the backbone (default 4)")
-    p.add_argument("--loss", choices=("bce", "wbce", "contrastive"), default="contrastive")
+    p.add_argument("--loss", choices=spec.losses, default=spec.loss,
+                   help="wbce-dice: class-weighted BCE + soft Dice (default %(default)s)")
     p.add_argument("--global-loss", choices=("bce", "wbce"), default="bce",
                    help="global term of --loss contrastive (default bce, as in the paper)")
     p.add_argument("--alpha", type=float, default=0.02, help="weight of the patch-wise density loss")
     p.add_argument("--beta", type=float, default=0.1, help="weight of the patch-wise edge-aware loss")
-    p.add_argument("--scale", type=float, default=0.5,
-                   help="working scale: network pixels per full-resolution pixel (default 0.5)")
+    p.add_argument("--scale", type=float, default=spec.scale,
+                   help="working scale: network pixels per full-resolution pixel (default %(default)s)")
     p.add_argument("--patch-size", type=int, default=256, help="training patch side at the working scale")
-    p.add_argument("--rim-margin", type=float, default=0.006,
+    p.add_argument("--rim-margin", type=float, default=spec.rim_margin,
                    help="at inference, no candidates within this fraction of the field of view's width from "
-                        "the dark surround (the aperture's bright edge; 0: off; default 0.006, 21 px on IDRiD)")
+                        "the dark surround (the aperture's bright edge; 0: off; default %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     budget = p.add_argument_group("how long (at least one; with both, whichever ends first)")
     budget.add_argument("--epochs", type=int, help="total epochs (a resumed run continues the count)")
     budget.add_argument("--minutes", type=float, help="wall-clock budget of this run")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     p.add_argument("--run-dir", metavar="DIR", help="log, checkpoints and split (default MODEL_DIR/run)")
-    p.add_argument("--init", metavar="MODEL_DIR", help="start from this exudate model folder's weights")
+    p.add_argument("--init", metavar="MODEL_DIR", help=f"start from this {spec.kind} model folder's weights")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (paper: 1e-3)")
+    p.add_argument("--lr", type=float, default=spec.lr, help="Adam learning rate (default %(default)s)")
     p.add_argument("--samples-per-epoch", type=int, default=1000)
     p.add_argument("--patience", type=int, default=10, help="early stopping on val_aupr (epochs without improvement)")
     p.add_argument("--val-fraction", type=float, default=0.2)
@@ -139,8 +163,9 @@ def model_config(net, info: dict, metrics: dict, trainer) -> dict:
     epochs_here = int(metrics["epoch"])
     minutes_here = (trainer._train_seconds_before + trainer._seconds()) / 60
     return {
-        "model": "exudates",
-        "lesion": LESION,
+        "model": info["kind"],
+        "lesion": info["lesion"],
+        "preprocess": info["preprocess"],
         "version": info["version"],
         "net": net.config(),
         "input_scale": info["scale"],
@@ -168,17 +193,18 @@ def model_config(net, info: dict, metrics: dict, trainer) -> dict:
 
 def render_card(config: dict, info: dict) -> str:
     t = config["training"]
-    return f"""# Hard-exudate segmenter ({config['net']['backbone']}, {t['loss']}) {config['version']}
+    return f"""# {info['title']} ({config['net']['backbone']}, {t['loss']}) {config['version']}
 
-Maps hard exudates (EX) in a colour fundus photograph: a {config['net']['backbone']} backbone trained from
-scratch by napari-retina {__version__} with {t['loss']}, run at {config['input_scale']} of full resolution,
+Maps {config['lesion']} in a colour fundus photograph: a {config['net']['backbone']} backbone trained from
+scratch by napari-retina {__version__} with {t['loss']}, run at {config['input_scale']} of full resolution
+(input preprocessing: {config.get('preprocess', 'none')}),
 tiled over the field of view. No candidates within {config.get('rim_margin', 0)} of the field of view's width
 of the dark surround (the aperture's bright edge; `rim_margin` in config.json).
 
 ## Training
 
 - Data: {', '.join(info['data'])} ({info['train_count']} training images, {len(config['validation_images'])} validation images)
-- Patches: {info['patch_size']} px at scale {config['input_scale']}, half centred on exudates; {info['samples_per_epoch']} per epoch,
+- Patches: {info['patch_size']} px at scale {config['input_scale']}, half centred on lesion pixels; {info['samples_per_epoch']} per epoch,
   batch {info['batch_size']}, Adam lr {info['lr']}
 - Epochs: {t['epochs']} (best epoch {t['best_epoch']}), {t['minutes']:.0f} min on {t['device']} ({platform.machine()}, torch {info['torch']})
 - Early stopping: pooled pixel AUPR on the validation images, patience {t['early_stopping_patience']} epochs
@@ -201,13 +227,13 @@ weights.safetensors SHA-256: {{sha256}}
 """
 
 
-def run(a: argparse.Namespace, argv: list[str]) -> int:
+def run(a: argparse.Namespace, argv: list[str], spec: Spec = EXUDATES) -> int:
     import torch
 
     from napari_retina.models.folder import load_state_dict, write_model_folder
     from napari_retina.models.registry import check_model_folder
     from napari_retina.nets.segmentation import SegmentationNet
-    from training.losses import ExudateLoss
+    from training.losses import ExudateLoss, dice_loss
     from training.trainer import Trainer, is_main_process
 
     out = Path(a.out)
@@ -215,7 +241,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
     main_process = is_main_process()  # under torchrun, one process speaks
     say = (lambda *x: None) if a.quiet or not main_process else (lambda *x: print(*x, flush=True))
     records = gather_records(a.data)
-    parent_config = check_model_folder(Path(a.init), expect="exudates") if a.init else None
+    parent_config = check_model_folder(Path(a.init), expect=spec.kind) if a.init else None
     split_file = run_dir / "split.json"
     val_names = a.val_images
     if a.resume and split_file.is_file() and not val_names:
@@ -229,11 +255,12 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
     if is_main_process():
         write_split(split_file, train_recs, val_recs)
     t0 = time.monotonic()
-    train_imgs = [load_scaled(r, LESION, a.scale) for r in train_recs]
-    val_imgs = [load_scaled(r, LESION, a.scale) for r in val_recs]
+    dtype = np.float16 if spec.half_inputs else np.float32
+    train_imgs = [load_scaled(r, spec.lesion, a.scale, spec.preprocess, dtype) for r in train_recs]
+    val_imgs = [load_scaled(r, spec.lesion, a.scale, spec.preprocess, dtype) for r in val_recs]
     if not any(len(im.lesion_px) for im in train_imgs):
-        raise DataError("no exudates in the training images' masks")
-    say(f"{len(train_imgs)} training images ({sum(len(im.lesion_px) > 0 for im in train_imgs)} with exudates), "
+        raise DataError(f"no {spec.lesion} in the training images' masks")
+    say(f"{len(train_imgs)} training images ({sum(len(im.lesion_px) > 0 for im in train_imgs)} with {spec.lesion}), "
         f"{len(val_imgs)} validation images at scale {a.scale}; loaded in {time.monotonic() - t0:.0f} s")
     train_set = SegmentationPatches(train_imgs, a.patch_size, augment=True, seed=a.seed, length=a.samples_per_epoch)
 
@@ -246,11 +273,14 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
     if a.loss == "contrastive":
         criterion = ExudateLoss(alpha=a.alpha, beta=a.beta, global_loss=a.global_loss)
     else:
-        criterion = ExudateLoss(alpha=0.0, beta=0.0, global_loss="wbce" if a.loss == "wbce" else "bce")
+        criterion = ExudateLoss(alpha=0.0, beta=0.0, global_loss="wbce" if a.loss.startswith("wbce") else "bce")
+    with_dice = a.loss == "wbce-dice"
 
     def loss_fn(outputs, batch):
         logits, features = outputs
         total, _ = criterion(logits, features, batch["target"], mask=batch["fov"])
+        if with_dice:
+            total = total + dice_loss(logits, batch["target"], mask=batch["fov"])
         return total
 
     def forward_fn(model, batch):
@@ -263,13 +293,18 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
         return score_scaled(scaled_predictions(model, val_imgs, 512, 128, stride, device), val_imgs)
 
     info = {
-        "version": a.version or datetime.date.today().strftime("%Y.%m.%d-exudates"),
+        "version": a.version or datetime.date.today().strftime(f"%Y.%m.%d-{spec.kind}"),
+        "kind": spec.kind,
+        "lesion": spec.lesion,
+        "title": spec.title,
+        "preprocess": spec.preprocess,
         "data": [str(Path(d)) for d in a.data],
         "train_count": len(train_imgs),
         "validation_images": [r.image.name for r in val_recs],
         "scale": a.scale,
         "rim_margin": a.rim_margin,
-        "loss": a.loss if a.loss != "contrastive" else f"{a.global_loss} + {a.alpha} density + {a.beta} edge",
+        "loss": {"contrastive": f"{a.global_loss} + {a.alpha} density + {a.beta} edge",
+                 "wbce-dice": "weighted BCE + soft Dice"}.get(a.loss, a.loss),
         "patch_size": a.patch_size,
         "samples_per_epoch": a.samples_per_epoch,
         "batch_size": a.batch_size,
@@ -278,7 +313,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
         "init": a.init,
         "parent_training": dict(parent_config.get("training", {})) if parent_config else None,
         "torch": torch.__version__,
-        "command": "python -m training exudates " + shlex.join(argv),
+        "command": f"python -m training {spec.name} " + shlex.join(argv),
     }
 
     def export(trainer, metrics):
@@ -307,6 +342,10 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return main_for(EXUDATES, argv)
+
+
+def main_for(spec: Spec, argv: list[str] | None = None) -> int:
     from ._main import recipe_main
 
-    return recipe_main("exudates", build_parser, _validate_args, run, argv)
+    return recipe_main(spec.name, lambda: build_parser(spec), _validate_args, lambda a, av: run(a, av, spec), argv)

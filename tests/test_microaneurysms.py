@@ -225,3 +225,33 @@ def test_ma_hgn_recipe_trains_on_enhanced_images_and_its_folder_maps_like_it_was
     plain, _ = network_input(rgb, fov, 1.0)
     enhanced, _ = network_input(rgb, fov, 1.0, "enhance")
     assert not np.allclose(plain, enhanced)
+
+
+def test_ma_prn_recipe_trains_on_triplets_refreshes_its_sampler_and_writes_a_scorer(ma_folder, tmp_path, monkeypatch):
+    import json
+
+    from napari_retina.models.microaneurysms import PatchScorer
+    from napari_retina.models.registry import load_model
+    from training.__main__ import main
+    from training import sampling
+
+    refreshed = []
+    orig = sampling.SelectiveSampler.update
+    monkeypatch.setattr(sampling.SelectiveSampler, "update",
+                        lambda self, i, l: (refreshed.append(len(i)), orig(self, i, l))[1])
+    out = tmp_path / "prn"
+    rc = main(["ma-prn", "--data", str(ma_folder), "--out", str(out), "--epochs", "2", "--samples-per-epoch", "6",
+               "--batch-size", "3", "--widths", "4", "8", "8", "16", "--healthy-per-image", "20",
+               "--refresh-every", "1", "--refresh-size", "10", "--val-images", "IDRiD_03.png", "--device", "cpu",
+               "--quiet"])
+    assert rc == 0
+    assert refreshed == [10, 10]  # the healthy pool was scored after each epoch
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"] == "ma-prn" and config["net"]["widths"] == [4, 8, 8, 16]
+    assert "triplet" in config["training"]["loss"] and 0 <= config["training"]["val_patch_aupr"] <= 1
+    scorer = load_model(out)
+    assert isinstance(scorer, PatchScorer)
+    p = scorer(np.full((5, 129, 129, 3), 128, np.uint8))
+    assert p.shape == (5,) and ((p >= 0) & (p <= 1)).all()
+    log = [json.loads(line) for line in (out / "run" / "log.jsonl").read_text().splitlines()]
+    assert len([e for e in log if e.get("event") == "epoch"]) == 2

@@ -165,3 +165,47 @@ def refine_candidates(
     per_pixel = np.concatenate([[0.0], scores]).astype(np.float32)[cands.labels[inside]]
     out[inside] = np.sqrt(prob[inside] * per_pixel)
     return out, cands, scores
+
+
+def prn_input(patches: np.ndarray) -> np.ndarray:
+    """uint8 (B, S, S, 3) enhanced patches -> the PRN's float32 (B, 3, S, S) input, 0 at "no contrast" (128).
+
+    Training (`training.recipes.ma_prn`) and inference prepare patches with this one function.
+    """
+    x = (np.asarray(patches, np.float32) - OFFSET) / 64.0
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+class PatchScorer:
+    """A PRN model folder (`model: ma-prn`): P(microaneurysm at the centre) of enhanced patches."""
+
+    @classmethod
+    def from_folder(cls, model_dir, config: dict, device: str = "cpu") -> "PatchScorer":
+        from ..io.errors import RetinaInputError
+        from ..nets.patch_classifier import PatchClassifier
+        from .folder import load_state_dict
+
+        self = cls()
+        try:
+            net = PatchClassifier.from_config(config["net"])
+            net.load_state_dict(load_state_dict(model_dir), strict=True)
+        except (KeyError, RuntimeError, TypeError, ValueError) as e:
+            raise RetinaInputError(f"{model_dir}: weights do not match config.json ({str(e).splitlines()[0]})") from None
+        self.setup(net, config, device)
+        self.model_dir = model_dir
+        return self
+
+    def setup(self, net, config: dict, device: str = "cpu") -> None:
+        import torch
+
+        self.config, self.device = config, torch.device(device)
+        self.net = net.eval().to(self.device)
+        self.version = str(config.get("version", "unknown"))
+        self.model_dir = None
+
+    def __call__(self, patches: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            x = torch.from_numpy(prn_input(patches)).to(self.device)
+            return torch.sigmoid(self.net(x)).float().cpu().numpy()

@@ -29,6 +29,7 @@ KINDS: dict[str, str] = {
     "refiner": "napari_retina.models.refiner:EllipseRefiner",
     "exudates": "napari_retina.models.segmenter:LesionSegmenter",
     "ma-hgn": "napari_retina.models.segmenter:LesionSegmenter",
+    "ma-prn": "napari_retina.models.microaneurysms:PatchScorer",
 }
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "weights"

@@ -1,0 +1,361 @@
+"""python -m training ma-prn: train the microaneurysm patch-wise refinement network (PRN).
+
+    python -m training ma-prn --data DIR [DIR ...] --out MODEL_DIR [--loss triplet|ce]
+        [--epochs N | --minutes M] [--margin 0.5] [--refresh-every 2] ...
+
+After ../shared/papers/microaneurysms-multiscale-triplet.md, sections 2 and 3.1: a classifier
+of 129 x 129 patches of the contrast-enhanced photograph (`enhance_contrast`) at full
+resolution, "is the centre pixel a microaneurysm?" (`nets.patch_classifier.PatchClassifier`).
+
+- Each item is a triplet: anchor and positive centred on two microaneurysm pixels drawn
+  uniformly from the training images' masks, negative a healthy location (more than
+  `--clearance` px from every microaneurysm) drawn by selective sampling
+  (`training.sampling.SelectiveSampler`). Flips, quarter turns, brightness and contrast.
+- Loss (`--loss triplet`, the paper's PRN): cosine triplet loss on the embeddings after global
+  average pooling, margin 0.5, plus the cross-entropy of the anchor (1) and the negative (0).
+  `--loss ce` is the paper's "cls" ablation: the cross-entropy alone.
+- Selective sampling: the healthy pool (`--healthy-per-image` random field-of-view locations
+  per image) starts uniform; every `--refresh-every` epochs the current network scores
+  `--refresh-size` of them and their loss (-log(1 - p)) becomes their drawing weight, so hard
+  negatives come back more often (the paper refreshes every 10 of its much longer epochs).
+- Validation: the held-out images' patches, every microaneurysm (one centre per connected
+  lesion) against `--healthy-per-image` healthy locations each, scored by the area under the
+  precision-recall curve (`val_aupr`, early stopping). The whole detector (HGNs + PRN) is
+  scored by `napari-retina evaluate ma` once assembled (`python -m training microaneurysms`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shlex
+import time
+from pathlib import Path
+
+import numpy as np
+
+from napari_retina import __version__
+from napari_retina.io.errors import RetinaInputError
+
+from ..data import DataError, gather_records, split_by_image, write_split
+
+LESION = "MA"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training ma-prn",
+                                description="Train the microaneurysm patch-wise refinement network (triplet loss).")
+    p.add_argument("--data", nargs="+", required=True, metavar="DIR",
+                   help="IDRiD-layout, flat or annotation project folders with MA masks")
+    p.add_argument("--out", required=True, metavar="MODEL_DIR", help="model folder to write")
+    p.add_argument("--loss", choices=("triplet", "ce"), default="triplet",
+                   help="triplet: cosine triplet + cross-entropy (the PRN); ce: cross-entropy only (default %(default)s)")
+    p.add_argument("--margin", type=float, default=0.5, help="triplet margin (default %(default)s, the paper's)")
+    p.add_argument("--widths", type=int, nargs=4, default=[16, 32, 64, 128], help="channels of the four stages")
+    p.add_argument("--clearance", type=int, default=10, help="healthy centres lie this far from every microaneurysm")
+    p.add_argument("--healthy-per-image", type=int, default=300)
+    p.add_argument("--refresh-every", type=int, default=2, help="epochs between selective-sampling refreshes")
+    p.add_argument("--refresh-size", type=int, default=2000, help="healthy patches scored per refresh")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    budget = p.add_argument_group("how long (at least one; with both, whichever ends first)")
+    budget.add_argument("--epochs", type=int)
+    budget.add_argument("--minutes", type=float)
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.add_argument("--run-dir", metavar="DIR", help="log, checkpoints and split (default MODEL_DIR/run)")
+    p.add_argument("--init", metavar="MODEL_DIR", help="start from this ma-prn model folder's weights")
+    p.add_argument("--batch-size", type=int, default=16, help="triplets per step (the paper: 90)")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default %(default)s; the paper: 1e-5)")
+    p.add_argument("--samples-per-epoch", type=int, default=2000, help="triplets per epoch")
+    p.add_argument("--patience", type=int, default=8)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--val-images", nargs="+", metavar="NAME", help="hold out exactly these images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--version", default=None)
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def _validate_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    if a.epochs is None and a.minutes is None:
+        p.error("give --epochs N or --minutes M (or both)")
+    if not 0 < a.margin <= 2:
+        p.error(f"--margin must lie in (0, 2] (cosine distances lie in [0, 2]), not {a.margin}")
+    if a.healthy_per_image < 1 or a.refresh_every < 1 or a.refresh_size < 1 or a.clearance < 0:
+        p.error("--healthy-per-image, --refresh-every and --refresh-size must be positive, --clearance >= 0")
+    if a.batch_size < 2:
+        p.error("--batch-size must be at least 2")
+
+
+class PatchImage:
+    """One photograph for the PRN: its enhanced pixels padded for 129-px crops, lesion and healthy centres."""
+
+    def __init__(self, record, clearance: int, healthy: int, rng: np.random.Generator):
+        import cv2
+
+        from napari_retina.fundus import field_of_view_mask
+        from napari_retina.io.images import read_fundus
+        from napari_retina.metrics import label_lesions
+        from napari_retina.models.microaneurysms import PATCH, enhance_contrast
+        from napari_retina.session import graders_mask
+
+        rgb = read_fundus(record.image)
+        fov = field_of_view_mask(rgb)
+        ma = graders_mask(record, LESION, rgb.shape[:2])  # unaccepted proposals are not labels
+        self.stem = record.stem
+        self.r = PATCH // 2
+        self.padded = cv2.copyMakeBorder(enhance_contrast(rgb, fov), self.r, self.r, self.r, self.r,
+                                         cv2.BORDER_REFLECT_101)
+        self.lesion_px = np.argwhere(ma & fov).astype(np.int32)
+        labels, n = label_lesions(ma & fov)
+        if n:
+            from scipy import ndimage
+
+            self.lesion_centres = np.rint(np.array(ndimage.center_of_mass(ma, labels, range(1, n + 1)))).astype(np.int32)
+        else:
+            self.lesion_centres = np.zeros((0, 2), np.int32)
+        # healthy: inside the field of view (and not at its rim), away from every microaneurysm
+        far = ~cv2.dilate(ma.astype(np.uint8), np.ones((2 * clearance + 1,) * 2, np.uint8)).astype(bool) if clearance else ~ma
+        inner = cv2.erode(fov.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
+        ok = np.argwhere((far & inner)[::4, ::4]).astype(np.int32) * 4
+        pick = rng.choice(len(ok), size=min(healthy, len(ok)), replace=False) if len(ok) else []
+        self.healthy_px = ok[pick]
+
+    def patch(self, yx) -> np.ndarray:
+        y, x = int(yx[0]), int(yx[1])
+        return self.padded[y : y + 2 * self.r + 1, x : x + 2 * self.r + 1]
+
+
+def _to_tensor(patch: np.ndarray):
+    """uint8 (S, S, 3) enhanced pixels -> float32 (3, S, S), as inference prepares them (`prn_input`)."""
+    import torch
+
+    from napari_retina.models.microaneurysms import prn_input
+
+    return torch.from_numpy(prn_input(patch[None])[0])
+
+
+class TripletPatches:
+    """torch Dataset of (anchor, positive, negative) patch triplets, negatives by selective sampling."""
+
+    def __init__(self, images: list[PatchImage], sampler, length: int, augment: bool = True, seed: int = 0):
+        self.images, self.sampler, self.length, self.augment, self.seed = images, sampler, int(length), augment, seed
+        self.lesions = [(i, k) for i, im in enumerate(images) for k in range(len(im.lesion_px))]
+        self.healthy = [(i, k) for i, im in enumerate(images) for k in range(len(im.healthy_px))]
+        if not self.lesions:
+            raise DataError("no microaneurysms in the training images' masks")
+        if not self.healthy:
+            raise DataError("no healthy field-of-view pixels in the training images")
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def healthy_patch(self, j: int) -> np.ndarray:
+        i, k = self.healthy[j]
+        return self.images[i].patch(self.images[i].healthy_px[k])
+
+    def _augment(self, patch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if not self.augment:
+            return patch
+        patch = np.rot90(patch, int(rng.integers(4)))
+        if rng.random() < 0.5:
+            patch = patch[:, ::-1]
+        gain, shift = rng.uniform(0.85, 1.15), rng.uniform(-12, 12)
+        return np.clip((patch.astype(np.float32) - 128.0) * gain + 128.0 + shift, 0, 255).astype(np.uint8)
+
+    def __getitem__(self, idx: int) -> dict:
+        import torch
+
+        rng = np.random.default_rng((self.seed, self.epoch, idx))
+        a, b = rng.integers(len(self.lesions), size=2)
+        (ia, ka), (ib, kb) = self.lesions[a], self.lesions[b]
+        neg = int(self.sampler.draw(1)[0]) if self.sampler is not None else int(rng.integers(len(self.healthy)))
+        anchor = self._augment(self.images[ia].patch(self.images[ia].lesion_px[ka]), rng)
+        positive = self._augment(self.images[ib].patch(self.images[ib].lesion_px[kb]), rng)
+        negative = self._augment(self.healthy_patch(neg), rng)
+        return {"image": torch.stack([_to_tensor(anchor), _to_tensor(positive), _to_tensor(negative)]),
+                "negative_index": torch.tensor(neg)}
+
+
+def score_patches(net, patches: list[np.ndarray], device, batch: int = 64) -> np.ndarray:
+    """P(microaneurysm at the centre) of each patch, in batches, eval mode, no gradients."""
+    import torch
+
+    was = net.training
+    net.eval()
+    out = []
+    try:
+        with torch.inference_mode():
+            for s in range(0, len(patches), batch):
+                x = torch.stack([_to_tensor(p) for p in patches[s : s + batch]]).to(device)
+                out.append(torch.sigmoid(net(x)).float().cpu().numpy())
+    finally:
+        net.train(was)
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def run(a: argparse.Namespace, argv: list[str]) -> int:
+    import torch
+    import torch.nn.functional as F
+
+    from napari_retina.metrics import PixelPR
+    from napari_retina.models.folder import load_state_dict, write_model_folder
+    from napari_retina.models.registry import check_model_folder
+    from napari_retina.nets.patch_classifier import PatchClassifier
+    from training.losses import triplet_cosine_loss
+    from training.sampling import SelectiveSampler
+    from training.trainer import Trainer, is_main_process
+
+    out = Path(a.out)
+    run_dir = Path(a.run_dir) if a.run_dir else out / "run"
+    say = (lambda *x: None) if a.quiet or not is_main_process() else (lambda *x: print(*x, flush=True))
+    records = gather_records(a.data)
+    parent = check_model_folder(Path(a.init), expect="ma-prn") if a.init else None
+    split_file = run_dir / "split.json"
+    val_names = a.val_images
+    if a.resume and split_file.is_file() and not val_names:
+        val_names = json.loads(split_file.read_text())["val"]
+    elif parent and not val_names:
+        val_names = parent.get("validation_images")
+    train_recs, val_recs = split_by_image(records, a.val_fraction, a.seed, val_names)
+    if not val_recs:
+        raise DataError("no validation image: give at least two images")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        write_split(split_file, train_recs, val_recs)
+    t0 = time.monotonic()
+    rng = np.random.default_rng(a.seed)
+    train_imgs = [PatchImage(r, a.clearance, a.healthy_per_image, rng) for r in train_recs]
+    val_imgs = [PatchImage(r, a.clearance, a.healthy_per_image, rng) for r in val_recs]
+    sampler = SelectiveSampler(sum(len(im.healthy_px) for im in train_imgs), seed=a.seed)
+    train_set = TripletPatches(train_imgs, sampler, a.samples_per_epoch, augment=True, seed=a.seed)
+    val_pos = [im.patch(c) for im in val_imgs for c in im.lesion_centres]
+    val_neg = [im.patch(c) for im in val_imgs for c in im.healthy_px]
+    if not val_pos:
+        raise DataError("no microaneurysms in the validation images' masks")
+    say(f"{len(train_imgs)} training images ({len(train_set.lesions)} microaneurysm pixels, {len(train_set.healthy)} "
+        f"healthy locations), {len(val_imgs)} validation images ({len(val_pos)} microaneurysms, {len(val_neg)} healthy); "
+        f"loaded in {time.monotonic() - t0:.0f} s")
+
+    net = PatchClassifier(widths=tuple(a.widths))
+    if a.init:
+        try:
+            net.load_state_dict(load_state_dict(Path(a.init)), strict=True)
+        except RuntimeError as e:
+            raise RetinaInputError(f"--init {a.init}: weights do not fit this network ({str(e).splitlines()[0]})") from None
+
+    def forward_fn(model, batch):
+        x = batch["image"]  # (B, 3, C, S, S): anchor, positive, negative
+        b = x.shape[0]
+        logits, emb = model(x.flatten(0, 1), return_embedding=True)
+        return logits.view(b, 3), emb.view(b, 3, -1)
+
+    def loss_fn(outputs, batch):
+        logits, emb = outputs
+        # cross-entropy between the anchor (a microaneurysm) and the negative (healthy), as the paper pairs them
+        ce = F.binary_cross_entropy_with_logits(
+            torch.cat([logits[:, 0], logits[:, 2]]).float(),
+            torch.cat([torch.ones_like(logits[:, 0]), torch.zeros_like(logits[:, 2])]).float())
+        if a.loss == "ce":
+            return ce
+        return ce + triplet_cosine_loss(emb[:, 0], emb[:, 1], emb[:, 2], margin=a.margin)
+
+    def val_fn(model, _val, device) -> dict:
+        p = score_patches(model, val_pos + val_neg, device)
+        y = np.r_[np.ones(len(val_pos), bool), np.zeros(len(val_neg), bool)]
+        pr = PixelPR()
+        pr.add(np.round(p * 255).astype(np.uint8), y)
+        aupr = pr.aupr()
+        return {"aupr": 0.0 if np.isnan(aupr) else aupr, "sensitivity_at_half": float((p[y] >= 0.5).mean()),
+                "specificity_at_half": float((p[~y] < 0.5).mean())}
+
+    def refresh(trainer, metrics):
+        """Selective sampling: score part of the healthy pool; its loss becomes its drawing weight."""
+        if int(metrics["epoch"]) % a.refresh_every:
+            return
+        k = min(a.refresh_size, sampler.n)
+        idx = np.random.default_rng((a.seed, int(metrics["epoch"]))).choice(sampler.n, size=k, replace=False)
+        p = score_patches(trainer.module, [train_set.healthy_patch(int(j)) for j in idx], trainer.device)
+        sampler.update(idx, -np.log(np.clip(1.0 - p, 1e-6, 1.0)))
+
+    info = {
+        "version": a.version or datetime.date.today().strftime("%Y.%m.%d-ma-prn"),
+        "data": [str(Path(d)) for d in a.data],
+        "validation_images": [r.image.name for r in val_recs],
+        "train_count": len(train_imgs),
+        "command": "python -m training ma-prn " + shlex.join(argv),
+        "parent_training": dict(parent.get("training", {})) if parent else None,
+        "torch": torch.__version__,
+    }
+
+    def export(trainer, metrics):
+        if not metrics["is_best"]:
+            return
+        state = {k: v.detach().cpu() for k, v in trainer.module.state_dict().items()}
+        prev = info["parent_training"] or {}
+        config = {
+            "model": "ma-prn",
+            "lesion": LESION,
+            "version": info["version"],
+            "net": trainer.module.config(),
+            "preprocess": "enhance",
+            "validation_images": info["validation_images"],
+            "training": {
+                "epochs": int(prev.get("epochs", 0)) + int(metrics["epoch"]),
+                "minutes": round(float(prev.get("minutes", 0.0)) + (trainer._train_seconds_before + trainer._seconds()) / 60, 1),
+                "device": str(trainer.device),
+                "loss": "cosine triplet (margin %g) + cross-entropy" % a.margin if a.loss == "triplet" else "cross-entropy",
+                "val_patch_aupr": round(float(metrics.get("val_aupr", float("nan"))), 4),
+                "selective_sampling": f"refreshed every {a.refresh_every} epochs, {a.refresh_size} healthy patches",
+                "early_stopping_patience": a.patience,
+                "command": info["command"],
+                "parent": a.init,
+                "trained": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            },
+        }
+        t = config["training"]
+        card = f"""# Microaneurysm patch-wise refinement network {config['version']}
+
+Scores 129 x 129 patches of the contrast-enhanced photograph: P(the centre pixel is a
+microaneurysm). A slim residual network (widths {'-'.join(map(str, a.widths))}, {trainer.module.num_parameters():,}
+parameters) trained from scratch by napari-retina {__version__} with {t['loss']}.
+
+- Data: {', '.join(info['data'])} ({info['train_count']} training images, {len(config['validation_images'])} validation images)
+- Triplets: {a.samples_per_epoch} per epoch, batch {a.batch_size}, Adam lr {a.lr}; negatives by selective sampling ({t['selective_sampling']})
+- Epochs: {t['epochs']}, {t['minutes']:.0f} min on {t['device']} ({platform.machine()}, torch {info['torch']})
+- Validation: patch-level AUPR {t['val_patch_aupr']:.3f} (every microaneurysm of the validation images against healthy locations); patience {a.patience}
+- Command: `{t['command']}`
+
+Validation images (held out by image): {', '.join(config['validation_images'])}
+
+weights.safetensors SHA-256: {{sha256}}
+"""
+        write_model_folder(out, state, config, card)
+
+    trainer = Trainer(
+        net, loss_fn, train_set, None, run_dir,
+        device=a.device, batch_size=a.batch_size, lr=a.lr, epochs=a.epochs, minutes=a.minutes,
+        seed=a.seed, val_fn=val_fn, monitor="val_aupr", mode="max",
+        lr_patience=max(1, a.patience // 2), early_stop_patience=a.patience, forward_fn=forward_fn,
+        on_epoch_end=[refresh, export], info={k: info[k] for k in ("version", "data", "command")},
+        verbose=not a.quiet,
+    )
+    summary = trainer.fit(resume=a.resume)
+    if is_main_process():
+        if summary["best"] is None:
+            say(f"no usable epoch; nothing written to {out}")
+        else:
+            say(f"model folder: {out} (best epoch {summary['best_epoch']}, patch AUPR {summary['best']:.3f}; "
+                f"stopped by {summary['stopped']})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ._main import recipe_main
+
+    return recipe_main("ma-prn", build_parser, _validate_args, run, argv)

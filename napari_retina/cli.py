@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     s.add_argument("paths", nargs="+", metavar="IMAGE_OR_FOLDER", help="fundus images or folders of them")
-    s.add_argument("--lesion", required=True, type=str.upper, choices=("EX",), help="lesion to find")
+    s.add_argument("--lesion", required=True, type=str.upper, choices=("EX", "MA"), help="lesion to find")
     where = s.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", metavar="DIR", help="write masks and probability maps here (created)")
     where.add_argument("--into-projects", action="store_true", help="pre-annotate each image's annotation project")
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threshold", type=float, help="probability threshold of the mask (default: the model's)")
     s.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     e = sub.add_parser("evaluate", help="score a model on an IDRiD-layout folder (prints JSON)")
-    esub = e.add_subparsers(dest="what", metavar="{refine,ex}")
+    esub = e.add_subparsers(dest="what", metavar="{refine,ex,ma}")
     ee = esub.add_parser(
         "ex",
         help="hard-exudate segmenter: pixel AUPR (pooled, IDRiD challenge), figures at the threshold, FROC",
@@ -92,6 +92,23 @@ def build_parser() -> argparse.ArgumentParser:
     ee.add_argument("--limit", type=int, help="only the first N images")
     ee.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     ee.add_argument("--out", metavar="FILE.json", help="also write the JSON here")
+    em = esub.add_parser(
+        "ma",
+        help="microaneurysm detector: pixel AUPR (pooled, IDRiD challenge), figures at the threshold, FROC",
+        description=(
+            "Detect microaneurysms in every image of DIR's split and print JSON with the keys of `evaluate ex` "
+            "(aupr, precision, recall, f1, iou, lesion-level figures, FROC at 1/8 to 8 false positives per "
+            "image, seconds per image); with --variants also the paper's Table 2 rows (HGN 1x, HGN 0.5x, "
+            "arithmetic and geometric fusion, refined) under `variants`."
+        ),
+    )
+    em.add_argument("--data", required=True, metavar="DIR", help="IDRiD-layout (official or flat) or project folder")
+    em.add_argument("--model", metavar="DIR", help="microaneurysm model folder (default: the shipped one)")
+    em.add_argument("--split", choices=("val", "all"), default="all", help="val: only the model card's validation images")
+    em.add_argument("--limit", type=int, help="only the first N images")
+    em.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    em.add_argument("--variants", action="store_true", help="also score every stage of the detector (Table 2)")
+    em.add_argument("--out", metavar="FILE.json", help="also write the JSON here")
     er = esub.add_parser(
         "refine",
         help="coarse ellipse refinement: image-level IoU per lesion (paper Table 1, Fig. 3), IoU by ellipse size, latency",
@@ -304,10 +321,10 @@ def _print_json(result: dict, out: str | None) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    if args.what == "ex":
-        return _evaluate_segmenter(args, "EX")
+    if args.what in ("ex", "ma"):
+        return _evaluate_segmenter(args, args.what.upper())
     if args.what != "refine":
-        raise CliError("evaluate what? available: refine, ex")
+        raise CliError("evaluate what? available: refine, ex, ma")
     from .evaluation import evaluate_refine
 
     data = Path(args.data)
@@ -337,10 +354,12 @@ def _evaluate_segmenter(args, lesion: str) -> int:
     if not data.is_dir():
         raise CliError(f"{data}: not a folder")
     segmenter = load_segmenter(lesion, args.model, device=args.device)
-    result = evaluate_segmenter(
-        data, segmenter, split=args.split, limit=args.limit,
-        progress=_progress_line,
-    )
+    if getattr(args, "variants", False):
+        from .segmentation import evaluate_variants
+
+        result = evaluate_variants(data, segmenter, split=args.split, limit=args.limit, progress=_progress_line)
+    else:
+        result = evaluate_segmenter(data, segmenter, split=args.split, limit=args.limit, progress=_progress_line)
     return _print_json(result, args.out)
 
 

@@ -23,7 +23,12 @@ import numpy as np
 from .io.errors import RetinaInputError
 from .proposals import PixelChange, PixelRecord
 
-SEGMENTER_KINDS = {"EX": "exudates"}  # lesion -> the registry's model kind that segments it
+SEGMENTER_KINDS = {"EX": "exudates", "MA": "microaneurysms"}  # lesion -> the registry's model kind that segments it
+# how to train the model of each lesion, for the message when none is installed
+TRAIN_COMMANDS = {
+    "EX": "`python -m training exudates --data DIR --out MODEL_DIR`",
+    "MA": "`python -m training ma-hgn` (at --scale 1.0 and 0.5) and `ma-prn`, then `python -m training microaneurysms`",
+}
 BLOCK = 512  # full-resolution pixels per proposal block side
 FLOOR = 0.05  # probabilities below this are not proposed at any threshold
 
@@ -262,6 +267,47 @@ def evaluate_segmenter(
     return _json_safe(out)
 
 
+def evaluate_variants(data: Path, detector, split: str = "all", limit: int | None = None,
+                      progress: Optional[Callable[[int, int, str], None]] = None) -> dict:
+    """`evaluate_segmenter` of a detector's final map, plus each of its stages under `variants`.
+
+    The stages (`detector.maps`: the microaneurysm paper's Table 2 rows) come from one run of
+    each network per image, kept as the uint8 maps that are scored anyway.
+    """
+    from .evaluation import _records
+    from .fundus import field_of_view_mask
+    from .io.images import read_fundus
+
+    records = _records(Path(data), split, detector.config.get("validation_images"))
+    if limit:
+        records = records[:limit]
+    cache: dict[str, dict[str, np.ndarray]] = {}
+    seconds: dict[str, float] = {}
+
+    def stage(name):
+        def maps(rec):
+            if rec.stem not in cache:
+                if progress:
+                    progress(len(cache) + 1, len(records), rec.stem)
+                rgb = read_fundus(rec.image)
+                t0 = time.perf_counter()
+                out = detector.maps(rgb, field_of_view_mask(rgb))
+                seconds[rec.stem] = time.perf_counter() - t0
+                cache[rec.stem] = {k: np.round(np.clip(v, 0, 1) * 255).astype(np.uint8) for k, v in out.items()}
+            return cache[rec.stem][name].astype(np.float32) / 255.0
+        return maps
+
+    result = evaluate_segmenter(Path(data), detector, split=split, limit=limit, maps=stage("refined"))
+    result["seconds_per_image"] = round(float(np.mean(list(seconds.values()))), 6) if seconds else None
+    keys = ("aupr", "precision", "recall", "f1", "iou", "froc", "froc_score")
+    result["variants"] = {}
+    for name in detector.variant_names():
+        r = result if name == "refined" else evaluate_segmenter(Path(data), detector, split=split, limit=limit,
+                                                                 maps=stage(name))
+        result["variants"][name] = {k: r[k] for k in keys if k in r}
+    return result
+
+
 def _json_safe(v):
     """nan -> None (JSON has no NaN), recursively; floats rounded to 6 digits."""
     if isinstance(v, dict):
@@ -292,7 +338,7 @@ def load_segmenter(lesion: str, model_dir: str | Path | None = None, device: str
     if model_dir is None and not folder.is_dir():
         raise RetinaInputError(
             f"no {lesion} segmentation model is installed ({folder}); train one with "
-            f"`python -m training exudates --data DIR --out MODEL_DIR` (the command line takes --model MODEL_DIR)"
+            f"{TRAIN_COMMANDS.get(lesion, 'python -m training')} (the command line takes --model MODEL_DIR)"
         )
     if str(device).startswith("cuda"):
         import torch

@@ -255,3 +255,50 @@ def test_ma_prn_recipe_trains_on_triplets_refreshes_its_sampler_and_writes_a_sco
     assert p.shape == (5,) and ((p >= 0) & (p <= 1)).all()
     log = [json.loads(line) for line in (out / "run" / "log.jsonl").read_text().splitlines()]
     assert len([e for e in log if e.get("event") == "epoch"]) == 2
+
+
+def test_the_three_networks_assemble_into_one_detector_that_segments_and_evaluates(ma_folder, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import fundus_rgb
+    from napari_retina.models.microaneurysms import MicroaneurysmDetector, VARIANTS
+    from napari_retina.models.registry import load_model
+    from training.__main__ import main
+
+    common = ["--data", str(ma_folder), "--epochs", "1", "--samples-per-epoch", "4", "--batch-size", "2",
+              "--val-images", "IDRiD_03.png", "--device", "cpu", "--quiet"]
+    for scale in ("1.0", "0.5"):
+        assert main(["ma-hgn", "--out", str(tmp_path / f"hgn{scale}"), "--scale", scale, "--patch-size", "32",
+                     "--base-channels", "4", "--depth", "2", *common]) == 0
+    assert main(["ma-prn", "--out", str(tmp_path / "prn"), "--widths", "4", "8", "8", "16",
+                 "--healthy-per-image", "10", "--refresh-size", "5", *common]) == 0
+    out = tmp_path / "detector"
+    assert main(["microaneurysms", "--hgn-full", str(tmp_path / "hgn1.0"), "--hgn-half", str(tmp_path / "hgn0.5"),
+                 "--prn", str(tmp_path / "prn"), "--out", str(out), "--data", str(ma_folder), "--quiet"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"] == "microaneurysms" and config["fusion"] == "geometric" and 0 < config["threshold"] < 1
+    det = load_model(out)
+    assert isinstance(det, MicroaneurysmDetector) and det.prn is not None
+    rgb = fundus_rgb(5)
+    maps = det.maps(rgb)
+    assert set(maps) == set(VARIANTS) and all(m.shape == rgb.shape[:2] for m in maps.values())
+    np.testing.assert_allclose(maps["geometric"], np.sqrt(maps["hgn_1x"] * maps["hgn_0.5x"]), atol=1e-6)
+    # the refinement changes only candidate pixels of the fused map
+    same = maps["refined"] == maps["geometric"]
+    assert same[maps["geometric"] < config["candidate_threshold"]].all()
+    # the same commands as for exudates: segment and evaluate ma (with the Table 2 rows)
+    seg_out = tmp_path / "seg"
+    r = subprocess.run([sys.executable, "-m", "napari_retina.cli", "segment", "--lesion", "MA", "--model", str(out),
+                        str(ma_folder / "IDRiD_01.png"), "--out", str(seg_out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (seg_out / "IDRiD_01_MA.tif").is_file() and (seg_out / "IDRiD_01_MA_prob.tif").is_file()
+    r = subprocess.run([sys.executable, "-m", "napari_retina.cli", "evaluate", "ma", "--data", str(ma_folder),
+                        "--model", str(out), "--variants"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["lesion"] == "MA" and 0 <= result["aupr"] <= 1 and set(result["froc"]) == {
+        "0.125", "0.25", "0.5", "1", "2", "4", "8"}
+    assert set(result["variants"]) == set(VARIANTS)
+    assert result["variants"]["refined"]["aupr"] == result["aupr"]

@@ -209,3 +209,127 @@ class PatchScorer:
         with torch.inference_mode():
             x = torch.from_numpy(prn_input(patches)).to(self.device)
             return torch.sigmoid(self.net(x)).float().cpu().numpy()
+
+
+FUSIONS = ("arithmetic", "geometric")
+VARIANTS = ("hgn_1x", "hgn_0.5x", "arithmetic", "geometric", "refined")  # the paper's Table 2 rows
+
+
+class MicroaneurysmDetector:
+    """The detector's model folder (`model: microaneurysms`): two HGNs and the PRN, one checksum.
+
+    weights.safetensors holds the three networks under the prefixes `hgn_full.`, `hgn_half.`
+    and `prn.`; config.json their configs (`hgn_full`, `hgn_half`: segmenter configs with
+    their working scales; `prn`: the classifier's), the `fusion`, the `candidate_threshold`
+    above which regions go to the PRN, and the final `threshold`. The photograph is enhanced
+    once and both HGNs map that enhanced image (`preprocess` is applied here, not by each).
+    """
+
+    kind = "microaneurysms"
+    lesion = "MA"
+
+    @classmethod
+    def from_folder(cls, model_dir, config: dict, device: str = "cpu") -> "MicroaneurysmDetector":
+        from ..io.errors import RetinaInputError
+        from ..nets.patch_classifier import PatchClassifier
+        from ..nets.segmentation import SegmentationNet
+        from .folder import load_state_dict
+
+        state = load_state_dict(model_dir)
+        try:
+            parts = {}
+            for name in ("hgn_full", "hgn_half", "prn"):
+                sub = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
+                net = (PatchClassifier if name == "prn" else SegmentationNet).from_config(config[name]["net"])
+                net.load_state_dict(sub, strict=True)
+                parts[name] = net
+        except (KeyError, RuntimeError, TypeError, ValueError) as e:
+            raise RetinaInputError(f"{model_dir}: weights do not match config.json ({str(e).splitlines()[0]})") from None
+        self = cls.from_networks(parts["hgn_full"], parts["hgn_half"], parts["prn"], config, device)
+        self.model_dir = model_dir
+        return self
+
+    @classmethod
+    def from_networks(cls, hgn_full, hgn_half, prn, config: dict, device: str = "cpu") -> "MicroaneurysmDetector":
+        from .segmenter import LesionSegmenter
+
+        self = cls()
+        self.config = config
+        self.model_dir = None
+        self.hgns = []
+        for net, key in ((hgn_full, "hgn_full"), (hgn_half, "hgn_half")):
+            seg = LesionSegmenter.from_network(net, dict(config[key], preprocess="none"), device)
+            self.hgns.append(seg)  # they get the enhanced photograph
+        self.prn = None
+        if prn is not None:
+            self.prn = PatchScorer()
+            self.prn.setup(prn, config.get("prn", {}), device)
+        self.fusion = str(config.get("fusion", "geometric"))
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, not {self.fusion!r}")
+        self.candidate_threshold = float(config.get("candidate_threshold", 0.5))
+        self.threshold = float(config.get("threshold", 0.5))
+        self.version = str(config.get("version", "unknown"))
+        self.scale = 1.0  # the map and its overlay are at full resolution
+        return self
+
+    @property
+    def description(self) -> dict:
+        return {"model": self.kind, "version": self.version, "folder": str(self.model_dir) if self.model_dir else None}
+
+    def variant_names(self) -> tuple[str, ...]:
+        """The stages `maps` gives (without a PRN, "refined" is the fused map itself)."""
+        return VARIANTS if self.prn is not None else VARIANTS[:-1]
+
+    def maps(self, rgb: np.ndarray, fov: np.ndarray | None = None, progress=None, cancelled=None,
+             preview=None) -> dict[str, np.ndarray]:
+        """Every stage's full-size map: the paper's Table 2 rows (`VARIANTS`), from one pass of each network."""
+        from ..fundus import field_of_view_mask
+
+        if fov is None:
+            fov = field_of_view_mask(rgb)
+        enhanced = enhance_contrast(rgb, fov)
+        counts = [seg.tile_count(rgb.shape[:2], fov) for seg in self.hgns]
+        total = sum(counts) + 1  # + the PRN
+
+        def stage_progress(offset):
+            return None if progress is None else (lambda k, n: progress(offset + k, total))
+
+        full = self.hgns[0].probability(enhanced, fov, progress=stage_progress(0), cancelled=cancelled, preview=preview)
+        half = self.hgns[1].probability(enhanced, fov, progress=stage_progress(counts[0]), cancelled=cancelled)
+        out = {"hgn_1x": full, "hgn_0.5x": half,
+               "arithmetic": fuse_maps(full, half, "arithmetic"), "geometric": fuse_maps(full, half, "geometric")}
+        fused = out[self.fusion]
+        if cancelled is not None and cancelled():
+            from .tiling import TilingCancelled
+
+            raise TilingCancelled("cancelled before the refinement network")
+        if self.prn is not None:
+            refined, _, _ = refine_candidates(fused, enhanced, self.prn, self.candidate_threshold, fov)
+            out["refined"] = refined
+        else:
+            out["refined"] = fused
+        if progress is not None:
+            progress(total, total)
+        return out
+
+    def probability(self, rgb, fov=None, progress=None, cancelled=None, preview=None, on_block=None,
+                    block: int = 512) -> np.ndarray:
+        prob = self.maps(rgb, fov, progress=progress, cancelled=cancelled, preview=preview)["refined"]
+        if on_block is not None:  # the map is final only once the PRN has run: every block at the end
+            h, w = prob.shape
+            for r0 in range(0, h, block):
+                for c0 in range(0, w, block):
+                    box = (r0, min(r0 + block, h), c0, min(c0 + block, w))
+                    on_block(box, prob[box[0] : box[1], box[2] : box[3]].copy())
+        return prob
+
+    def segment(self, rgb, fov=None, progress=None, cancelled=None, preview=None, on_block=None, block: int = 512):
+        import time
+
+        from .segmenter import Segmentation
+
+        t0 = time.perf_counter()
+        prob = self.probability(rgb, fov, progress=progress, cancelled=cancelled, preview=preview,
+                                on_block=on_block, block=block)
+        return Segmentation(self.lesion, prob, self.threshold, time.perf_counter() - t0)

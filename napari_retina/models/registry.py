@@ -30,6 +30,7 @@ KINDS: dict[str, str] = {
     "exudates": "napari_retina.models.segmenter:LesionSegmenter",
     "ma-hgn": "napari_retina.models.segmenter:LesionSegmenter",
     "ma-prn": "napari_retina.models.microaneurysms:PatchScorer",
+    "microaneurysms": "napari_retina.models.microaneurysms:MicroaneurysmDetector",
 }
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "weights"

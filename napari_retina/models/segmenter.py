@@ -155,6 +155,16 @@ class LesionSegmenter:
     def description(self) -> dict:
         return {"model": self.kind, "version": self.version, "folder": str(self.model_dir) if self.model_dir else None}
 
+    def tile_count(self, shape: tuple[int, int], fov: np.ndarray) -> int:
+        """How many windows `probability` runs on an image of `shape` with this field of view."""
+        from .tiling import plan_tiles
+
+        h, w = shape
+        size = (max(1, round(w * self.scale)), max(1, round(h * self.scale)))
+        small_fov = fov if self.scale == 1.0 else cv2.resize(fov.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
+        tile = min(self.tile, _round_up(max(small_fov.shape), self.stride_multiple))
+        return len(plan_tiles(small_fov.shape, tile, min(self.overlap, tile // 2), small_fov, self.stride_multiple).origins)
+
     def probability(
         self,
         rgb: np.ndarray,

@@ -1,0 +1,152 @@
+"""python -m training microaneurysms: assemble the detector's model folder from its three networks.
+
+    python -m training microaneurysms --hgn-full DIR --hgn-half DIR [--prn DIR] --out MODEL_DIR
+        [--fusion geometric|arithmetic] [--candidate-threshold 0.5] [--data DIR [--threshold T]]
+
+Takes the two hypothesis networks (`python -m training ma-hgn --scale 1.0`, `--scale 0.5`) and
+the refinement network (`python -m training ma-prn`; without it, the detector is the fused
+HGN map alone, the paper's "FCN geometric/arithmetic" rows) and writes one model folder
+(`model: microaneurysms`): the three weight sets in one weights.safetensors under the
+prefixes hgn_full., hgn_half. and prn., one checksum, one card naming the parts' versions.
+
+The threshold: with --data, the one with the best F1 pooled over the HGNs' validation images
+at full resolution (the detector is run on them once); else --threshold (default 0.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+from pathlib import Path
+
+import numpy as np
+
+from napari_retina import __version__
+from napari_retina.io.errors import RetinaInputError
+
+from ..data import DataError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training microaneurysms",
+                                description="Assemble the microaneurysm detector from its two HGNs and its PRN.")
+    p.add_argument("--hgn-full", required=True, metavar="DIR", help="ma-hgn model folder trained at --scale 1.0")
+    p.add_argument("--hgn-half", required=True, metavar="DIR", help="ma-hgn model folder trained at --scale 0.5")
+    p.add_argument("--prn", metavar="DIR", help="ma-prn model folder (without it: no refinement)")
+    p.add_argument("--out", required=True, metavar="MODEL_DIR")
+    p.add_argument("--fusion", choices=("geometric", "arithmetic"), default="geometric")
+    p.add_argument("--candidate-threshold", type=float, default=0.5,
+                   help="fused-map value above which a region goes to the PRN (default 0.5, the paper's)")
+    p.add_argument("--data", metavar="DIR", help="choose the threshold on the HGNs' validation images of DIR")
+    p.add_argument("--threshold", type=float, default=0.5, help="the threshold when no --data (default 0.5)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--version", default=None)
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def _validate_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    for name in ("candidate_threshold", "threshold"):
+        if not 0 < getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must lie between 0 and 1, not {getattr(a, name)}")
+
+
+def best_f1_threshold(detector, data: Path, names: list[str]) -> tuple[float, float]:
+    """(threshold, pooled F1) with the best pooled F1 of the detector's map over `names` of `data`."""
+    from napari_retina.evaluation import _records
+    from napari_retina.fundus import field_of_view_mask
+    from napari_retina.io.images import read_fundus
+    from napari_retina.metrics import PixelPR
+    from napari_retina.session import graders_mask
+
+    records = _records(data, "val", names)
+    if not records:
+        raise DataError(f"{data}: none of the validation images {', '.join(names[:3])}...")
+    pr = PixelPR()
+    for rec in records:
+        rgb = read_fundus(rec.image)
+        fov = field_of_view_mask(rgb)
+        prob = detector.probability(rgb, fov)
+        pr.add(np.round(np.clip(prob, 0, 1) * 255).astype(np.uint8), graders_mask(rec, "MA", rgb.shape[:2]), region=fov)
+    best, best_t = -1.0, 0.5
+    for level in range(1, 255):
+        tp, fp, fn, _ = pr.counts(level)
+        f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+        if f1 > best:
+            best, best_t = f1, (level - 0.5) / 255  # p >= t keeps exactly the levels >= `level`
+    return best_t, best
+
+
+def run(a: argparse.Namespace, argv: list[str]) -> int:
+    from napari_retina.models.folder import load_state_dict, write_model_folder
+    from napari_retina.models.microaneurysms import MicroaneurysmDetector
+    from napari_retina.models.registry import check_model_folder
+    from napari_retina.nets.patch_classifier import PatchClassifier
+    from napari_retina.nets.segmentation import SegmentationNet
+
+    say = (lambda *x: None) if a.quiet else (lambda *x: print(*x, flush=True))
+    parts, configs, nets = {}, {}, {}
+    for key, folder, kind in (("hgn_full", a.hgn_full, "ma-hgn"), ("hgn_half", a.hgn_half, "ma-hgn"),
+                              ("prn", a.prn, "ma-prn")):
+        if folder is None:
+            continue
+        cfg = check_model_folder(Path(folder), expect=kind)
+        configs[key] = cfg
+        state = load_state_dict(Path(folder))
+        parts.update({f"{key}.{k}": v for k, v in state.items()})
+        nets[key] = (PatchClassifier if key == "prn" else SegmentationNet).from_config(cfg["net"])
+        nets[key].load_state_dict(state, strict=True)
+    if configs["hgn_full"].get("input_scale") != 1.0 or configs["hgn_half"].get("input_scale") != 0.5:
+        raise RetinaInputError("--hgn-full must be an ma-hgn model at scale 1.0 and --hgn-half one at scale 0.5 "
+                               f"(got {configs['hgn_full'].get('input_scale')} and {configs['hgn_half'].get('input_scale')})")
+    keep = ("net", "input_scale", "tile", "overlap", "threshold", "preprocess", "version", "lesion", "rim_margin")
+    config = {
+        "model": "microaneurysms",
+        "lesion": "MA",
+        "version": a.version or datetime.date.today().strftime("%Y.%m.%d-microaneurysms"),
+        "fusion": a.fusion,
+        "candidate_threshold": a.candidate_threshold,
+        "threshold": a.threshold,
+        "preprocess": "enhance",
+        "validation_images": configs["hgn_full"].get("validation_images", []),
+        **{k: {kk: v for kk, v in configs[k].items() if kk in keep} for k in configs},
+        "parts": {k: {"version": c.get("version"), "training": c.get("training", {})} for k, c in configs.items()},
+        "assembled": {"command": "python -m training microaneurysms " + shlex.join(argv),
+                      "napari_retina": __version__,
+                      "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+    }
+    detector = MicroaneurysmDetector.from_networks(nets["hgn_full"], nets["hgn_half"], nets.get("prn"), config, a.device)
+    if a.data:
+        t, f1 = best_f1_threshold(detector, Path(a.data), config["validation_images"])
+        config["threshold"] = round(t, 6)
+        config["validation_f1"] = round(f1, 4)
+        say(f"threshold {t:.3f} (pooled F1 {f1:.3f} on {len(config['validation_images'])} validation images)")
+    lines = [f"- {k}: {c.get('version')} ({c.get('training', {}).get('epochs', '?')} epochs, "
+             f"{c.get('training', {}).get('minutes', '?')} min on {c.get('training', {}).get('device', '?')})"
+             for k, c in configs.items()]
+    card = f"""# Microaneurysm detector {config['version']}
+
+Two hypothesis networks on the contrast-enhanced photograph (full and half scale), fused by
+{a.fusion} mean, {'candidate regions above ' + str(a.candidate_threshold) + ' rescored by the patch-wise refinement network' if 'prn' in configs else 'no refinement network'};
+threshold {config['threshold']:.3f}. Assembled by napari-retina {__version__}:
+`{config['assembled']['command']}`
+
+{chr(10).join(lines)}
+
+Validation images (held out by image): {', '.join(config['validation_images'])}
+
+Scores: `napari-retina evaluate ma --data DIR --model THIS_FOLDER --split val --variants`.
+
+weights.safetensors SHA-256: {{sha256}}
+"""
+    write_model_folder(Path(a.out), parts, config, card)
+    say(f"model folder: {a.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ._main import recipe_main
+
+    return recipe_main("microaneurysms", build_parser, _validate_args, run, argv)

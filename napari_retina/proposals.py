@@ -19,6 +19,11 @@ whose mask is set), except those the grader erased while it was live. Hence
   going away (a proposal made later, e.g. a newly drawn ellipse, may claim it);
 * accepting a proposal makes the pixels it claims the grader's own.
 
+`decide` accepts or rejects proposals one by one (a microaneurysm candidate under review) and
+keeps a decision for each (lesion, model, centre, score) in the record's table, so the counts
+of accepted and rejected candidates survive a reopen and a model run again can leave out
+what the grader rejected.
+
 Each proposal keeps its own probabilities on its own box (not one owner per pixel) because
 both the overlap rule and a re-threshold have to re-derive what every proposal claims.
 """
@@ -173,6 +178,8 @@ class PixelRecord:
         self.next_id = 1
         self._hand: dict[str, np.ndarray] = {}  # lesion -> bool (H, W), from a lesion's first proposal on
         self._changes = RecordChanges()
+        # the grader's verdicts on single proposals: {"lesion", "model", "decision", "centre", "box", "score"}
+        self.decisions: list[dict] = []
 
     # --- looking things up -------------------------------------------------------------------
     def shape(self, lesion: str) -> tuple[int, int]:
@@ -310,6 +317,37 @@ class PixelRecord:
                 self._changes.proposals.add(other.id)  # their files hold the hand pixels of their box
         return n
 
+    def decide(self, proposal_id: int, decision: str) -> PixelChange | None:
+        """The grader accepts ("accepted") or rejects ("rejected") one proposal; the verdict is kept.
+
+        Accepting makes its pixels the grader's (as `accept`); rejecting withdraws it. Either way a
+        decision entry remembers where it was (its `centre`: the description's, else its most
+        probable pixel), so a rerun of the model can leave a rejected candidate out.
+        """
+        if decision not in ("accepted", "rejected"):
+            raise ValueError(f"decision must be 'accepted' or 'rejected', not {decision!r}")
+        p = self.proposals.get(proposal_id)
+        if p is None:
+            return None
+        centre = p.description.get("centre")
+        if centre is None:
+            data = p.prob if p.prob is not None else p.fixed.astype(np.float32)
+            r, c = np.unravel_index(int(np.argmax(data)), data.shape) if data.size else (0, 0)
+            centre = [p.box[0] + int(r), p.box[2] + int(c)]
+        score = p.description.get("score", float(p.prob.max()) if p.prob is not None and p.prob.size else None)
+        self.decisions.append({"lesion": p.lesion, "model": p.description.get("model"), "decision": decision,
+                               "centre": [int(centre[0]), int(centre[1])], "box": list(p.box), "score": score})
+        self._changes.table = True
+        if decision == "accepted":
+            self.accept(ids=[proposal_id])
+            return None  # the mask does not change: its pixels only change hands
+        return self.withdraw(proposal_id)
+
+    def decided(self, lesion: str, decision: str | None = None, model: str | None = None) -> list[dict]:
+        """The decisions on `lesion` (of one kind, of one model's proposals)."""
+        return [d for d in self.decisions if d["lesion"] == lesion and (decision is None or d["decision"] == decision)
+                and (model is None or d.get("model") == model)]
+
     # --- what the grader does -----------------------------------------------------------------
     def hand_edit(
         self, lesion: str, box: Box, painted: np.ndarray | None = None, erased: np.ndarray | None = None
@@ -422,6 +460,7 @@ class PixelRecord:
                 }
                 for p in sorted(self.proposals.values(), key=lambda q: q.id)
             ],
+            "decisions": [dict(d) for d in self.decisions],
         }
 
     def arrays(self, proposal_id: int) -> dict[str, np.ndarray]:
@@ -474,6 +513,8 @@ class PixelRecord:
             if hand is not None and hand.shape == shape:
                 saved_hand.setdefault(lesion, []).append((p, np.asarray(hand, bool)))
         self.next_id = max([int(table.get("next_id", 1)), *(pid + 1 for pid in self.proposals)])
+        self.decisions = [dict(d) for d in table.get("decisions", []) if isinstance(d, dict)
+                          and d.get("lesion") in self.masks and len(d.get("centre", ())) == 2]
         for lesion in {p.lesion for p in self.proposals.values()}:
             mask = self.masks[lesion]
             claimed = np.zeros(mask.shape, bool)

@@ -153,6 +153,60 @@ class RunProposals:
         return changes
 
 
+def propose_candidates(
+    record: PixelRecord,
+    lesion: str,
+    prob: np.ndarray,
+    threshold: float,
+    description: dict,
+    floor: float | None = None,
+    margin: int = 2,
+) -> tuple[list[PixelChange], int]:
+    """Put a map into `record` as one proposal per candidate lesion (microaneurysms); (changes, proposed).
+
+    A candidate is a connected region (8-connectivity) of `prob` >= `floor` (default half the
+    threshold, so the slider can still grow and shrink it), proposed on its box (+ `margin`)
+    with its probabilities, its most probable pixel as `centre` and its peak as `score`. The
+    model's earlier unaccepted candidates of this lesion are withdrawn first; a candidate is
+    left out when it touches the grader's own pixels (accepted or painted: never touched) or
+    holds the centre of a candidate the grader rejected (a rerun never brings it back).
+    """
+    from scipy import ndimage
+
+    from .metrics import label_lesions
+
+    model = description.get("model")
+    changes = [c for c in record.withdraw_where(model=model, candidate=True) if c is not None]
+    floor = float(threshold) / 2 if floor is None else float(floor)
+    labels, n = label_lesions(prob >= floor)
+    if n == 0:
+        return changes, 0
+    hand = record.hand(lesion)
+    rejected = np.zeros(prob.shape, bool)
+    for d in record.decided(lesion, "rejected", model=model):
+        r, c = d["centre"]
+        if 0 <= r < prob.shape[0] and 0 <= c < prob.shape[1]:
+            rejected[r, c] = True
+    h, w = prob.shape
+    proposed = 0
+    for k, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        r0, r1 = max(0, sl[0].start - margin), min(h, sl[0].stop + margin)
+        c0, c1 = max(0, sl[1].start - margin), min(w, sl[1].stop + margin)
+        region = labels[r0:r1, c0:c1] == k
+        if (hand[r0:r1, c0:c1] & region).any() or (rejected[r0:r1, c0:c1] & region).any():
+            continue
+        sub = np.where(region, prob[r0:r1, c0:c1], 0.0).astype(np.float32)
+        rr, cc = np.unravel_index(int(np.argmax(sub)), sub.shape)
+        desc = dict(description, candidate=True, centre=[r0 + int(rr), c0 + int(cc)], score=round(float(sub.max()), 6))
+        _, change = record.propose(lesion, (r0, r1, c0, c1), prob=sub, threshold=threshold, description=desc)
+        proposed += 1
+        if change is not None:
+            changes.append(change)
+    return changes, proposed
+
+
 def segment_into_project(image_record, segmenter, project_root=None, grader: str | None = None) -> dict:
     """Pre-annotate one image's project with the segmenter's candidates; returns a summary.
 
@@ -168,7 +222,10 @@ def segment_into_project(image_record, segmenter, project_root=None, grader: str
     hand_before = ann.masks[seg.lesion].copy()
     desc = {"kind": "model", **segmenter.description}
     ann.provenance.setdefault("models", {})[segmenter.kind] = segmenter.description
-    propose_map(ann.record, seg.lesion, seg.prob, seg.threshold, desc)
+    if getattr(segmenter, "proposes", "blocks") == "candidates":
+        propose_candidates(ann.record, seg.lesion, seg.prob, seg.threshold, desc)
+    else:
+        propose_map(ann.record, seg.lesion, seg.prob, seg.threshold, desc)
     writer = ProjectWriter(opened.project_dir, opened.record.image, opened.rgb, ann.masks, grader=grader)
     from .fundus import field_of_view_mask
 

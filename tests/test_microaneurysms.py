@@ -302,3 +302,47 @@ def test_the_three_networks_assemble_into_one_detector_that_segments_and_evaluat
         "0.125", "0.25", "0.5", "1", "2", "4", "8"}
     assert set(result["variants"]) == set(VARIANTS)
     assert result["variants"]["refined"]["aupr"] == result["aupr"]
+
+
+def _three_candidates(shape=(80, 100)):
+    prob = np.zeros(shape, np.float32)
+    prob[10:13, 10:13] = 0.6
+    prob[11, 11] = 0.9
+    prob[40:43, 50:53] = 0.7
+    prob[60:62, 80:83] = 0.8
+    return prob
+
+
+def test_candidates_are_single_proposals_and_a_rerun_never_brings_back_a_rejected_one_nor_touches_an_accepted_one():
+    from napari_retina.proposals import PixelRecord
+    from napari_retina.segmentation import propose_candidates
+
+    masks = {"MA": np.zeros((80, 100), bool)}
+    masks["MA"][70:72, 5:7] = True  # painted by the grader
+    record = PixelRecord(masks)
+    desc = {"kind": "model", "model": "microaneurysms", "version": "a"}
+    prob = _three_candidates()
+    prob[70:72, 5:8] = 0.9  # the model also finds the painted one: left alone
+    _, n = propose_candidates(record, "MA", prob, 0.5, desc)
+    props = sorted(record.find(candidate=True), key=lambda p: -p.description["score"])
+    assert n == 3 and [p.description["centre"] for p in props] == [[11, 11], [60, 80], [40, 50]]
+    assert masks["MA"][40:43, 50:53].all() and masks["MA"][70:72, 5:7].all() and not masks["MA"][70:72, 7].any()
+    # accept the first, reject the second: the verdicts are kept
+    record.decide(props[0].id, "accepted")
+    change = record.decide(props[1].id, "rejected")
+    assert change is not None and not masks["MA"][60:62, 80:83].any()
+    assert masks["MA"][10:13, 10:13].all() and record.hand("MA")[10:13, 10:13].all()
+    assert [d["centre"] for d in record.decided("MA", "rejected")] == [[60, 80]]
+    assert len(record.decided("MA", "accepted")) == 1
+    # the detector runs again (new version, higher probabilities everywhere)
+    _, n2 = propose_candidates(record, "MA", np.clip(prob + 0.05, 0, 1), 0.5, dict(desc, version="b"))
+    live = record.find(candidate=True)
+    assert n2 == 1 and [p.description["centre"] for p in live] == [[40, 50]]  # only the pending one, replaced
+    assert not masks["MA"][60:62, 80:83].any()  # the rejected one stays out
+    assert record.check("MA")
+    # the verdicts survive a save and a reopen (the proposal table)
+    table = record.table()
+    again = PixelRecord({"MA": masks["MA"].copy()})
+    again.restore(table, {p.id: record.arrays(p.id) for p in record.proposals.values()})
+    assert again.decided("MA", "rejected") == record.decided("MA", "rejected")
+    assert len(again.find(candidate=True)) == 1

@@ -227,6 +227,7 @@ class MicroaneurysmDetector:
 
     kind = "microaneurysms"
     lesion = "MA"
+    proposes = "candidates"  # one proposal per candidate lesion (segmentation.propose_candidates), not blocks
 
     @classmethod
     def from_folder(cls, model_dir, config: dict, device: str = "cpu") -> "MicroaneurysmDetector":

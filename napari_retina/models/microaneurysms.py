@@ -334,3 +334,65 @@ class MicroaneurysmDetector:
         prob = self.probability(rgb, fov, progress=progress, cancelled=cancelled, preview=preview,
                                 on_block=on_block, block=block)
         return Segmentation(self.lesion, prob, self.threshold, time.perf_counter() - t0)
+
+
+def snap_microaneurysm(rgb: np.ndarray, point, search: int = 5, window: int = 20) -> tuple[tuple[int, int], float]:
+    """Where a grader's click on a microaneurysm lands: ((row, col) of the dark centre, radius in px).
+
+    The centre is the darkest pixel of the smoothed green channel (where microaneurysms show
+    most contrast) within `search` px of the click; the radius is where the mean of a ring
+    around it climbs back half way from the centre to the local background (the median of a
+    (2 window + 1)^2 neighbourhood), so a larger dot gets a larger disc; kept within 1.5-6 px
+    (microaneurysms are 3-12 px across in a 4288-px photograph).
+    """
+    h, w = rgb.shape[:2]
+    r, c = int(round(point[0])), int(round(point[1]))
+    if not (0 <= r < h and 0 <= c < w):
+        raise ValueError(f"point {point} lies outside the image ({h} x {w})")
+    r0, r1, c0, c1 = max(0, r - window), min(h, r + window + 1), max(0, c - window), min(w, c + window + 1)
+    green = np.asarray(rgb[r0:r1, c0:c1, 1] if rgb.ndim == 3 else rgb[r0:r1, c0:c1], np.float32)
+    smooth = cv2.GaussianBlur(green, (0, 0), 1.0)
+    yy, xx = np.mgrid[r0:r1, c0:c1]
+    near = (yy - r) ** 2 + (xx - c) ** 2 <= search**2
+    k = int(np.argmin(np.where(near, smooth, np.inf)))
+    cy, cx = np.unravel_index(k, smooth.shape)
+    centre = (r0 + int(cy), c0 + int(cx))
+    background = float(np.median(smooth))
+    low = float(smooth[cy, cx])
+    radius = 6.0
+    if background - low > 1.0:
+        half = low + (background - low) / 2
+        dist = np.sqrt((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2)
+        for rad in np.arange(1.0, 6.5, 0.5):
+            ring = (dist >= rad - 0.5) & (dist < rad + 0.5)
+            if ring.any() and float(smooth[ring].mean()) >= half:
+                radius = rad
+                break
+    return centre, float(np.clip(radius, 1.5, 6.0))
+
+
+def disc_box(centre, radius: float, shape) -> tuple[tuple[int, int, int, int], np.ndarray]:
+    """(box, bool mask on the box) of a filled disc, clipped to an image of `shape`."""
+    h, w = shape[:2]
+    rr = int(np.ceil(radius))
+    r0, r1 = max(0, centre[0] - rr), min(h, centre[0] + rr + 1)
+    c0, c1 = max(0, centre[1] - rr), min(w, centre[1] + rr + 1)
+    yy, xx = np.mgrid[r0:r1, c0:c1]
+    return (r0, r1, c0, c1), (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2
+
+
+def lesion_under(mask: np.ndarray, point, window: int = 30):
+    """(box, bool mask on the box) of the connected lesion (8-connectivity) under `point`, or None.
+
+    Looked for within `window` px of the point only (a click works on one small lesion; a
+    lesion running past the window is cut there).
+    """
+    from ..metrics import label_lesions
+
+    h, w = mask.shape
+    r, c = int(round(point[0])), int(round(point[1]))
+    if not (0 <= r < h and 0 <= c < w) or not mask[r, c]:
+        return None
+    r0, r1, c0, c1 = max(0, r - window), min(h, r + window + 1), max(0, c - window), min(w, c + window + 1)
+    labels, _ = label_lesions(mask[r0:r1, c0:c1])
+    return (r0, r1, c0, c1), labels == labels[r - r0, c - c0]

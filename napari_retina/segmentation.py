@@ -223,7 +223,8 @@ def segment_into_project(image_record, segmenter, project_root=None, grader: str
     desc = {"kind": "model", **segmenter.description}
     ann.provenance.setdefault("models", {})[segmenter.kind] = segmenter.description
     if getattr(segmenter, "proposes", "blocks") == "candidates":
-        propose_candidates(ann.record, seg.lesion, seg.prob, seg.threshold, desc)
+        propose_candidates(ann.record, seg.lesion, seg.prob, seg.threshold, desc,
+                           floor=getattr(segmenter, "candidate_floor", None))
     else:
         propose_map(ann.record, seg.lesion, seg.prob, seg.threshold, desc)
     writer = ProjectWriter(opened.project_dir, opened.record.image, opened.rgb, ann.masks, grader=grader)
@@ -408,3 +409,48 @@ def load_segmenter(lesion: str, model_dir: str | Path | None = None, device: str
     if getattr(seg, "lesion", None) != lesion:
         raise RetinaInputError(f"{folder}: segments {getattr(seg, 'lesion', '?')}, not {lesion}")
     return seg
+
+
+# ---- microaneurysms: clicks and review (headless; the widget forwards and paints) -------------
+
+
+def click_lesion(record: PixelRecord, rgb: np.ndarray, lesion: str, point) -> tuple[list[PixelChange], str]:
+    """A grader's click with the microaneurysm tool; returns (changes, what happened).
+
+    On a lesion pixel: a live model candidate there is rejected (remembered, as in review),
+    anything else under the click (the connected lesion) is erased. Elsewhere: a
+    microaneurysm is added as the grader's own, a disc at the dark centre near the click,
+    sized from the image (`models.microaneurysms.snap_microaneurysm`).
+    """
+    from .models.microaneurysms import disc_box, lesion_under, snap_microaneurysm
+
+    mask = record.masks[lesion]
+    r, c = int(round(point[0])), int(round(point[1]))
+    if not (0 <= r < mask.shape[0] and 0 <= c < mask.shape[1]):
+        return [], "outside the image"
+    if mask[r, c]:
+        for p in record.of_lesion(lesion):
+            pr0, pr1, pc0, pc1 = p.box
+            if p.description.get("candidate") and pr0 <= r < pr1 and pc0 <= c < pc1 and p.claim()[r - pr0, c - pc0]:
+                change = record.decide(p.id, "rejected")
+                return ([change] if change else []), "candidate rejected"
+        found = lesion_under(mask, (r, c))
+        box, comp = found
+        change = record.hand_edit(lesion, box, erased=comp)
+        return ([change] if change else []), "removed"
+    centre, radius = snap_microaneurysm(rgb, (r, c))
+    box, disc = disc_box(centre, radius, mask.shape)
+    change = record.hand_edit(lesion, box, painted=disc)
+    return ([change] if change else []), f"added (radius {radius:.1f} px)"
+
+
+def review_queue(record: PixelRecord, lesion: str) -> list[int]:
+    """Ids of the live model candidates of `lesion`, most probable first."""
+    props = [p for p in record.of_lesion(lesion) if p.description.get("candidate")]
+    return [p.id for p in sorted(props, key=lambda p: (-float(p.description.get("score", 0.0)), p.id))]
+
+
+def review_counts(record: PixelRecord, lesion: str) -> dict[str, int]:
+    """Accepted, rejected and pending model candidates of `lesion` (what the review panel shows)."""
+    return {"accepted": len(record.decided(lesion, "accepted")), "rejected": len(record.decided(lesion, "rejected")),
+            "pending": len(review_queue(record, lesion))}

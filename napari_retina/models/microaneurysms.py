@@ -270,6 +270,9 @@ class MicroaneurysmDetector:
             raise ValueError(f"fusion must be one of {FUSIONS}, not {self.fusion!r}")
         self.candidate_threshold = float(config.get("candidate_threshold", 0.5))
         self.threshold = float(config.get("threshold", 0.5))
+        # a candidate lesion is a connected region of the final map above this (the slider moves
+        # the threshold within it); default half the threshold
+        self.candidate_floor = float(config.get("candidate_floor", self.threshold / 2))
         self.version = str(config.get("version", "unknown"))
         self.scale = 1.0  # the map and its overlay are at full resolution
         return self

@@ -126,10 +126,12 @@ class LesionAnnotator(QWidget):
         model_dir=None,
         preload_model: bool = True,
         exudate_model_dir=None,
+        ma_model_dir=None,
     ):
         super().__init__(parent)
         self.refinement = EllipseRefinement(self, model_dir=model_dir)
         self._exudate_model_dir = exudate_model_dir
+        self._ma_model_dir = ma_model_dir
         self.viewer = napari_viewer
         self.opened: OpenedImage | None = None
         self.dataset: Dataset | None = None
@@ -252,8 +254,16 @@ class LesionAnnotator(QWidget):
 
         from .segment import LesionFinder
 
+        from .review import LesionReview
+
         self.exudate_finder = LesionFinder(self, "EX", model_dir=self._exudate_model_dir)
         lay.addWidget(self.exudate_finder)
+        self.ma_finder = LesionFinder(self, "MA", model_dir=self._ma_model_dir)
+        lay.addWidget(self.ma_finder)
+        self.ma_review = LesionReview(self, "MA")
+        self.ma_finder.changed.connect(lambda code: self.ma_review.update_counts())
+        lay.addWidget(self.ma_review)
+        self.finders = (self.exudate_finder, self.ma_finder)
 
         view = QGroupBox("Display")
         vl = QVBoxLayout(view)  # stacked: side by side they were the dock's widest row
@@ -479,7 +489,9 @@ class LesionAnnotator(QWidget):
         n = f" ({self.index + 1}/{len(self.dataset)})" if self.dataset else ""
         self.image_label.setText(f"<b>{op.record.image.name}</b>{n}")
         self.refinement.reset(self.current_ellipses())
-        self.exudate_finder.show_restored()
+        for finder in self.finders:
+            finder.show_restored()
+        self.ma_review.image_changed()
         self.fov = None
         self._compute_fov()  # the counts follow once the field of view is known
 
@@ -829,7 +841,8 @@ class LesionAnnotator(QWidget):
             return
         if index == self.index and self.opened is not None:
             return
-        self.exudate_finder.image_changed()  # a run on this image stops, and what it proposed goes before the save
+        for finder in self.finders:  # a run on this image stops, and what it proposed goes before the save
+            finder.image_changed()
         if self.opened is not None and (self.has_unsaved_changes() or self._summary_since is not None):
             self.save(summary=True)  # leaving this image: its overlay and lesion table too
         record = self.dataset.records[index]
@@ -875,7 +888,8 @@ class LesionAnnotator(QWidget):
     def _show_opened(self, result: tuple[OpenedImage, int]) -> None:
         """Replace the previous image's layers (its save is already queued)."""
         opened, index = result
-        self.exudate_finder.image_changed()
+        for finder in self.finders:
+            finder.image_changed()
         try:
             for layer in list(self.viewer.layers):
                 if _role(layer) in ("image", "lesion", "ellipses", "fov", "probability"):
@@ -1051,7 +1065,8 @@ class LesionAnnotator(QWidget):
 
     def closeEvent(self, event) -> None:
         self._timer.stop()
-        self.exudate_finder.image_changed()  # a run in progress stops with the window
+        for finder in self.finders:  # a run in progress stops with the window
+            finder.image_changed()
         try:
             self.flush()
         except Exception as e:

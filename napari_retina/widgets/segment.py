@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .annotator import LesionAnnotator
 
 ROLE = "probability"
-NAMES = {"EX": "exudates"}
+NAMES = {"EX": "exudates", "MA": "microaneurysms"}  # lesion -> what the button says and the model kind
 
 
 class _Progress(QObject):
@@ -43,6 +43,7 @@ class LesionFinder(QGroupBox):
     """One lesion's segmenter in the dock: find, cancel, threshold, accept all."""
 
     finished = Signal(str)  # lesion code, when the proposals are in the layer
+    changed = Signal(str)  # lesion code, whenever the model's proposals changed (a run, accept all)
 
     def __init__(self, annotator: "LesionAnnotator", code: str = "EX", model_dir=None):
         super().__init__(f"Find {NAMES.get(code, code)}")
@@ -115,9 +116,11 @@ class LesionFinder(QGroupBox):
 
             seg = segmenter or load_segmenter(code, model_dir)
             signals.started.emit((rgb, seg))  # first the model (scale, threshold), then the maps
+            blocks = getattr(seg, "proposes", "blocks") == "blocks"  # candidates are proposed whole at the end
             result = seg.segment(rgb, fov, progress=signals.tile.emit, cancelled=lambda: self._cancel,
                                  preview=lambda m: signals.preview.emit((rgb, m.copy())),
-                                 on_block=lambda box, sub: signals.block.emit((rgb, box, sub)), block=block)
+                                 on_block=(lambda box, sub: signals.block.emit((rgb, box, sub))) if blocks else None,
+                                 block=block)
             return rgb, seg, result
 
         self._worker = run()
@@ -242,12 +245,24 @@ class LesionFinder(QGroupBox):
             self._show_overlay(result.prob_uint8, 1.0)
         op.annotation.provenance.setdefault("models", {})[seg.kind] = seg.description
         run, self._run = self._run, None
+        desc = {"kind": "model", **seg.description}
+        if getattr(seg, "proposes", "blocks") == "candidates":
+            from ..segmentation import propose_candidates
+
+            changes, n = propose_candidates(op.annotation.record, self.code, result.prob, self.threshold, desc,
+                                            floor=getattr(seg, "candidate_floor", None))
+            self.ann_widget.show_changes(changes)
+            self.ann_widget._edited()
+            self.status.setText(f"{n} candidates ({result.seconds:.1f} s); review them, or accept all")
+            self.changed.emit(self.code)
+            self.finished.emit(self.code)
+            return
         if run is None:
-            run = RunProposals(op.annotation.record, self.code, self.threshold, {"kind": "model", **seg.description},
-                               block=self._block)
+            run = RunProposals(op.annotation.record, self.code, self.threshold, desc, block=self._block)
         self.ann_widget.show_changes(run.finish(result.prob))  # the blocks not proposed yet
         n = len(self.proposals())
         self.status.setText(f"{n} blocks with candidates ({result.seconds:.1f} s); erase what is wrong, then accept")
+        self.changed.emit(self.code)
         self.finished.emit(self.code)
 
     # --- the overlay and the proposals ------------------------------------------------------------------
@@ -298,7 +313,10 @@ class LesionFinder(QGroupBox):
         props = self.proposals()
         if props:
             self.set_threshold_value(props[0].threshold)
-            self.status.setText(f"{len(props)} blocks with candidates from the project; erase what is wrong, then accept")
+            if all(p.description.get("candidate") for p in props):
+                self.status.setText(f"{len(props)} candidates from the project; review them, or accept all")
+            else:
+                self.status.setText(f"{len(props)} blocks with candidates from the project; erase what is wrong, then accept")
         else:
             self.status.setText("")
 
@@ -325,7 +343,16 @@ class LesionFinder(QGroupBox):
         if op is None:
             return 0
         ids = [p.id for p in self.proposals()]
-        n = op.annotation.record.accept(ids=ids) if ids else 0
+        rec = op.annotation.record
+        if ids and all(rec.proposals[i].description.get("candidate") for i in ids):
+            for i in ids:  # one verdict per candidate, so the review counts show them as accepted
+                rec.decide(i, "accepted")
+            self.ann_widget._edited()
+            self.status.setText(f"{len(ids)} candidates accepted as yours")
+            self.changed.emit(self.code)
+            return len(ids)
+        n = rec.accept(ids=ids) if ids else 0
         self.ann_widget._edited()
         self.status.setText(f"{n} candidate pixels accepted as yours")
+        self.changed.emit(self.code)
         return n

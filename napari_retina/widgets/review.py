@@ -1,0 +1,217 @@
+"""Tools for lesions a few pixels across (microaneurysms): click to add or remove, review candidates one by one.
+
+- "Click tool": a click on the image adds a microaneurysm at the dark centre near it (a disc
+  sized from the image); a click on one removes it (a model candidate is rejected and
+  remembered). Dragging still pans.
+- "Review": steps through the detector's candidates, most probable first, zoomed in on each;
+  A accepts, R rejects, N goes to the next without deciding. The counts of accepted, rejected
+  and pending candidates are always shown.
+
+The pixel logic is headless (`segmentation.click_lesion`, `review_queue`, `review_counts`,
+`PixelRecord.decide`); this widget forwards clicks and keys and paints the boxes that change.
+Everything lands in the project folder through the record (decisions included) and comes back
+on reopen.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from napari.utils.notifications import show_info
+from qtpy.QtWidgets import QGridLayout, QGroupBox, QLabel, QPushButton
+
+if TYPE_CHECKING:
+    from .annotator import LesionAnnotator
+
+REVIEW_ZOOM = 5.0  # screen pixels per image pixel while reviewing a candidate (a 3-px dot shows 15 px wide)
+KEYS = {"a": "accept", "r": "reject", "n": "next"}
+
+
+class LesionReview(QGroupBox):
+    """Click tool and candidate review for one small-lesion class (MA)."""
+
+    def __init__(self, annotator: "LesionAnnotator", code: str = "MA"):
+        super().__init__("Microaneurysm tools")
+        self.ann_widget, self.code = annotator, code
+        self.reviewing = False
+        self.current: int | None = None  # the proposal under review
+        self._skipped: set[int] = set()
+        lay = QGridLayout(self)
+        self.click_button = QPushButton("Click tool")
+        self.click_button.setCheckable(True)
+        self.click_button.setToolTip("click: add a microaneurysm at the dark spot; click one: remove it")
+        self.click_button.toggled.connect(self._on_click_tool)
+        self.review_button = QPushButton("Review")
+        self.review_button.setCheckable(True)
+        self.review_button.setToolTip("step through the candidates, most probable first (A accept, R reject, N next)")
+        self.review_button.toggled.connect(self._on_review)
+        self.accept_button = QPushButton("Accept (A)")
+        self.reject_button = QPushButton("Reject (R)")
+        self.next_button = QPushButton("Next (N)")
+        self.accept_button.clicked.connect(self.accept)
+        self.reject_button.clicked.connect(self.reject)
+        self.next_button.clicked.connect(self.next)
+        self.counts_label = QLabel("")
+        self.counts_label.setWordWrap(True)
+        lay.addWidget(self.click_button, 0, 0)
+        lay.addWidget(self.review_button, 0, 1)
+        lay.addWidget(self.accept_button, 1, 0)
+        lay.addWidget(self.reject_button, 1, 1)
+        lay.addWidget(self.next_button, 2, 0, 1, 2)
+        lay.addWidget(self.counts_label, 3, 0, 1, 2)
+        self._enable_review_buttons()
+
+    # --- state shown ---------------------------------------------------------------------------
+    def record(self):
+        op = self.ann_widget.opened
+        return None if op is None else op.annotation.record
+
+    def update_counts(self) -> None:
+        from ..segmentation import review_counts
+
+        rec = self.record()
+        if rec is None:
+            self.counts_label.setText("")
+            return
+        n = review_counts(rec, self.code)
+        where = ""
+        if self.reviewing and self.current is not None:
+            where = f" - candidate {self._position()}"
+        self.counts_label.setText(f"accepted {n['accepted']} · rejected {n['rejected']} · pending {n['pending']}{where}")
+
+    def _position(self) -> str:
+        from ..segmentation import review_queue
+
+        q = review_queue(self.record(), self.code)
+        p = self.record().proposals.get(self.current)
+        score = "" if p is None else f", p = {float(p.description.get('score', 0)):.2f}"
+        return f"{q.index(self.current) + 1} of {len(q)}{score}" if self.current in q else "-"
+
+    def _enable_review_buttons(self) -> None:
+        for b in (self.accept_button, self.reject_button, self.next_button):
+            b.setEnabled(self.reviewing)
+
+    def image_changed(self) -> None:
+        self.review_button.setChecked(False)
+        self.current = None
+        self._skipped.clear()
+        self.update_counts()
+
+    # --- click tool ----------------------------------------------------------------------------
+    def _on_click_tool(self, on: bool) -> None:
+        layer = self.ann_widget.lesion_layer(self.code)
+        if layer is None:
+            self.click_button.setChecked(False)
+            return
+        if on:
+            self.ann_widget.set_lesion(self.code)
+            layer.mode = "pan_zoom"  # a drag pans; a click without moving adds or removes
+            if self._on_mouse not in layer.mouse_drag_callbacks:
+                layer.mouse_drag_callbacks.append(self._on_mouse)
+        elif self._on_mouse in layer.mouse_drag_callbacks:
+            layer.mouse_drag_callbacks.remove(self._on_mouse)
+
+    def _on_mouse(self, layer, event):
+        if event.button != 1 or not self.click_button.isChecked():
+            return
+        yield
+        moved = False
+        while event.type == "mouse_move":
+            moved = True
+            yield
+        if not moved:
+            r, c = (int(round(v)) for v in layer.world_to_data(event.position)[-2:])
+            self.click_at(r, c)
+
+    def click_at(self, row: int, col: int) -> str:
+        """What a click at image pixel (row, col) does with the click tool on."""
+        from ..segmentation import click_lesion
+
+        op = self.ann_widget.opened
+        if op is None:
+            return ""
+        changes, what = click_lesion(op.annotation.record, op.rgb, self.code, (row, col))
+        self.ann_widget.show_changes(changes)
+        self.ann_widget._edited()  # a rejection changes the table even where no pixel changed
+        self.update_counts()
+        self.ann_widget.status_label.setText(f"microaneurysm {what} at ({row}, {col})")
+        return what
+
+    # --- review ---------------------------------------------------------------------------------
+    def _on_review(self, on: bool) -> None:
+        self.reviewing = on
+        self._enable_review_buttons()
+        viewer = self.ann_widget.viewer
+        for key, action in KEYS.items():
+            if on:
+                viewer.bind_key(key, self._key(action), overwrite=True)
+            else:
+                try:
+                    viewer.bind_key(key, None)
+                except (KeyError, TypeError, ValueError):
+                    pass
+        if on:
+            self._skipped.clear()
+            layer = self.ann_widget.lesion_layer(self.code)
+            if layer is not None:
+                self.ann_widget.set_lesion(self.code)
+            if not self._show_next():
+                show_info("no candidates to review: run Find microaneurysms first")
+                self.review_button.setChecked(False)
+        else:
+            self.current = None
+        self.update_counts()
+
+    def _key(self, action: str):
+        def handler(viewer):
+            getattr(self, action)()
+
+        handler.__name__ = f"review_{action}"
+        return handler
+
+    def _show_next(self) -> bool:
+        """Zoom in on the most probable pending candidate not skipped yet; False when none is left."""
+        from ..segmentation import review_queue
+
+        rec = self.record()
+        if rec is None:
+            return False
+        queue = [i for i in review_queue(rec, self.code) if i not in self._skipped]
+        if not queue:
+            self._skipped.clear()  # every one was skipped once: go round again
+            queue = review_queue(rec, self.code)
+        if not queue:
+            self.current = None
+            return False
+        self.current = queue[0]
+        p = rec.proposals[self.current]
+        r, c = p.description.get("centre", [(p.box[0] + p.box[1]) // 2, (p.box[2] + p.box[3]) // 2])
+        viewer = self.ann_widget.viewer
+        viewer.camera.center = (float(r), float(c))
+        viewer.camera.zoom = REVIEW_ZOOM
+        return True
+
+    def _decide(self, decision: str) -> None:
+        rec = self.record()
+        if not self.reviewing or rec is None or self.current not in rec.proposals:
+            return
+        change = rec.decide(self.current, decision)
+        self.ann_widget.show_changes([change] if change is not None else [])
+        self.ann_widget._edited()
+        if not self._show_next():
+            self.review_button.setChecked(False)
+            show_info("every candidate is reviewed")
+        self.update_counts()
+
+    def accept(self) -> None:
+        self._decide("accepted")
+
+    def reject(self) -> None:
+        self._decide("rejected")
+
+    def next(self) -> None:
+        if not self.reviewing or self.current is None:
+            return
+        self._skipped.add(self.current)
+        self._show_next()
+        self.update_counts()

@@ -1,0 +1,146 @@
+"""Microaneurysms in the annotator, as a grader works: find, review with keys, click to add and remove, reopen, run again."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from qtpy.QtCore import Qt
+
+from conftest import fundus_rgb
+from napari_retina.models.folder import write_model_folder
+from napari_retina.models.microaneurysms import MicroaneurysmDetector
+from napari_retina.nets.patch_classifier import PatchClassifier
+from napari_retina.nets.segmentation import SegmentationNet
+from napari_retina.widgets.annotator import LesionAnnotator
+
+DOTS = [(30, 40), (50, 90), (70, 30), (20, 100)]
+
+
+@pytest.fixture
+def ma_image(tmp_path):
+    """A small fundus with four dark dots; no masks beside it."""
+    d = tmp_path / "flat"
+    d.mkdir()
+    rgb = fundus_rgb(1)
+    yy, xx = np.mgrid[: rgb.shape[0], : rgb.shape[1]]
+    for cy, cx in DOTS:
+        rgb[(yy - cy) ** 2 + (xx - cx) ** 2 <= 4] = (70, 25, 10)
+    Image.fromarray(rgb).save(d / "IDRiD_01.png")
+    return d / "IDRiD_01.png"
+
+
+@pytest.fixture
+def ma_model(tmp_path, ma_image):
+    """A real (untrained, seeded) detector folder whose thresholds leave a handful of candidates."""
+    torch.manual_seed(0)
+    hgns = []
+    for _ in range(2):
+        net = SegmentationNet(backbone="unet", base_channels=4, depth=2)
+        with torch.no_grad():
+            net.classifier.weight.mul_(40.0)  # spread the untrained map so that it has peaks
+        hgns.append(net)
+    prn = PatchClassifier(widths=(4, 8, 8, 16))
+    part = {"input_scale": 1.0, "tile": 64, "overlap": 16, "threshold": 0.5, "lesion": "MA"}
+    cfg = {"model": "microaneurysms", "lesion": "MA", "version": "t-ma", "fusion": "geometric",
+           "candidate_threshold": 0.5, "threshold": 0.5, "validation_images": [],
+           "hgn_full": {**part, "net": hgns[0].config()}, "hgn_half": {**part, "input_scale": 0.5, "net": hgns[1].config()},
+           "prn": {"net": prn.config()}}
+    det = MicroaneurysmDetector.from_networks(hgns[0], hgns[1], prn, cfg)
+    prob = det.probability(np.asarray(Image.open(ma_image).convert("RGB")))
+    # the thresholds: a few small regions of the map become candidates
+    inside = prob[prob > 0]
+    cfg["threshold"] = cfg["candidate_floor"] = float(np.quantile(inside, 0.995))
+    state = {f"hgn_full.{k}": v for k, v in hgns[0].state_dict().items()}
+    state.update({f"hgn_half.{k}": v for k, v in hgns[1].state_dict().items()})
+    state.update({f"prn.{k}": v for k, v in prn.state_dict().items()})
+    return write_model_folder(tmp_path / "ma-model", state, cfg, "test detector {sha256}")
+
+
+def _open(make_napari_viewer, qtbot, image, model):
+    viewer = make_napari_viewer()
+    viewer.open(str(image), plugin="napari-retina")
+    widget = LesionAnnotator(viewer, preload_model=False, ma_model_dir=model)
+    viewer.window.add_dock_widget(widget)
+    qtbot.waitUntil(lambda: widget.opened is not None, timeout=10000)
+    return viewer, widget
+
+
+def _close(widget):
+    widget.flush()
+    widget._timer.stop()
+
+
+def _press(viewer, qtbot, key):
+    qtbot.keyClick(viewer.window._qt_viewer.canvas.native, key)
+
+
+def test_find_review_with_keys_reopen_and_a_rerun_never_brings_a_rejected_candidate_back(
+        make_napari_viewer, qtbot, ma_image, ma_model):
+    viewer, widget = _open(make_napari_viewer, qtbot, ma_image, ma_model)
+    finder, review = widget.ma_finder, widget.ma_review
+    with qtbot.waitSignal(finder.finished, timeout=60000):
+        qtbot.mouseClick(finder.find_button, Qt.MouseButton.LeftButton)
+    rec = widget.opened.annotation.record
+    n = len(finder.proposals())
+    assert n >= 3, finder.status.text()
+    assert f"pending {n}" in review.counts_label.text()
+    layer = widget.lesion_layer("MA")
+    assert (layer.data != 0).any()
+    # review: the most probable candidate first, zoomed in on it
+    qtbot.mouseClick(review.review_button, Qt.MouseButton.LeftButton)
+    assert review.reviewing
+    scores = sorted((float(p.description["score"]) for p in finder.proposals()), reverse=True)
+    first = rec.proposals[review.current]
+    assert float(first.description["score"]) == scores[0]
+    assert tuple(viewer.camera.center[-2:]) == pytest.approx(tuple(float(v) for v in first.description["centre"]))
+    # A accepts, R rejects, N skips
+    _press(viewer, qtbot, Qt.Key.Key_A)
+    accepted_centre = first.description["centre"]
+    assert review.current != first.id and first.id not in rec.proposals
+    assert rec.hand("MA")[tuple(accepted_centre)]
+    rejected = rec.proposals[review.current]
+    rejected_centre = tuple(rejected.description["centre"])
+    _press(viewer, qtbot, Qt.Key.Key_R)
+    assert not layer.data[rejected_centre] and rejected.id not in rec.proposals
+    skipped = review.current
+    _press(viewer, qtbot, Qt.Key.Key_N)
+    assert review.current != skipped and skipped in rec.proposals
+    assert f"accepted 1 · rejected 1 · pending {n - 2}" in review.counts_label.text()
+    qtbot.mouseClick(review.review_button, Qt.MouseButton.LeftButton)  # review off: the keys are free again
+    assert not review.reviewing
+    _press(viewer, qtbot, Qt.Key.Key_A)
+    assert len(finder.proposals()) == n - 2
+    shown = layer.data != 0
+    _close(widget)
+    # reopen: the verdicts, the pending candidates and the pixels come back
+    viewer2, w2 = _open(make_napari_viewer, qtbot, ma_image, ma_model)
+    np.testing.assert_array_equal(w2.lesion_layer("MA").data != 0, shown)
+    assert f"accepted 1 · rejected 1 · pending {n - 2}" in w2.ma_review.counts_label.text()
+    # the detector again: the rejected candidate stays out, the accepted one stays the grader's
+    with qtbot.waitSignal(w2.ma_finder.finished, timeout=60000):
+        qtbot.mouseClick(w2.ma_finder.find_button, Qt.MouseButton.LeftButton)
+    rec2 = w2.opened.annotation.record
+    assert not w2.lesion_layer("MA").data[rejected_centre]
+    assert all(tuple(p.description["centre"]) != rejected_centre for p in w2.ma_finder.proposals())
+    assert rec2.hand("MA")[tuple(accepted_centre)] and w2.lesion_layer("MA").data[tuple(accepted_centre)]
+    assert len(w2.ma_finder.proposals()) == n - 2
+    _close(w2)
+
+
+def test_the_click_tool_adds_a_microaneurysm_on_a_dark_dot_and_a_second_click_removes_it(
+        make_napari_viewer, qtbot, ma_image, ma_model):
+    viewer, widget = _open(make_napari_viewer, qtbot, ma_image, ma_model)
+    review = widget.ma_review
+    qtbot.mouseClick(review.click_button, Qt.MouseButton.LeftButton)
+    layer = widget.lesion_layer("MA")
+    assert review.click_button.isChecked() and review._on_mouse in layer.mouse_drag_callbacks
+    cy, cx = DOTS[0]
+    what = review.click_at(cy + 2, cx - 1)  # a little off the dot
+    assert what.startswith("added")
+    assert layer.data[cy, cx] and 5 <= (layer.data != 0).sum() <= 60
+    assert widget.opened.annotation.record.hand("MA")[cy, cx]
+    assert review.click_at(cy, cx) == "removed"
+    assert not (layer.data != 0).any()
+    qtbot.mouseClick(review.click_button, Qt.MouseButton.LeftButton)
+    assert review._on_mouse not in layer.mouse_drag_callbacks
+    _close(widget)

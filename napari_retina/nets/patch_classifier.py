@@ -10,7 +10,7 @@ pooling, and trains it with a cosine triplet loss plus cross-entropy. ResNet-50 
   with a stride-2 block (129 -> 65 -> 33 -> 17 -> 9), global average pooling. ResNet's 7x7
   stride-2 stem and max pool would take two of the few downsamplings a 129-px patch allows
   (the paper removes one); here the stem is one 3x3 convolution at full resolution, so a
-  microaneurysm (3-10 px across) is seen whole before the first downsampling;
+  microaneurysm (IDRiD's: 10-30 px across) is seen at full detail before the first downsampling;
 - basic blocks (two 3x3 convolutions, ResNet-18/34 style) instead of bottlenecks, two per
   stage instead of 3-4-6-3, widths 16-32-64-128 instead of 256-512-1024-2048: about 0.7 M
   parameters (2.7 MiB in float32), about 0.2 GMAC per patch, so a few hundred candidates

@@ -23,7 +23,7 @@ from qtpy.QtWidgets import QGridLayout, QGroupBox, QLabel, QPushButton
 if TYPE_CHECKING:
     from .annotator import LesionAnnotator
 
-REVIEW_ZOOM = 5.0  # screen pixels per image pixel while reviewing a candidate (a 3-px dot shows 15 px wide)
+REVIEW_ZOOM = 3.0  # screen pixels per image pixel while reviewing: an 18-px microaneurysm shows 54 px wide
 KEYS = {"a": "accept", "r": "reject", "n": "next"}
 
 

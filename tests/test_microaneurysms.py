@@ -352,23 +352,24 @@ def test_a_click_snaps_to_the_planted_dark_dot_and_sizes_its_disc_from_the_image
     from napari_retina.models.microaneurysms import disc_box, lesion_under, snap_microaneurysm
 
     rng = np.random.default_rng(3)
-    rgb = np.clip(np.full((80, 90, 3), (150, 90, 40), np.float32) + rng.normal(0, 2, (80, 90, 3)), 0, 255).astype(np.uint8)
-    yy, xx = np.mgrid[:80, :90]
-    for (cy, cx), rad in (((30, 40), 3.0), ((60, 20), 1.5)):
+    h, w = 120, 140
+    rgb = np.clip(np.full((h, w, 3), (150, 90, 40), np.float32) + rng.normal(0, 2, (h, w, 3)), 0, 255).astype(np.uint8)
+    yy, xx = np.mgrid[:h, :w]
+    for (cy, cx), rad in (((40, 50), 8.0), ((90, 100), 4.0)):  # IDRiD-sized microaneurysms
         dot = (yy - cy) ** 2 + (xx - cx) ** 2 <= rad**2
         rgb[dot] = (90, 30, 15)
-    centre, radius = snap_microaneurysm(rgb, (32.4, 42.2))  # a click a little off the dot
-    assert centre == (30, 40) and 2.5 <= radius <= 4.0
-    centre2, radius2 = snap_microaneurysm(rgb, (61, 21))
-    assert centre2 == (60, 20) and radius2 < radius  # the smaller dot gets a smaller disc
+    centre, radius = snap_microaneurysm(rgb, (43.4, 47.2))  # a click a few px off the dot
+    assert centre == (40, 50) and 6.0 <= radius <= 10.0
+    centre2, radius2 = snap_microaneurysm(rgb, (91, 102))
+    assert centre2 == (90, 100) and 2.5 <= radius2 < radius  # the smaller dot gets a smaller disc
     box, disc = disc_box(centre, radius, rgb.shape)
     assert disc.sum() > 20 and disc[centre[0] - box[0], centre[1] - box[2]]
     # a click on a lesion finds that lesion only
-    mask = np.zeros((80, 90), bool)
+    mask = np.zeros((h, w), bool)
     mask[box[0] : box[1], box[2] : box[3]] = disc
     mask[5:8, 5:8] = True
-    found = lesion_under(mask, (31, 41))
+    found = lesion_under(mask, (41, 51))
     assert found is not None and found[1].sum() == disc.sum()
-    assert lesion_under(mask, (50, 50)) is None
+    assert lesion_under(mask, (100, 20)) is None
     with pytest.raises(ValueError, match="outside"):
-        snap_microaneurysm(rgb, (100, 5))
+        snap_microaneurysm(rgb, (130, 5))

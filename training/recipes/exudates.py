@@ -59,6 +59,7 @@ class Spec:
     losses: tuple[str, ...] = ("bce", "wbce", "contrastive")
     loss: str = "contrastive"
     backbone: str = "unet"
+    base_channels: int = 16
     scale: float = 0.5
     preprocess: str = "none"
     rim_margin: float = 0.006
@@ -78,7 +79,7 @@ def build_parser(spec: Spec = EXUDATES) -> argparse.ArgumentParser:
                    help=f"IDRiD-layout, flat or annotation project folders with {spec.lesion} masks")
     p.add_argument("--out", required=True, metavar="MODEL_DIR", help="model folder to write")
     p.add_argument("--backbone", choices=BACKBONES, default=spec.backbone)
-    p.add_argument("--base-channels", type=int, default=16)
+    p.add_argument("--base-channels", type=int, default=spec.base_channels, help="(default %(default)s)")
     p.add_argument("--depth", type=int, default=4, help="downsamplings of the backbone (default 4)")
     p.add_argument("--loss", choices=spec.losses, default=spec.loss,
                    help="wbce-dice: class-weighted BCE + soft Dice (default %(default)s)")

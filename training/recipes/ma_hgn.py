@@ -15,9 +15,10 @@ validation by pooled pixel AUPR, early stopping, model folder) with the microane
   Dice, over the field of view;
 - backbone: ResUnet by default. The paper's full-resolution residual network (FRRN type A)
   keeps a full-resolution residual stream beside a pooling stream; ResUnet (residual units,
-  full-resolution skip connections) is the closest of the four backbones written here, and
-  at 16 base channels runs a full 4288 x 2848 photograph on 2 CPU cores in the time the
-  speed target allows (`benchmarks/segment_speed.py --backbone resunet --scale 1.0`);
+  full-resolution skip connections) is the closest of the four backbones written here. At
+  full scale a 4288 x 2848 photograph is 12 M network pixels, so the default is 8 base
+  channels (0.5 M parameters): 16 would take four times the time the 30 s speed target
+  leaves (`benchmarks/segment_speed.py --lesion MA --base-channels 8`);
 - patches: half centred on microaneurysm pixels, half anywhere in the field of view. The
   paper draws healthy patches from healthy patients' images; every IDRiD segmentation image
   has microaneurysms, and microaneurysms cover about 0.05 % of the field of view, so a
@@ -36,7 +37,8 @@ from .exudates import Spec, main_for
 MA_HGN = Spec(
     name="ma-hgn", kind="ma-hgn", lesion="MA", title="Microaneurysm hypothesis network",
     description="Train a microaneurysm hypothesis generation network (one scale) on contrast-enhanced patches.",
-    losses=("wbce-dice", "wbce", "bce"), loss="wbce-dice", backbone="resunet", scale=1.0, preprocess="enhance",
+    losses=("wbce-dice", "wbce", "bce"), loss="wbce-dice", backbone="resunet", base_channels=8, scale=1.0,
+    preprocess="enhance",
     rim_margin=0.0, lr=1e-3, half_inputs=True,
 )
 

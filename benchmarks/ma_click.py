@@ -43,6 +43,8 @@ def main() -> int:
             break
         rgb = read_fundus(rec.image)
         ma = graders_mask(rec, "MA", rgb.shape[:2])
+        if ma is None:
+            continue
         lab, n = label_lesions(ma)
         if n == 0:
             continue

@@ -282,12 +282,15 @@ def evaluate_segmenter(
     if limit:
         records = records[:limit]
     pr, froc = PixelPR(), LesionFROC(candidate_threshold=min(0.1, segmenter.threshold))
-    per_image, lesion_rows, seconds = [], [], []
+    per_image, lesion_rows, seconds, left_out = [], [], [], []
     for k, rec in enumerate(records, 1):
         if progress:
             progress(k, len(records), rec.stem)
         rgb = read_fundus(rec.image)
         gt = graders_mask(rec, lesion, rgb.shape[:2])  # a project's unaccepted proposals are not ground truth
+        if gt is None:
+            left_out.append(rec.image.name)  # no label for this lesion here
+            continue
         fov = field_of_view_mask(rgb)
         t0 = time.perf_counter()
         prob = maps(rec) if maps is not None else segmenter.probability(rgb, fov)
@@ -311,7 +314,8 @@ def evaluate_segmenter(
         "lesion": lesion,
         "data": str(data),
         "split": split,
-        "images": len(records),
+        "images": len(records) - len(left_out),
+        "left_out": left_out,
         "threshold": segmenter.threshold,
         "aupr": pr.aupr(),
         **pooled,

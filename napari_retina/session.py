@@ -86,33 +86,70 @@ def open_record(
     )
 
 
-def graders_masks(
-    record: ImageRecord, codes, shape: tuple[int, int], project_root: str | Path | None = None
-) -> dict[str, np.ndarray]:
-    """Lesions as labels for training and evaluation, {code: bool mask}.
+LABEL_SOURCES = ("reviewed", "ground truth", "left out")
 
-    Where the image has an annotation project (it lives in one, or one exists where the
-    annotator saves it: beside the image or under `project_root`), the grader's corrections
-    count: the grader's own pixels (painted, or proposals accepted), never model proposals
-    left unaccepted. Elsewhere the mask files; no file means no lesion (IDRiD convention).
+
+def reviewed_lesions(project_dir: str | Path) -> dict[str, dict]:
+    """{code: {"by", "when"}} of the lesions the grader marked as reviewed in a project (provenance.json)."""
+    import json
+
+    p = Path(project_dir) / "provenance.json"
+    if not p.is_file():
+        return {}
+    try:
+        reviewed = json.loads(p.read_text(encoding="utf-8")).get("reviewed", {})
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return {}
+    return {str(k): v for k, v in reviewed.items()} if isinstance(reviewed, dict) else {}
+
+
+def label_source(record: ImageRecord, code: str, project_root: str | Path | None = None) -> str:
+    """Where the label of one lesion of one image comes from (`LABEL_SOURCES`), without reading pixels.
+
+    "reviewed": its annotation project (beside the image, under `project_root`, or the one it
+    lives in) marks the lesion as reviewed, so the grader's own pixels there are the label;
+    "ground truth": else the data set's mask file, or no file for a lesion its data set
+    annotates (IDRiD convention: no lesion); "left out": neither (never taken as a negative).
     """
     project = project_dir_for(record, project_root)
-    if ProjectFolder(project).exists():
+    if code in reviewed_lesions(project):
+        return "reviewed"
+    if record.project is None and (code in record.masks or code in record.truth):
+        return "ground truth"  # a project's own mask files hold unreviewed work: not ground truth
+    return "left out"
+
+
+def graders_masks(
+    record: ImageRecord, codes, shape: tuple[int, int], project_root: str | Path | None = None
+) -> dict[str, np.ndarray | None]:
+    """Lesions as labels for training and evaluation, {code: bool mask, or None when left out}.
+
+    The rule of `label_source`: a reviewed lesion of an annotation project gives the grader's
+    own pixels (painted, or proposals accepted), never model proposals left unaccepted; an
+    unreviewed one falls back to the data set's ground truth; without either it is None.
+    """
+    sources = {code: label_source(record, code, project_root) for code in codes}
+    out: dict[str, np.ndarray | None] = {}
+    if "reviewed" in sources.values():
+        project = project_dir_for(record, project_root)
         ann = ProjectFolder(project).load()
         if tuple(ann.shape) != tuple(shape):
             raise RetinaInputError(f"{project}: masks of {ann.shape[1]}x{ann.shape[0]}, image {shape[1]}x{shape[0]}")
         for code in codes:
-            if code in ann.unreadable:
-                raise RetinaInputError(ann.unreadable[code])
-        return {code: ann.record.hand(code) for code in codes}
-    return {
-        code: read_mask(record.masks[code], expected_shape=shape) if code in record.masks else np.zeros(shape, bool)
-        for code in codes
-    }
+            if sources[code] == "reviewed":
+                if code in ann.unreadable:
+                    raise RetinaInputError(ann.unreadable[code])
+                out[code] = ann.record.hand(code)
+    for code in codes:
+        if sources[code] == "ground truth":
+            out[code] = read_mask(record.masks[code], expected_shape=shape) if code in record.masks else np.zeros(shape, bool)
+        elif sources[code] == "left out":
+            out[code] = None
+    return out
 
 
-def graders_mask(record: ImageRecord, code: str, shape: tuple[int, int], project_root=None) -> np.ndarray:
-    """One lesion of `graders_masks`."""
+def graders_mask(record: ImageRecord, code: str, shape: tuple[int, int], project_root=None) -> np.ndarray | None:
+    """One lesion of `graders_masks` (None: no label for it)."""
     return graders_masks(record, [code], shape, project_root)[code]
 
 

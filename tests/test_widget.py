@@ -395,3 +395,35 @@ def test_opening_after_a_kill_mid_save_removes_its_temporary_files(flat_folder, 
     viewer2.open(str(flat_folder / "IDRiD_01.jpg"), plugin="napari-retina")
     assert viewer2.layers["MA microaneurysms"].data[20, 30] == 3
     assert _temporaries(proj) == [] and mine.exists()
+
+
+def test_one_click_marks_a_lesion_reviewed_and_training_then_reads_the_corrected_mask(annotator, qtbot, flat_folder):
+    from napari_retina.io.datasets import open_dataset
+    from napari_retina.session import label_source
+    from training.data import load_image
+
+    viewer, widget = annotator
+    widget.set_lesion("EX")
+    layer = widget.lesion_layer("EX")
+    _paint_disc(layer, (60, 20), 1)  # a correction the data set's mask lacks
+    record = [r for r in open_dataset(flat_folder).records if r.stem == "IDRiD_01"][0]
+    widget.flush()
+    assert label_source(record, "EX") == "ground truth"  # corrected, but not reviewed yet
+    assert not load_image(record, lesions=("EX",)).masks["EX"][60, 20]
+    row = [i for i in range(widget.counts.rowCount()) if widget.counts.item(i, 0).text().startswith("EX")][0]
+    item = widget.counts.item(row, 3)
+    item.setCheckState(Qt.CheckState.Checked)  # the grader's one click
+    widget.flush()
+    assert widget.opened.annotation.reviewed == {"EX"}
+    assert label_source(record, "EX") == "reviewed"
+    assert load_image(record, lesions=("EX",)).masks["EX"][60, 20]
+    # stepping away and back shows the mark; unmarking saves too
+    _press(viewer, qtbot, Qt.Key.Key_PageDown)
+    qtbot.waitUntil(lambda: widget.opened is not None and widget.opened.stem == "IDRiD_02", timeout=6000)
+    assert widget.counts.item(row, 3).checkState() == Qt.CheckState.Unchecked
+    qtbot.mouseClick(widget.prev_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: widget.opened.stem == "IDRiD_01", timeout=6000)
+    assert widget.counts.item(row, 3).checkState() == Qt.CheckState.Checked
+    widget.counts.item(row, 3).setCheckState(Qt.CheckState.Unchecked)
+    widget.flush()
+    assert label_source(record, "EX") == "ground truth"

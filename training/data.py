@@ -75,16 +75,29 @@ class LoadedImage:
 
 
 def load_image(record: ImageRecord, lesions=REFINER_LESIONS) -> LoadedImage:
-    """Pixels and labels of one record: where the image has an annotation project, the grader's
-    own pixels there (never unaccepted proposals), else its mask files (session.graders_masks)."""
+    """Pixels and labels of one record (session.graders_masks: a reviewed lesion of its annotation
+    project gives the grader's own pixels, never unaccepted proposals; else the data set's
+    ground truth; a lesion with neither is left out)."""
     from napari_retina.session import graders_masks
 
     rgb = read_fundus(record.image)
     out = LoadedImage(record.stem, rgb)
     for code, m in graders_masks(record, list(lesions), rgb.shape[:2]).items():
-        if m.any():
+        if m is not None and m.any():
             out.masks[code] = m
     return out
+
+
+def describe_labels(records: list[ImageRecord], lesions) -> str:
+    """One line: how many image-lesion pairs take their labels from reviewed projects, from ground
+    truth, and are left out (printed by every recipe before it trains)."""
+    from collections import Counter
+
+    from napari_retina.session import label_source
+
+    n = Counter(label_source(r, code) for r in records for code in lesions)
+    return (f"labels ({', '.join(lesions)}): {n['reviewed']} image-lesion pairs from reviewed projects, "
+            f"{n['ground truth']} from ground truth, {n['left out']} left out")
 
 
 def write_split(path: Path, train: list[ImageRecord], val: list[ImageRecord]) -> None:
@@ -241,8 +254,8 @@ class ScaledImage:
 
 
 def load_scaled(record: ImageRecord, lesion: str, scale: float, preprocess: str = "none",
-                dtype=np.float32) -> ScaledImage:
-    """An image and its lesion mask at `scale`; a missing mask file means no lesion (IDRiD convention).
+                dtype=np.float32) -> ScaledImage | None:
+    """An image and its lesion label at `scale` (`session.graders_masks`), or None when it has none.
 
     The image is the network's input (`network_input`: `preprocess`, standardised over the
     field of view); float16 (`dtype`) halves the memory of full-scale images (patches are
@@ -257,6 +270,8 @@ def load_scaled(record: ImageRecord, lesion: str, scale: float, preprocess: str 
 
     rgb = read_fundus(record.image)
     full = graders_mask(record, lesion, rgb.shape[:2])  # a project's unaccepted proposals are not labels
+    if full is None:
+        return None  # no label for this lesion here: left out, never a negative
     fov_full = field_of_view_mask(rgb)
     x, fov = network_input(rgb, fov_full, scale, preprocess, dtype=dtype)
     h, w = fov.shape

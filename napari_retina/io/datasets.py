@@ -37,6 +37,9 @@ class ImageRecord:
     image: Path
     masks: dict[str, Path] = field(default_factory=dict)  # lesion code -> mask file
     project: Path | None = None  # set when the image lives inside an annotation project
+    # the lesions its data set annotates (IDRiD convention: for these, no mask file means no
+    # lesion); a lesion outside it has no ground truth here
+    truth: frozenset = frozenset()
 
     @property
     def stem(self) -> str:
@@ -168,8 +171,9 @@ def _idrid_records(root: Path) -> list[ImageRecord]:
     splits += sorted(p.name for p in img_root.iterdir() if p.is_dir() and p.name not in splits)
     for split in splits:
         masks = _masks_in(mask_root / split, recursive=True) if (mask_root / split).is_dir() else {}
+        truth = frozenset(code for m in masks.values() for code in m)  # the split's ground-truth lesions
         for image in _images_in(img_root / split):
-            records.append(ImageRecord(image=image, masks=masks.get(image.stem, {})))
+            records.append(ImageRecord(image=image, masks=masks.get(image.stem, {}), truth=truth))
     return records
 
 
@@ -191,9 +195,10 @@ def open_dataset(folder: str | Path) -> Dataset | None:
         return Dataset(root, "idrid", recs) if recs else None
     records: list[ImageRecord] = []
     masks = _masks_in(root)
+    truth = frozenset(code for m in masks.values() for code in m)  # the lesions the folder's masks cover
     seen: set[str] = set()
     for image in _images_in(root):
-        records.append(ImageRecord(image=image, masks=masks.get(image.stem, {})))
+        records.append(ImageRecord(image=image, masks=masks.get(image.stem, {}), truth=truth))
         seen.add(image.stem)
     # project folders whose image is not beside them (moved projects) are images too
     for sub in sorted((p for p in root.iterdir() if p.is_dir()), key=_natural_key):

@@ -87,6 +87,23 @@ class Annotation:
     def __post_init__(self) -> None:
         self.record = PixelRecord(self.masks)
 
+    @property
+    def reviewed(self) -> set[str]:
+        """Lesions the grader marked as reviewed: their masks are labels for training (provenance.json)."""
+        rev = self.provenance.get("reviewed", {})
+        return set(rev) if isinstance(rev, dict) else set()
+
+    def set_reviewed(self, code: str, on: bool = True, grader: str | None = None) -> None:
+        """Mark (or unmark) one lesion of this image as reviewed; saved with the provenance."""
+        if code not in self.masks:
+            raise ValueError(f"unknown lesion {code!r}")
+        rev = dict(self.provenance.get("reviewed", {})) if isinstance(self.provenance.get("reviewed"), dict) else {}
+        if on:
+            rev[code] = {"by": grader or _user(), "when": now_iso()}
+        else:
+            rev.pop(code, None)
+        self.provenance["reviewed"] = rev
+
     @classmethod
     def empty(cls, image_name: str, shape: tuple[int, int]) -> "Annotation":
         return cls(

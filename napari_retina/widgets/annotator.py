@@ -276,8 +276,8 @@ class LesionAnnotator(QWidget):
         vl.addWidget(self.fov_check)
         lay.addWidget(view)
 
-        self.counts = _CountsTable(len(LESIONS), 3)
-        self.counts.setHorizontalHeaderLabels(["lesion", "count", "% of FOV"])
+        self.counts = _CountsTable(len(LESIONS), 4)
+        self.counts.setHorizontalHeaderLabels(["lesion", "count", "% of FOV", "reviewed"])
         self.counts.verticalHeader().setVisible(False)
         self.counts.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
         self.counts.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.ResizeToContents)
@@ -288,6 +288,13 @@ class LesionAnnotator(QWidget):
             self.counts.setItem(i, 0, item)
             self.counts.setItem(i, 1, QTableWidgetItem("0"))
             self.counts.setItem(i, 2, QTableWidgetItem("0"))
+            # one click marks this lesion of this image as reviewed: its mask becomes a training label
+            check = QTableWidgetItem("")
+            check.setFlags(Qt.ItemFlag.ItemIsUserCheckable | Qt.ItemFlag.ItemIsEnabled)
+            check.setCheckState(Qt.CheckState.Unchecked)
+            check.setToolTip(f"{les.name}: reviewed (the mask is a label for retraining)")
+            self.counts.setItem(i, 3, check)
+        self.counts.itemChanged.connect(self._on_review_item)
         lay.addWidget(self.counts)
 
         imgs = QGroupBox("Images (PageUp / PageDown)")
@@ -492,8 +499,34 @@ class LesionAnnotator(QWidget):
         for finder in self.finders:
             finder.show_restored()
         self.ma_review.image_changed()
+        self._show_reviewed()
         self.fov = None
         self._compute_fov()  # the counts follow once the field of view is known
+
+    # --- reviewed lesions (labels for retraining) ---------------------------------------------
+    def _show_reviewed(self) -> None:
+        reviewed = self.opened.annotation.reviewed if self.opened is not None else set()
+        self.counts.blockSignals(True)
+        try:
+            for i, les in enumerate(LESIONS):
+                on = les.code in reviewed
+                self.counts.item(i, 3).setCheckState(Qt.CheckState.Checked if on else Qt.CheckState.Unchecked)
+        finally:
+            self.counts.blockSignals(False)
+
+    def _on_review_item(self, item) -> None:
+        if item.column() == 3:
+            self.set_reviewed(LESIONS[item.row()].code, item.checkState() == Qt.CheckState.Checked)
+
+    def set_reviewed(self, code: str, on: bool = True) -> None:
+        """Mark one lesion of the open image as reviewed (or not): saved in the project at once."""
+        if self.opened is None:
+            self._show_reviewed()
+            return
+        self.opened.annotation.set_reviewed(code, on, grader=self._grader())
+        self._show_reviewed()
+        self.save(summary=True)
+        self.status_label.setText(f"{code} {'reviewed: a label for retraining' if on else 'no longer marked reviewed'}")
 
     # --- lesion class and tools -----------------------------------------------------------
     def set_lesion(self, code: str, activate: bool = True) -> None:

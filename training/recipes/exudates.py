@@ -42,7 +42,7 @@ import numpy as np
 from napari_retina import __version__
 from napari_retina.io.errors import RetinaInputError
 
-from ..data import DataError, SegmentationPatches, gather_records, load_scaled, split_by_image, write_split
+from ..data import DataError, SegmentationPatches, describe_labels, gather_records, load_scaled, split_by_image, write_split
 
 BACKBONES = ("unet", "unetpp", "resunet", "cenet")
 
@@ -257,8 +257,11 @@ def run(a: argparse.Namespace, argv: list[str], spec: Spec = EXUDATES) -> int:
         write_split(split_file, train_recs, val_recs)
     t0 = time.monotonic()
     dtype = np.float16 if spec.half_inputs else np.float32
-    train_imgs = [load_scaled(r, spec.lesion, a.scale, spec.preprocess, dtype) for r in train_recs]
-    val_imgs = [load_scaled(r, spec.lesion, a.scale, spec.preprocess, dtype) for r in val_recs]
+    say(describe_labels(train_recs + val_recs, [spec.lesion]))
+    train_imgs = [im for r in train_recs if (im := load_scaled(r, spec.lesion, a.scale, spec.preprocess, dtype))]
+    val_imgs = [im for r in val_recs if (im := load_scaled(r, spec.lesion, a.scale, spec.preprocess, dtype))]
+    if not val_imgs:
+        raise DataError(f"no validation image has a {spec.lesion} label")
     if not any(len(im.lesion_px) for im in train_imgs):
         raise DataError(f"no {spec.lesion} in the training images' masks")
     say(f"{len(train_imgs)} training images ({sum(len(im.lesion_px) > 0 for im in train_imgs)} with {spec.lesion}), "

@@ -39,7 +39,7 @@ import numpy as np
 from napari_retina import __version__
 from napari_retina.io.errors import RetinaInputError
 
-from ..data import DataError, gather_records, split_by_image, write_split
+from ..data import DataError, describe_labels, gather_records, split_by_image, write_split
 
 LESION = "MA"
 
@@ -103,6 +103,10 @@ class PatchImage:
         rgb = read_fundus(record.image)
         fov = field_of_view_mask(rgb)
         ma = graders_mask(record, LESION, rgb.shape[:2])  # unaccepted proposals are not labels
+        self.labelled = ma is not None
+        if ma is None:  # no label here: left out (never taken as healthy)
+            ma = np.zeros(rgb.shape[:2], bool)
+            fov = np.zeros_like(fov)
         self.stem = record.stem
         self.r = PATCH // 2
         self.padded = cv2.copyMakeBorder(enhance_contrast(rgb, fov), self.r, self.r, self.r, self.r,
@@ -230,8 +234,9 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
         write_split(split_file, train_recs, val_recs)
     t0 = time.monotonic()
     rng = np.random.default_rng(a.seed)
-    train_imgs = [PatchImage(r, a.clearance, a.healthy_per_image, rng) for r in train_recs]
-    val_imgs = [PatchImage(r, a.clearance, a.healthy_per_image, rng) for r in val_recs]
+    say(describe_labels(train_recs + val_recs, [LESION]))
+    train_imgs = [im for r in train_recs if (im := PatchImage(r, a.clearance, a.healthy_per_image, rng)).labelled]
+    val_imgs = [im for r in val_recs if (im := PatchImage(r, a.clearance, a.healthy_per_image, rng)).labelled]
     sampler = SelectiveSampler(sum(len(im.healthy_px) for im in train_imgs), seed=a.seed)
     train_set = TripletPatches(train_imgs, sampler, a.samples_per_epoch, augment=True, seed=a.seed)
     val_pos = [im.patch(c) for im in val_imgs for c in im.lesion_centres]

@@ -67,9 +67,12 @@ def best_f1_threshold(detector, data: Path, names: list[str]) -> tuple[float, fl
     pr = PixelPR()
     for rec in records:
         rgb = read_fundus(rec.image)
+        gt = graders_mask(rec, "MA", rgb.shape[:2])
+        if gt is None:
+            continue  # no label here
         fov = field_of_view_mask(rgb)
         prob = detector.probability(rgb, fov)
-        pr.add(np.round(np.clip(prob, 0, 1) * 255).astype(np.uint8), graders_mask(rec, "MA", rgb.shape[:2]), region=fov)
+        pr.add(np.round(np.clip(prob, 0, 1) * 255).astype(np.uint8), gt, region=fov)
     best, best_t = -1.0, 0.5
     for level in range(1, 255):
         tp, fp, fn, _ = pr.counts(level)

@@ -43,6 +43,7 @@ from ..data import (
     REFINER_LESIONS,
     DataError,
     RefinerPatches,
+    describe_labels,
     gather_records,
     load_image,
     simulate_samples,
@@ -366,6 +367,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
         write_split(split_file, train_recs, val_recs)
 
     t0 = time.monotonic()
+    say(describe_labels(train_recs + val_recs, REFINER_LESIONS))
     train_imgs = [load_image(r) for r in train_recs]
     val_imgs = [load_image(r) for r in val_recs]
     train_samples = [s for red in a.reduction for s in simulate_samples(train_imgs, red, a.seed)]

@@ -384,12 +384,12 @@ def _json_safe(v):
 
 
 def default_segmenter_dir(lesion: str) -> Path:
-    """The shipped model folder of a lesion's segmenter ('EX' -> weights/exudates)."""
-    from .models.registry import shipped_model_dir
+    """The model folder in use for a lesion's segmenter (the selected version, else the shipped one)."""
+    from .models.versions import current_model_dir
 
     if lesion not in SEGMENTER_KINDS:
         raise RetinaInputError(f"no segmenter for {lesion} yet (available: {', '.join(SEGMENTER_KINDS)})")
-    return shipped_model_dir(SEGMENTER_KINDS[lesion])
+    return current_model_dir(SEGMENTER_KINDS[lesion])
 
 
 def load_segmenter(lesion: str, model_dir: str | Path | None = None, device: str = "cpu"):

@@ -11,6 +11,15 @@ from PIL import Image
 H, W = 96, 128
 
 
+@pytest.fixture(autouse=True)
+def user_data_folder(tmp_path_factory, monkeypatch):
+    """Every test gets its own napari-retina data folder (model versions, the selection): the
+    user's own is never read or written, and what one test selects never leaks into another."""
+    folder = tmp_path_factory.mktemp("user-data")
+    monkeypatch.setenv("NAPARI_RETINA_DATA", str(folder))
+    return folder
+
+
 def fundus_rgb(seed: int = 0, h: int = H, w: int = W) -> np.ndarray:
     """A dark surround with an orange disc, a bright optic disc and some noise."""
     rng = np.random.default_rng(seed)

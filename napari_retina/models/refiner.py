@@ -49,9 +49,9 @@ DEFAULT_THRESHOLD = 0.5
 
 
 def default_model_dir() -> Path:
-    from .registry import shipped_model_dir
+    from .versions import current_model_dir
 
-    return shipped_model_dir("refiner")
+    return current_model_dir("refiner")
 
 
 def normalise_patch(patch: np.ndarray, mean: float = NORM_MEAN, scale: float = NORM_SCALE) -> np.ndarray:

@@ -98,10 +98,13 @@ def model_class(kind: str):
 
 
 def load_model(folder: str | Path | None = None, expect: str | None = None, device: str = "cpu", **kw: Any):
-    """The inference object of a checked model folder (None: the shipped model of `expect`)."""
+    """The inference object of a checked model folder (None: the version of `expect` in use,
+    `versions.current_model_dir`: the one the grader selected, else the shipped one)."""
     if folder is None:
         if expect is None:
             raise ModelFolderError("give a model folder or the kind of shipped model to load")
-        folder = shipped_model_dir(expect)
+        from .versions import current_model_dir
+
+        folder = current_model_dir(expect)
     config = check_model_folder(folder, expect=expect)
     return model_class(config["model"]).from_folder(Path(folder), config, device=device, **kw)

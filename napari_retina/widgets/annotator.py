@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import getpass
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -85,6 +86,17 @@ class _SaveSignals(QObject):
     counted = Signal(object)  # (project writer, lesion rows)
 
 
+_INSTANCES: "weakref.WeakSet[LesionAnnotator]" = weakref.WeakSet()
+
+
+def annotator_of(viewer) -> "LesionAnnotator | None":
+    """The lesion annotator docked in `viewer` (the train dock works on its folder and models)."""
+    for w in list(_INSTANCES):
+        if w.viewer is viewer:
+            return w
+    return None
+
+
 class _CountsTable(QTableWidget):
     """The lesion count table, always tall enough for all its rows (the dock scrolls instead)."""
 
@@ -133,6 +145,7 @@ class LesionAnnotator(QWidget):
         self._exudate_model_dir = exudate_model_dir
         self._ma_model_dir = ma_model_dir
         self.viewer = napari_viewer
+        _INSTANCES.add(self)
         self.opened: OpenedImage | None = None
         self.dataset: Dataset | None = None
         self.index = -1
@@ -502,6 +515,16 @@ class LesionAnnotator(QWidget):
         self._show_reviewed()
         self.fov = None
         self._compute_fov()  # the counts follow once the field of view is known
+
+    def reload_models(self) -> None:
+        """Another model version was selected: the next refinement and Find use it (those given by folder stay)."""
+        ref = self.refinement
+        if ref.model_dir is None:
+            ref.refiner, ref.model_error = None, None
+            ref.load_model()
+        for finder in self.finders:
+            if finder.model_dir is None:
+                finder.segmenter = None
 
     # --- reviewed lesions (labels for retraining) ---------------------------------------------
     def _show_reviewed(self) -> None:

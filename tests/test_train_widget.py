@@ -1,0 +1,116 @@
+"""The Retrain dock, driven as a research group would: train in a separate process, watch, cancel, use the result."""
+
+import numpy as np
+import pytest
+from PIL import Image
+from qtpy.QtCore import Qt
+
+from conftest import blob_mask, fundus_rgb, write_palette_mask
+from napari_retina.models.versions import current_model_dir, versions
+from napari_retina.widgets.annotator import LesionAnnotator
+from napari_retina.widgets.train import MODELS, TrainWidget, read_log
+
+TINY = "--samples-per-epoch 8 --patch-size 32 --scale 1.0 --base-channels 4 --depth 2 --val-images IDRiD_03.png"
+
+
+@pytest.fixture
+def ex_folder(tmp_path):
+    d = tmp_path / "ex"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for i in (1, 2, 3):
+        rgb = fundus_rgb(i)
+        m = blob_mask([(int(rng.integers(25, 70)), int(rng.integers(30, 100))) for _ in range(4)], radius=3)
+        rgb[m] = (235, 225, 120)
+        Image.fromarray(rgb).save(d / f"IDRiD_{i:02d}.png")
+        write_palette_mask(d / f"IDRiD_{i:02d}_EX.tif", m)
+    return d
+
+
+@pytest.fixture
+def docks(make_napari_viewer, qtbot, ex_folder):
+    viewer = make_napari_viewer()
+    viewer.open(str(ex_folder), plugin="napari-retina")
+    ann = LesionAnnotator(viewer, preload_model=False)
+    viewer.window.add_dock_widget(ann)
+    qtbot.waitUntil(lambda: ann.opened is not None, timeout=10000)
+    train = TrainWidget(viewer)
+    viewer.window.add_dock_widget(train)
+    yield viewer, ann, train
+    if train.process is not None:
+        train.process.kill()
+        train.process.waitForFinished(5000)
+    ann.flush()
+    ann._timer.stop()
+
+
+def _form(train, epochs):
+    train.model_combo.setCurrentText("hard-exudate segmenter")
+    train.start_combo.setCurrentText("scratch")
+    train.device_combo.setCurrentText("cpu")
+    train.epochs_spin.setValue(epochs)
+    train.batch_spin.setValue(4)
+    train.extra_edit.setText(TINY)
+
+
+def test_train_in_a_separate_process_watch_the_plot_and_swap_the_new_version_in(docks, qtbot, ex_folder):
+    viewer, ann, train = docks
+    assert train.data_edit.text() == str(ex_folder)  # the folder open now
+    assert "hard-exudate segmenter" in MODELS and train.device_combo.findText("cpu") >= 0
+    _form(train, epochs=2)
+    shipped = current_model_dir("exudates")
+    qtbot.mouseClick(train.start_button, Qt.MouseButton.LeftButton)
+    assert train.process is not None and not train.start_button.isEnabled()
+    qtbot.wait(300)
+    assert ann.opened is not None  # the GUI is not blocked while the training process runs
+    qtbot.waitUntil(lambda: train.process is None, timeout=180000)
+    xs, ys = train.loss_curve.getData()
+    assert list(xs) == [1, 2] and np.isfinite(ys).all()  # the live plot: one point per epoch
+    assert len(train.val_curve.getData()[0]) == 2
+    assert "new version" in train.result.text() and "in use" in train.result.text(), train.result.text()
+    out = train.out
+    assert (out / "config.json").is_file() and any(v.folder == out for v in versions("exudates"))
+    ann.exudate_finder.segmenter = object()  # as if a model had been loaded before
+    qtbot.mouseClick(train.use_button, Qt.MouseButton.LeftButton)
+    assert current_model_dir("exudates") == out.resolve() != shipped
+    assert ann.exudate_finder.segmenter is None  # the next Find loads the new version
+    from napari_retina.segmentation import load_segmenter
+
+    assert load_segmenter("EX").version == out.name
+    # the previous version stays and can be chosen again
+    train._refresh_versions()
+    row = [i for i, v in enumerate(train._versions) if v.shipped][0]
+    train.version_list.setCurrentRow(row)
+    qtbot.mouseClick(train.select_button, Qt.MouseButton.LeftButton)
+    assert current_model_dir("exudates") == shipped
+
+
+def test_cancel_stops_the_process_and_keeps_the_best_epoch(docks, qtbot):
+    viewer, ann, train = docks
+    _form(train, epochs=200)
+    qtbot.mouseClick(train.start_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: any(e.get("event") == "epoch" for e in train.events), timeout=120000)
+    qtbot.mouseClick(train.cancel_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: train.process is None, timeout=60000)
+    assert "cancelled" in train.result.text()
+    assert (train.out / "config.json").is_file() and (train.out / "run" / "log.jsonl").is_file()
+    epochs = [e for e in read_log(train.out / "run" / "log.jsonl")[0] if e.get("event") == "epoch"]
+    assert 1 <= len(epochs) < 200
+
+
+def test_a_missing_data_folder_is_one_message_and_starts_nothing(docks, tmp_path):
+    viewer, ann, train = docks
+    train.data_edit.setText(str(tmp_path / "nowhere"))
+    train.start()
+    assert train.process is None and train.start_button.isEnabled()
+
+
+def test_the_log_reader_waits_for_half_written_lines(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"event": "start"}\n{"event": "ep')
+    events, off = read_log(log)
+    assert events == [{"event": "start"}]
+    with open(log, "a") as f:
+        f.write('och", "epoch": 1}\n')
+    more, _ = read_log(log, off)
+    assert more == [{"event": "epoch", "epoch": 1}]

@@ -165,7 +165,7 @@ class TrainWidget(QWidget):
         self.loss_curve = self.plot.plot([], [], pen=pg.mkPen("#f0a030", width=2), symbol="o", symbolSize=5,
                                          name="training loss")
         self.val_curve = self.plot.plot([], [], pen=pg.mkPen("#40c0f0", width=2), symbol="o", symbolSize=5,
-                                        name="validation (right axis, scaled 0-1)")
+                                        name="validation figure (0-1)")
         rl.addWidget(self.plot)
         self.result = QLabel("")
         self.result.setWordWrap(True)

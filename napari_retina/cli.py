@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     ee.add_argument("--data", required=True, metavar="DIR", help="IDRiD-layout (official or flat) or project folder")
     ee.add_argument("--model", metavar="DIR", help="segmentation model folder (default: the shipped one)")
     ee.add_argument("--split", choices=("val", "all"), default="all", help="val: only the model card's validation images")
+    ee.add_argument("--images-of", metavar="MODEL_DIR", help="with --split val: that model's validation images (compare two versions)")
     ee.add_argument("--limit", type=int, help="only the first N images")
     ee.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     ee.add_argument("--out", metavar="FILE.json", help="also write the JSON here")
@@ -105,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--data", required=True, metavar="DIR", help="IDRiD-layout (official or flat) or project folder")
     em.add_argument("--model", metavar="DIR", help="microaneurysm model folder (default: the shipped one)")
     em.add_argument("--split", choices=("val", "all"), default="all", help="val: only the model card's validation images")
+    em.add_argument("--images-of", metavar="MODEL_DIR", help="with --split val: that model's validation images (compare two versions)")
     em.add_argument("--limit", type=int, help="only the first N images")
     em.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     em.add_argument("--variants", action="store_true", help="also score every stage of the detector (Table 2)")
@@ -130,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     er.add_argument("--model", metavar="DIR", help="refiner model folder (default: the shipped one)")
     er.add_argument("--baseline", metavar="DIR", help="baseline (non-prototypical) model folder to compare")
     er.add_argument("--split", choices=("val", "all"), default="all", help="val: only the model card's validation images")
+    er.add_argument("--images-of", metavar="MODEL_DIR", help="with --split val: that model's validation images (compare two versions)")
     er.add_argument("--seed", type=int, default=0, help="simulator seed: image k of the split uses SEED + k (default 0)")
     er.add_argument("--limit", type=int, help="only the first N images")
     er.add_argument("--out", metavar="FILE.json", help="also write the JSON here")
@@ -343,8 +346,22 @@ def cmd_evaluate(args) -> int:
         seed=args.seed,
         limit=args.limit,
         progress=_progress_line,
+        validation_images=_images_of(args),
     )
     return _print_json(result, args.out)
+
+
+def _images_of(args) -> list[str] | None:
+    """--images-of MODEL_DIR: the validation images its config names (one line if it names none)."""
+    folder = getattr(args, "images_of", None)
+    if not folder:
+        return None
+    from .models.registry import check_model_folder
+
+    names = check_model_folder(Path(folder)).get("validation_images")
+    if not names:
+        raise CliError(f"{folder}: its config.json names no validation images")
+    return list(names)
 
 
 def _evaluate_segmenter(args, lesion: str) -> int:
@@ -357,9 +374,11 @@ def _evaluate_segmenter(args, lesion: str) -> int:
     if getattr(args, "variants", False):
         from .segmentation import evaluate_variants
 
-        result = evaluate_variants(data, segmenter, split=args.split, limit=args.limit, progress=_progress_line)
+        result = evaluate_variants(data, segmenter, split=args.split, limit=args.limit, progress=_progress_line,
+                                   validation_images=_images_of(args))
     else:
-        result = evaluate_segmenter(data, segmenter, split=args.split, limit=args.limit, progress=_progress_line)
+        result = evaluate_segmenter(data, segmenter, split=args.split, limit=args.limit, progress=_progress_line,
+                                    validation_images=_images_of(args))
     return _print_json(result, args.out)
 
 

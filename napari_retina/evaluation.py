@@ -356,8 +356,12 @@ def evaluate_refine(
     limit: int | None = None,
     progress=None,
     reductions: Sequence[float] = DEFAULT_REDUCTIONS,
+    validation_images: Sequence[str] | None = None,
 ) -> dict:
-    """The JSON document of `napari-retina evaluate refine` (layout in the module docstring)."""
+    """The JSON document of `napari-retina evaluate refine` (layout in the module docstring).
+
+    `validation_images`: the images `split="val"` means (default: those of the model's card).
+    """
     from .models.refiner import EllipseRefiner
 
     refiner = EllipseRefiner(model_dir)
@@ -366,7 +370,7 @@ def evaluate_refine(
         lesions = refined_lesions(refiner) if lesions is None else tuple(_lesion(c).code for c in lesions)
     except ValueError as e:
         raise RetinaInputError(f"{refiner.model_dir}: config.json lesions: {e}") from None
-    records = _records(Path(data), split, refiner.config.get("validation_images"))
+    records = _records(Path(data), split, validation_images or refiner.config.get("validation_images"))
     if limit:
         records = records[:limit]
     extra = ("baseline",) if baseline else ()

@@ -262,6 +262,7 @@ def evaluate_segmenter(
     limit: int | None = None,
     progress: Optional[Callable[[int, int, str], None]] = None,
     maps: Optional[Callable[[object], np.ndarray]] = None,
+    validation_images: Optional[list] = None,
 ) -> dict:
     """Score a segmenter on an IDRiD-layout folder: the JSON `evaluate ex` prints.
 
@@ -278,7 +279,7 @@ def evaluate_segmenter(
     from .session import graders_mask
 
     lesion = segmenter.lesion
-    records = _records(Path(data), split, segmenter.config.get("validation_images"))
+    records = _records(Path(data), split, validation_images or segmenter.config.get("validation_images"))
     if limit:
         records = records[:limit]
     pr, froc = PixelPR(), LesionFROC(candidate_threshold=min(0.1, segmenter.threshold))
@@ -330,7 +331,8 @@ def evaluate_segmenter(
 
 
 def evaluate_variants(data: Path, detector, split: str = "all", limit: int | None = None,
-                      progress: Optional[Callable[[int, int, str], None]] = None) -> dict:
+                      progress: Optional[Callable[[int, int, str], None]] = None,
+                      validation_images: Optional[list] = None) -> dict:
     """`evaluate_segmenter` of a detector's final map, plus each of its stages under `variants`.
 
     The stages (`detector.maps`: the microaneurysm paper's Table 2 rows) come from one run of
@@ -340,7 +342,8 @@ def evaluate_variants(data: Path, detector, split: str = "all", limit: int | Non
     from .fundus import field_of_view_mask
     from .io.images import read_fundus
 
-    records = _records(Path(data), split, detector.config.get("validation_images"))
+    names = validation_images or detector.config.get("validation_images")
+    records = _records(Path(data), split, names)
     if limit:
         records = records[:limit]
     cache: dict[str, dict[str, np.ndarray]] = {}
@@ -359,13 +362,14 @@ def evaluate_variants(data: Path, detector, split: str = "all", limit: int | Non
             return cache[rec.stem][name].astype(np.float32) / 255.0
         return maps
 
-    result = evaluate_segmenter(Path(data), detector, split=split, limit=limit, maps=stage("refined"))
+    result = evaluate_segmenter(Path(data), detector, split=split, limit=limit, maps=stage("refined"),
+                                validation_images=names)
     result["seconds_per_image"] = round(float(np.mean(list(seconds.values()))), 6) if seconds else None
     keys = ("aupr", "precision", "recall", "f1", "iou", "froc", "froc_score")
     result["variants"] = {}
     for name in detector.variant_names():
         r = result if name == "refined" else evaluate_segmenter(Path(data), detector, split=split, limit=limit,
-                                                                 maps=stage(name))
+                                                                 maps=stage(name), validation_images=names)
         result["variants"][name] = {k: r[k] for k in keys if k in r}
     return result
 

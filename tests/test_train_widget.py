@@ -70,6 +70,11 @@ def test_train_in_a_separate_process_watch_the_plot_and_swap_the_new_version_in(
     assert "new version" in train.result.text() and "in use" in train.result.text(), train.result.text()
     out = train.out
     assert (out / "config.json").is_file() and any(v.folder == out for v in versions("exudates"))
+    # both versions scored on the new one's validation images by napari-retina evaluate, in the background
+    qtbot.mouseClick(train.compare_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: train.compare_label.text().startswith("on the same"), timeout=120000)
+    text = train.compare_label.text()
+    assert "on the same 1 validation images" in text and text.count("AUPR") == 2, text
     ann.exudate_finder.segmenter = object()  # as if a model had been loaded before
     qtbot.mouseClick(train.use_button, Qt.MouseButton.LeftButton)
     assert current_model_dir("exudates") == out.resolve() != shipped

@@ -39,6 +39,7 @@ MODELS = {
     "microaneurysm PRN": ("ma-prn", "ma-prn", []),
 }
 MONITOR_NAMES = {"val_iou": "validation IoU %", "val_aupr": "validation AUPR"}
+EVALUATE = {"exudates": "ex", "refiner": "refine"}  # kinds `napari-retina evaluate` scores on their own
 
 
 def cuda_devices() -> list[str]:
@@ -170,10 +171,19 @@ class TrainWidget(QWidget):
         self.result = QLabel("")
         self.result.setWordWrap(True)
         rl.addWidget(self.result)
+        self.compare_button = QPushButton("Compare on the same images")
+        self.compare_button.setToolTip("score the version in use and the new one on the new one's validation "
+                                       "images, at full resolution (napari-retina evaluate; takes minutes)")
+        self.compare_button.setEnabled(False)
+        self.compare_button.clicked.connect(self.compare)
         self.use_button = QPushButton("Use this model")
         self.use_button.setEnabled(False)
         self.use_button.clicked.connect(self.use_new)
+        rl.addWidget(self.compare_button)
         rl.addWidget(self.use_button)
+        self.compare_label = QLabel("")
+        self.compare_label.setWordWrap(True)
+        rl.addWidget(self.compare_label)
         lay.addWidget(run_box)
 
         ver_box = QGroupBox("Versions")
@@ -382,8 +392,88 @@ class TrainWidget(QWidget):
 
         cur = self._figure(current_model_dir(self.kind))
         verb = "cancelled; kept" if self._cancelled else "done:"
-        self.result.setText(f"{verb} new version {self.out.name}: {new}   |   in use: {cur or 'none'}")
+        self.result.setText(f"{verb} new version {self.out.name}: {new}   |   in use: {cur or 'none'}"
+                            " (figures of training: their validation images may differ)")
         self.use_button.setEnabled(True)
+        self.compare_button.setEnabled(self.kind in EVALUATE)
+        self.compare_label.setText("" if self.kind in EVALUATE else
+                                   "assemble the microaneurysm networks (python -m training microaneurysms) "
+                                   "to compare detectors with napari-retina evaluate ma")
+
+    # --- comparing on the same images ------------------------------------------------------------
+    def compare(self) -> None:
+        """Score the version in use, then the new one, on the new one's validation images."""
+        from ..models.versions import current_model_dir
+
+        if self.out is None or self.kind not in EVALUATE or getattr(self, "_compare", None):
+            return
+        names = json.loads((self.out / "config.json").read_text()).get("validation_images") or []
+        data = self._folder_holding(names)
+        if data is None:
+            self.compare_label.setText("none of the data folders holds the new version's validation images")
+            return
+        what = EVALUATE[self.kind]
+        self._compare = [("in use", current_model_dir(self.kind)), ("new", self.out)]
+        self._compare_results: dict[str, dict] = {}
+        self._compare_args = lambda model, dest: ["-m", "napari_retina.cli", "evaluate", what, "--data", str(data),
+                                                  "--model", str(model), "--split", "val", "--images-of",
+                                                  str(self.out), "--out", str(dest)]
+        self.compare_button.setEnabled(False)
+        self._next_compare()
+
+    def _folder_holding(self, names: list[str]) -> Path | None:
+        from ..io.datasets import open_dataset
+
+        wanted = {Path(n).stem for n in names}
+        for d in (self.data_edit.text().strip(), self.idrid_edit.text().strip()):
+            ds = open_dataset(d) if d else None
+            if ds is not None and wanted & {r.stem for r in ds.records}:
+                return Path(d)
+        return None
+
+    def _next_compare(self) -> None:
+        if not self._compare:
+            self._compare = None
+            self._show_comparison()
+            return
+        name, model = self._compare[0]
+        dest = self.out / "run" / f"compare-{name.replace(' ', '-')}.json"
+        self.compare_label.setText(f"scoring the {name} version ({Path(model).name})...")
+        proc = QProcess(self)
+        proc.setProcessChannelMode(QProcess.ProcessChannelMode.MergedChannels)
+        proc.finished.connect(lambda code, _s=None, n=name, d=dest, p=proc: self._compared(n, d, code, p))
+        self._compare_proc = proc
+        proc.start(sys.executable, self._compare_args(model, dest))
+
+    def _compared(self, name: str, dest: Path, code: int, proc) -> None:
+        out = bytes(proc.readAll()).decode(errors="replace").strip().splitlines()
+        proc.deleteLater()
+        self._compare_proc = None
+        try:
+            self._compare_results[name] = json.loads(dest.read_text())
+        except (OSError, ValueError):
+            self._compare = None
+            self.compare_label.setText(f"scoring the {name} version failed: {(out or ['?'])[-1]}")
+            self.compare_button.setEnabled(True)
+            return
+        self._compare.pop(0)
+        self._next_compare()
+
+    @staticmethod
+    def _headline(kind: str, r: dict) -> str:
+        if kind == "refiner":
+            variants = r.get("iou_percent", {})
+            v = variants.get("prototype") or next((x for k, x in variants.items() if k not in ("initial", "baseline")), {})
+            return f"image-level IoU {v.get('average', {}).get('mean', float('nan')):.1f} %"
+        return f"AUPR {r.get('aupr') or float('nan'):.3f}, F1 {r.get('f1') or float('nan'):.3f}"
+
+    def _show_comparison(self) -> None:
+        res = self._compare_results
+        n = res.get("new", {}).get("images", "?")
+        self.compare_label.setText(
+            f"on the same {n} validation images, full resolution: in use {self._headline(self.kind, res['in use'])}"
+            f"  |  new {self._headline(self.kind, res['new'])}")
+        self.compare_button.setEnabled(True)
 
     @staticmethod
     def _figure(folder: Path) -> str | None:

@@ -78,3 +78,29 @@ def test_an_unreviewed_lesion_falls_back_to_ground_truth_and_one_without_either_
     assert not load_scaled(other, "EX", 1.0).target.any()
     line = describe_labels(open_dataset(root).records, ["EX", missing])
     assert "0 image-lesion pairs from reviewed projects" in line and "left out" in line
+
+
+def test_a_training_bundle_carries_exactly_the_labels_and_the_command(flat_folder, tmp_path):
+    from napari_retina.bundle import write_bundle
+    from napari_retina.io.datasets import open_dataset
+    from napari_retina.io.masks import read_mask
+    from napari_retina.session import label_source
+    from training.data import load_image
+
+    record = [r for r in open_dataset(flat_folder).records if r.stem == "IDRiD_01"][0]
+    want, proposal = _correct_in_project(record, reviewed=True)  # EX reviewed in the project
+    out = tmp_path / "bundle"
+    summary = write_bundle([flat_folder], out, ["EX", "SE"], ["exudates", "--epochs", "40"])
+    assert summary["images"] == 2 and summary["labels"] == 2 and summary["left_out"] == 2  # SE: no label anywhere
+    np.testing.assert_array_equal(read_mask(out / "data" / "IDRiD_01_EX.tif"), want)  # the corrections
+    assert (out / "data" / "IDRiD_02_EX.tif").is_file()  # an empty label is written, not implied
+    assert not list((out / "data").glob("*_SE.tif"))
+    script = (out / "train.sh").read_text()
+    assert "python -m training exudates --epochs 40 --data data --out runs/model" in script and "torchrun" in script
+    # on the server: the same labels, nothing more
+    ds = open_dataset(out / "data")
+    rec1 = [r for r in ds.records if r.stem == "IDRiD_01"][0]
+    assert label_source(rec1, "EX") == "ground truth" and label_source(rec1, "SE") == "left out"
+    np.testing.assert_array_equal(load_image(rec1, lesions=("EX",)).masks["EX"], want)
+    with pytest.raises(Exception, match="not empty"):
+        write_bundle([flat_folder], out, ["EX"], ["exudates"])

@@ -17,6 +17,9 @@ IDRID_IMAGES = "1. Original Images"
 IDRID_MASKS = "2. All Segmentation Groundtruths"
 IDRID_SPLITS = ("a. Training Set", "b. Testing Set")
 PROJECT_SUFFIX = ".retina"
+# a flat folder may name which lesions of which image are labels (a training bundle does):
+# {"labels": {stem: [codes]}}; a lesion not named there has no label, file or not
+LABELS_MANIFEST = "labels.json"
 MASK_SUFFIXES = (".tif", ".tiff", ".png")
 
 _MASK_NAME = re.compile(
@@ -177,6 +180,22 @@ def _idrid_records(root: Path) -> list[ImageRecord]:
     return records
 
 
+def _labels_manifest(root: Path) -> dict[str, list[str]] | None:
+    """`labels.json` of a flat folder ({stem: [codes]}), or None where there is none (or it is unreadable)."""
+    import json
+
+    p = root / LABELS_MANIFEST
+    if not p.is_file():
+        return None
+    try:
+        labels = json.loads(p.read_text(encoding="utf-8")).get("labels")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(labels, dict):
+        return None
+    return {str(k): [str(c) for c in v] for k, v in labels.items() if isinstance(v, list)}
+
+
 def open_dataset(folder: str | Path) -> Dataset | None:
     """The images of a folder in reading order, or None if it holds no fundus images.
 
@@ -196,9 +215,15 @@ def open_dataset(folder: str | Path) -> Dataset | None:
     records: list[ImageRecord] = []
     masks = _masks_in(root)
     truth = frozenset(code for m in masks.values() for code in m)  # the lesions the folder's masks cover
+    manifest = _labels_manifest(root)
     seen: set[str] = set()
     for image in _images_in(root):
-        records.append(ImageRecord(image=image, masks=masks.get(image.stem, {}), truth=truth))
+        if manifest is not None:  # exactly the labels it names
+            named = frozenset(manifest.get(image.stem, ()))
+            mine = {c: f for c, f in masks.get(image.stem, {}).items() if c in named}
+            records.append(ImageRecord(image=image, masks=mine, truth=named))
+        else:
+            records.append(ImageRecord(image=image, masks=masks.get(image.stem, {}), truth=truth))
         seen.add(image.stem)
     # project folders whose image is not beside them (moved projects) are images too
     for sub in sorted((p for p in root.iterdir() if p.is_dir()), key=_natural_key):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import napari
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import QProcess, QProcessEnvironment, QTimer
+from qtpy.QtCore import QProcess, QProcessEnvironment, QTimer, Signal
 from qtpy.QtWidgets import (
     QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QListWidget,
     QPushButton, QSpinBox, QVBoxLayout, QWidget,
@@ -40,6 +40,7 @@ MODELS = {
 }
 MONITOR_NAMES = {"val_iou": "validation IoU %", "val_aupr": "validation AUPR"}
 EVALUATE = {"exudates": "ex", "refiner": "refine"}  # kinds `napari-retina evaluate` scores on their own
+LESIONS_OF = {"refiner": ["MA", "SE", "EX", "HE"], "exudates": ["EX"], "ma-hgn": ["MA"], "ma-prn": ["MA"]}
 
 
 def cuda_devices() -> list[str]:
@@ -74,6 +75,8 @@ def read_log(path: Path, offset: int = 0) -> tuple[list[dict], int]:
 
 class TrainWidget(QWidget):
     """Dock: choose data and a model, train in a separate process, watch it, use the result."""
+
+    bundle_written = Signal(object)  # the summary of a training bundle, once written
 
     def __init__(self, napari_viewer: napari.Viewer, parent: QWidget | None = None):
         super().__init__(parent)
@@ -150,6 +153,10 @@ class TrainWidget(QWidget):
         buttons.addWidget(self.start_button)
         buttons.addWidget(self.cancel_button)
         form.addRow(buttons)
+        self.elsewhere_button = QPushButton("Train elsewhere...")
+        self.elsewhere_button.setToolTip("write the labels and the exact command into a folder for a GPU server")
+        self.elsewhere_button.clicked.connect(self._choose_bundle)
+        form.addRow(self.elsewhere_button)
         lay.addWidget(form_box)
 
         run_box = QGroupBox("Progress")
@@ -399,6 +406,53 @@ class TrainWidget(QWidget):
         self.compare_label.setText("" if self.kind in EVALUATE else
                                    "assemble the microaneurysm networks (python -m training microaneurysms) "
                                    "to compare detectors with napari-retina evaluate ma")
+
+    # --- train elsewhere ---------------------------------------------------------------------------
+    def _choose_bundle(self) -> None:
+        d = QFileDialog.getExistingDirectory(self, "An empty folder for the training bundle")
+        if d:
+            self.write_bundle(d)
+
+    def write_bundle(self, folder: str | Path):
+        """Write the labels of the data folders and this form's command into `folder` (in the background)."""
+        from napari.qt.threading import thread_worker
+
+        from ..models.versions import current_model_dir
+
+        recipe, kind, fixed = self.choice
+        data = [d for d in (self.data_edit.text().strip(), self.idrid_edit.text().strip()) if d]
+        if not data:
+            show_error("train elsewhere: choose a data folder")
+            return None
+        args = [recipe, *fixed, "--epochs", str(self.epochs_spin.value()), "--batch-size", str(self.batch_spin.value()),
+                "--device", "auto", *shlex.split(self.extra_edit.text())]
+        if self.minutes_spin.value():
+            args += ["--minutes", str(self.minutes_spin.value())]
+        init = current_model_dir(kind) if self.start_combo.currentIndex() == 0 else None
+        if init is not None and (init / "config.json").is_file():
+            args += ["--init", "init"]
+        else:
+            init = None
+
+        @thread_worker
+        def work():
+            import shutil
+
+            from ..bundle import write_bundle
+
+            summary = write_bundle(data, folder, LESIONS_OF[kind], args)
+            if init is not None:
+                shutil.copytree(init, Path(folder) / "init", ignore=shutil.ignore_patterns("run", "*.pt"))
+            return summary
+
+        worker = work()
+        worker.returned.connect(lambda r: (self.status.setText(
+            f"bundle written to {r['bundle']}: {r['images']} images, {r['labels']} labels, {r['left_out']} left out; "
+            f"run `sh train.sh` there, then Import model... the folder runs/model"), self.bundle_written.emit(r)))
+        worker.errored.connect(lambda e: show_error(f"train elsewhere: {str(e).splitlines()[0]}"))
+        self.status.setText("writing the training bundle...")
+        worker.start()
+        return worker
 
     # --- comparing on the same images ------------------------------------------------------------
     def compare(self) -> None:

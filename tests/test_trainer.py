@@ -376,3 +376,25 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     w0, w1 = (torch.load(out / f"rank{r}.pt") for r in (0, 1))
     assert same_weights(w0, w1)
     assert same_weights(w0, load_checkpoint(out / "checkpoints" / "last.pt")["model"])
+
+
+@pytest.mark.parametrize("optimizer, scheduler", [("adamw", "cosine"), ("sgd", "none")])
+def test_the_optimiser_and_schedule_are_options(tmp_path, optimizer, scheduler):
+    torch.manual_seed(0)
+    x = torch.randn(32, 3)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5]])
+    data = [{"image": x[i], "target": y[i]} for i in range(32)]
+    model = torch.nn.Linear(3, 1)
+    trainer = Trainer(model, lambda out, b: torch.nn.functional.mse_loss(out, b["target"]), data, data, tmp_path,
+                      device="cpu", batch_size=8, lr=0.05, epochs=3, optimizer=optimizer, scheduler=scheduler,
+                      monitor="val_loss", verbose=False)
+    assert type(trainer.optimizer).__name__.lower() == optimizer
+    trainer.fit()
+    lrs = [e["lr"] for e in (json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()) if e["event"] == "epoch"]
+    if scheduler == "cosine":
+        assert lrs[0] == pytest.approx(0.05) and lrs[-1] < lrs[0]  # annealed
+    else:
+        assert lrs == [pytest.approx(0.05)] * 3
+    assert trainer.training_seconds > 0
+    with pytest.raises(TrainingError, match="cosine"):
+        Trainer(model, lambda o, b: o.sum(), data, data, tmp_path / "x", device="cpu", minutes=1, scheduler="cosine")

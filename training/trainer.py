@@ -403,8 +403,13 @@ class JsonLog:
 EpochHook = Callable[["Trainer", dict], None]
 
 
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("plateau", "cosine", "none")
+
+
 class Trainer:
-    """Trains `model` with Adam + ReduceLROnPlateau; see the module docstring for what it writes.
+    """Trains `model` (Adam, AdamW or SGD; ReduceLROnPlateau, cosine or a constant rate: `optimizer`,
+    `scheduler`); see the module docstring for what it writes.
 
     `loss_fn(outputs, batch) -> scalar tensor`, with `outputs = forward_fn(model, batch)`
     (default `model(batch["image"])`). `val_fn(model, val_set, device) -> {name: value}`
@@ -438,6 +443,8 @@ class Trainer:
         batch_size: int = 8,
         lr: float = 1e-3,
         epochs: int | None = None,
+        optimizer: str = "adam",
+        scheduler: str = "plateau",
         minutes: float | None = None,
         num_workers: int = 0,
         seed: int = 0,
@@ -511,10 +518,25 @@ class Trainer:
                 find_unused_parameters=find_unused_parameters,
             )
         self.model = model
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer, mode=mode, factor=lr_factor, patience=lr_patience, min_lr=min_lr
-        )
+        if optimizer not in OPTIMIZERS or scheduler not in SCHEDULERS:
+            raise TrainingError(f"optimizer one of {OPTIMIZERS}, scheduler one of {SCHEDULERS}; "
+                                f"not {optimizer!r}, {scheduler!r}")
+        if scheduler == "cosine" and epochs is None:
+            raise TrainingError("the cosine schedule needs a number of epochs")
+        if optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+        else:
+            opt = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
+            self.optimizer = opt(model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.schedule = scheduler
+        if scheduler == "plateau":
+            self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.optimizer, mode=mode, factor=lr_factor, patience=lr_patience, min_lr=min_lr
+            )
+        elif scheduler == "cosine":
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=epochs, eta_min=min_lr)
+        else:
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _epoch: 1.0)
         bf16 = device.type == "cuda" and _cuda_bf16_supported()
         self.amp = amp_policy(device.type, bf16, amp)
         self._autocast, self.scaler = amp_settings(device, amp, bf16_supported=bf16)
@@ -753,6 +775,11 @@ class Trainer:
     def _seconds(self) -> float:
         return time.monotonic() - self._t_fit
 
+    @property
+    def training_seconds(self) -> float:
+        """Training time of this model so far, earlier (resumed) runs included."""
+        return self._train_seconds_before + (self._seconds() if hasattr(self, "_t_fit") else 0.0)
+
     # -- the loop
 
     def _resume(self) -> None:
@@ -827,7 +854,10 @@ class Trainer:
             if self.monitor not in metrics:
                 raise TrainingError(f"monitored metric {self.monitor!r} is not among {', '.join(sorted(metrics))}")
             value = float(metrics[self.monitor])
-            self.scheduler.step(value)
+            if self.schedule == "plateau":
+                self.scheduler.step(value)
+            else:
+                self.scheduler.step()
             is_best = self._is_better(value, self.best)
             if is_best:
                 self.best, self.best_epoch = value, epoch

@@ -10,12 +10,35 @@ from napari_retina.io.errors import RetinaInputError
 from ..data import DataError
 
 
+def add_optimisation_args(p) -> None:
+    """The optimiser and learning-rate schedule: options of every trainable recipe, not fixed in the trainer."""
+    from ..trainer import OPTIMIZERS, SCHEDULERS
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="(default %(default)s)")
+    g.add_argument("--scheduler", choices=SCHEDULERS, default="plateau",
+                   help="plateau: halve the rate when validation stalls; cosine: anneal over --epochs (default %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="(default %(default)s)")
+
+
+def optimisation_kwargs(a) -> dict:
+    """What `add_optimisation_args` parsed, as Trainer keyword arguments."""
+    return {"optimizer": a.optimizer, "scheduler": a.scheduler, "weight_decay": a.weight_decay}
+
+
 def recipe_main(name: str, build_parser: Callable, validate: Callable, run: Callable, argv: list[str] | None) -> int:
-    """`python -m training <name> ...`: a user's mistake prints one line and exits with code 2."""
+    """`python -m training <name> ...`: prints the resolved options first; a user's mistake prints one
+    line and exits with code 2."""
+    import json
+
     argv = list(sys.argv[1:] if argv is None else argv)
     p = build_parser()
     a = p.parse_args(argv)
     validate(p, a)
+    if getattr(a, "scheduler", None) == "cosine" and getattr(a, "epochs", 0) is None:
+        p.error("--scheduler cosine needs --epochs")
+    if not getattr(a, "quiet", False):
+        print(f"training {name}: " + json.dumps({k: v for k, v in vars(a).items()}, default=str), flush=True)
     try:
         return run(a, argv)
     except (RetinaInputError, DataError, OSError) as e:

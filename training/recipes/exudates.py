@@ -42,6 +42,7 @@ import numpy as np
 from napari_retina import __version__
 from napari_retina.io.errors import RetinaInputError
 
+from ._main import add_optimisation_args, optimisation_kwargs
 from ..data import DataError, SegmentationPatches, describe_labels, gather_records, load_scaled, split_by_image, write_split
 
 BACKBONES = ("unet", "unetpp", "resunet", "cenet")
@@ -110,6 +111,7 @@ def build_parser(spec: Spec = EXUDATES) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="data loader processes")
     p.add_argument("--version", default=None, help="model version for config.json (default: a date stamp)")
     p.add_argument("--quiet", action="store_true")
+    add_optimisation_args(p)
     return p
 
 
@@ -162,7 +164,7 @@ def score_scaled(probs, images) -> dict:
 def model_config(net, info: dict, metrics: dict, trainer) -> dict:
     parent = info.get("parent_training") or {}
     epochs_here = int(metrics["epoch"])
-    minutes_here = (trainer._train_seconds_before + trainer._seconds()) / 60
+    minutes_here = trainer.training_seconds / 60
     return {
         "model": info["kind"],
         "lesion": info["lesion"],
@@ -328,7 +330,7 @@ def run(a: argparse.Namespace, argv: list[str], spec: Spec = EXUDATES) -> int:
         write_model_folder(out, state, config, render_card(config, info))
 
     trainer = Trainer(
-        net, loss_fn, train_set, None, run_dir,
+        net, loss_fn, train_set, None, run_dir, **optimisation_kwargs(a),
         device=a.device, batch_size=a.batch_size, lr=a.lr, epochs=a.epochs, minutes=a.minutes,
         num_workers=a.workers, seed=a.seed, val_fn=val_fn, monitor="val_aupr", mode="max",
         lr_patience=max(1, a.patience // 2), early_stop_patience=a.patience, forward_fn=forward_fn,

@@ -39,6 +39,7 @@ import numpy as np
 from napari_retina import __version__
 from napari_retina.io.errors import RetinaInputError
 
+from ._main import add_optimisation_args, optimisation_kwargs
 from ..data import DataError, describe_labels, gather_records, split_by_image, write_split
 
 LESION = "MA"
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--version", default=None)
     p.add_argument("--quiet", action="store_true")
+    add_optimisation_args(p)
     return p
 
 
@@ -312,7 +314,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
             "validation_images": info["validation_images"],
             "training": {
                 "epochs": int(prev.get("epochs", 0)) + int(metrics["epoch"]),
-                "minutes": round(float(prev.get("minutes", 0.0)) + (trainer._train_seconds_before + trainer._seconds()) / 60, 1),
+                "minutes": round(float(prev.get("minutes", 0.0)) + trainer.training_seconds / 60, 1),
                 "device": str(trainer.device),
                 "loss": "cosine triplet (margin %g) + cross-entropy" % a.margin if a.loss == "triplet" else "cross-entropy",
                 "val_patch_aupr": round(float(metrics.get("val_aupr", float("nan"))), 4),
@@ -343,7 +345,7 @@ weights.safetensors SHA-256: {{sha256}}
         write_model_folder(out, state, config, card)
 
     trainer = Trainer(
-        net, loss_fn, train_set, None, run_dir,
+        net, loss_fn, train_set, None, run_dir, **optimisation_kwargs(a),
         device=a.device, batch_size=a.batch_size, lr=a.lr, epochs=a.epochs, minutes=a.minutes,
         seed=a.seed, val_fn=val_fn, monitor="val_aupr", mode="max",
         lr_patience=max(1, a.patience // 2), early_stop_patience=a.patience, forward_fn=forward_fn,

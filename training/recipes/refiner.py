@@ -39,6 +39,7 @@ import numpy as np
 from napari_retina import __version__
 from napari_retina.io.errors import RetinaInputError
 
+from ._main import add_optimisation_args, optimisation_kwargs
 from ..data import (
     REFINER_LESIONS,
     DataError,
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-channels", type=int, default=16)
     p.add_argument("--version", default=None, help="model version for config.json (default: a date stamp)")
     p.add_argument("--quiet", action="store_true")
+    add_optimisation_args(p)
     return p
 
 
@@ -265,7 +267,7 @@ def model_config(net, info: dict, geom, metrics: dict, trainer, choice: dict | N
     """config.json of the model folder for the trainer's current weights."""
     parent = info.get("parent_training") or {}
     epochs_here = int(metrics["epoch"])
-    minutes_here = (trainer._train_seconds_before + trainer._seconds()) / 60
+    minutes_here = trainer.training_seconds / 60
     choice = choice or {}
     return {
         "model": "refiner",
@@ -421,7 +423,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
         return {"geometry": geom.to_dict(), "normalisation": NORM, "threshold": 0.5, "superpixels": False}
 
     trainer = Trainer(
-        net, loss_fn, train_set, None, run_dir,
+        net, loss_fn, train_set, None, run_dir, **optimisation_kwargs(a),
         device=a.device, batch_size=a.batch_size, lr=a.lr, epochs=a.epochs, minutes=a.minutes,
         num_workers=a.workers, seed=a.seed, val_fn=make_val_fn(val_images, config_of), monitor="val_iou", mode="max",
         lr_patience=max(1, a.patience // 2), early_stop_patience=a.patience,

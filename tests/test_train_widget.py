@@ -148,3 +148,25 @@ def test_train_elsewhere_writes_a_bundle_that_trains_and_imports_back(docks, qtb
     assert r.returncode == 0, r.stderr[-500:]
     imported = train.import_model(bundle / "runs" / "model")
     assert imported is not None and any(v.folder == imported for v in versions("exudates"))
+
+
+def test_the_recipe_options_form_is_built_from_the_recipe_and_only_changes_reach_the_command(docks, qtbot):
+    viewer, ann, train = docks
+    train.model_combo.setCurrentText("hard-exudate segmenter")
+    qtbot.waitUntil(lambda: "exudates" in train.options_box.title(), timeout=60000)
+    flags = set(train.option_widgets)
+    assert {"--loss", "--backbone", "--lr", "--optimizer", "--scheduler", "--rim-margin"} <= flags
+    assert not flags & {"--data", "--out", "--epochs", "--device", "--init"}  # the main form's
+    assert train.option_args() == []  # the defaults are the recipe's: nothing to add
+    opt, loss = train.option_widgets["--loss"]
+    assert opt["choices"] == ["bce", "wbce", "contrastive"] and loss.currentText() == "contrastive"
+    loss.setCurrentText("bce")
+    train.option_widgets["--lr"][1].setText("0.0003")
+    assert train.option_args() == ["--loss", "bce", "--lr", "0.0003"]
+    train.option_widgets["--lr"][1].setText("fast")
+    with pytest.raises(ValueError, match="--lr"):
+        train.option_args()
+    # another model, another recipe: its own options (the HGN's scale is set by the model choice)
+    train.model_combo.setCurrentText("microaneurysm HGN, half scale")
+    qtbot.waitUntil(lambda: "ma-hgn" in train.options_box.title(), timeout=60000)
+    assert "--scale" not in train.option_widgets and train.option_widgets["--loss"][1].currentText() == "wbce-dice"

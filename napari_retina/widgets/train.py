@@ -39,6 +39,9 @@ MODELS = {
     "microaneurysm PRN": ("ma-prn", "ma-prn", []),
 }
 MONITOR_NAMES = {"val_iou": "validation IoU %", "val_aupr": "validation AUPR"}
+# options the main form sets (or that make no sense from the dock); the rest come from the recipe
+FORM_OPTIONS = {"data", "out", "init", "resume", "run_dir", "epochs", "minutes", "batch_size", "device", "version",
+                "quiet", "workers"}
 EVALUATE = {"exudates": "ex", "refiner": "refine"}  # kinds `napari-retina evaluate` scores on their own
 LESIONS_OF = {"refiner": ["MA", "SE", "EX", "HE"], "exudates": ["EX"], "ma-hgn": ["MA"], "ma-prn": ["MA"]}
 
@@ -94,6 +97,7 @@ class TrainWidget(QWidget):
         self._poll.timeout.connect(self.poll)
         self._build()
         self._refresh_versions()
+        self._load_options()
 
     # --- form ------------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -103,6 +107,7 @@ class TrainWidget(QWidget):
         self.model_combo = QComboBox()
         self.model_combo.addItems(list(MODELS))
         self.model_combo.currentIndexChanged.connect(self._refresh_versions)
+        self.model_combo.currentIndexChanged.connect(self._load_options)
         form.addRow("model", self.model_combo)
         self.data_edit = QLineEdit(self._default_data())
         self.data_edit.setToolTip("folders of corrected images (projects beside them count where reviewed)")
@@ -142,7 +147,7 @@ class TrainWidget(QWidget):
         form.addRow("minutes", self.minutes_spin)
         form.addRow("batch size", self.batch_spin)
         self.extra_edit = QLineEdit("")
-        self.extra_edit.setPlaceholderText("more recipe options, e.g. --lr 1e-4")
+        self.extra_edit.setPlaceholderText("further options as typed on the command line")
         form.addRow("options", self.extra_edit)
         buttons = QHBoxLayout()
         self.start_button = QPushButton("Start")
@@ -158,6 +163,15 @@ class TrainWidget(QWidget):
         self.elsewhere_button.clicked.connect(self._choose_bundle)
         form.addRow(self.elsewhere_button)
         lay.addWidget(form_box)
+        # the recipe's own options, built from its one declaration (`python -m training M --describe-options`)
+        self.options_box = QGroupBox("Recipe options")
+        self.options_box.setCheckable(True)
+        self.options_box.setChecked(False)  # folded: the defaults are the recipe's
+        self.options_form = QFormLayout(self.options_box)
+        self.option_widgets: dict[str, tuple[dict, QWidget]] = {}
+        self._described: dict[str, list[dict]] = {}
+        self.options_box.toggled.connect(self._show_options)
+        lay.addWidget(self.options_box)
 
         run_box = QGroupBox("Progress")
         rl = QVBoxLayout(run_box)
@@ -224,6 +238,91 @@ class TrainWidget(QWidget):
     def choice(self) -> tuple[str, str, list[str]]:
         return MODELS[self.model_combo.currentText()]
 
+    # --- the recipe's options -------------------------------------------------------------------------
+    def _load_options(self) -> None:
+        """Ask the recipe for its options (in the background) and build their form."""
+        from napari.qt.threading import thread_worker
+
+        recipe = self.choice[0]
+        if recipe in self._described:
+            self._build_options(recipe, self._described[recipe])
+            return
+
+        @thread_worker
+        def describe():
+            import subprocess
+
+            r = subprocess.run([sys.executable, "-m", "training", recipe, "--describe-options"], capture_output=True,
+                               text=True, timeout=120, env=_training_env())
+            if r.returncode != 0:
+                raise RuntimeError((r.stderr.strip().splitlines() or ["python -m training failed"])[-1])
+            return recipe, json.loads(r.stdout)
+
+        worker = describe()
+        worker.returned.connect(lambda res: self._build_options(*res))
+        worker.errored.connect(lambda e: self.options_box.setTitle(f"Recipe options: unavailable ({e})"))
+        self._options_worker = worker
+        worker.start()
+
+    def _build_options(self, recipe: str, options: list[dict]) -> None:
+        from qtpy.QtWidgets import QCheckBox
+
+        self._described[recipe] = options
+        if recipe != self.choice[0]:
+            return  # the model changed meanwhile
+        while self.options_form.rowCount():
+            self.options_form.removeRow(0)
+        self.option_widgets = {}
+        fixed = {a for a in self.choice[2] if a.startswith("--")}
+        for opt in options:
+            if opt["dest"] in FORM_OPTIONS or opt["flag"] in fixed:
+                continue
+            if opt["kind"] == "flag":
+                w = QCheckBox()
+                w.setChecked(bool(opt["default"]))
+            elif opt["kind"] == "choice":
+                w = QComboBox()
+                w.addItems([str(c) for c in opt["choices"]])
+                w.setCurrentText(str(opt["default"]))
+            else:
+                d = opt["default"]
+                w = QLineEdit("" if d is None else " ".join(map(str, d)) if isinstance(d, list) else str(d))
+            w.setToolTip(opt["help"])
+            self.option_widgets[opt["flag"]] = (opt, w)
+            self.options_form.addRow(opt["flag"].lstrip("-"), w)
+        self.options_box.setTitle(f"Recipe options ({recipe}, {len(self.option_widgets)})")
+        self._show_options(self.options_box.isChecked())
+
+    def _show_options(self, on: bool) -> None:
+        for _, w in self.option_widgets.values():
+            w.setVisible(on)
+            label = self.options_form.labelForField(w)
+            if label is not None:
+                label.setVisible(on)
+
+    def option_args(self) -> list[str]:
+        """The recipe options whose value differs from the recipe's default, as command-line arguments."""
+        from qtpy.QtWidgets import QCheckBox
+
+        args: list[str] = []
+        for flag, (opt, w) in self.option_widgets.items():
+            d = opt["default"]
+            if isinstance(w, QCheckBox):
+                if w.isChecked() != bool(d):
+                    args.append(flag)
+                continue
+            text = w.currentText() if isinstance(w, QComboBox) else w.text().strip()
+            default = "" if d is None else " ".join(map(str, d)) if isinstance(d, list) else str(d)
+            if text == default or not text:
+                continue
+            if opt["kind"] in ("int", "float"):
+                try:
+                    (int if opt["kind"] == "int" else float)(text)
+                except ValueError:
+                    raise ValueError(f"{flag}: {text!r} is not a number") from None
+            args += [flag, *text.split()] if opt["kind"] == "list" else [flag, text]
+        return args
+
     # --- versions ----------------------------------------------------------------------------------
     def _refresh_versions(self) -> None:
         from ..models.versions import current_model_dir, versions
@@ -289,7 +388,7 @@ class TrainWidget(QWidget):
             args += ["--minutes", str(self.minutes_spin.value())]
         if self.start_combo.currentIndex() == 0 and (current_model_dir(kind) / "config.json").is_file():
             args += ["--init", str(current_model_dir(kind))]
-        args += shlex.split(self.extra_edit.text())
+        args += self.option_args() + shlex.split(self.extra_edit.text())
         return args
 
     def start(self) -> None:
@@ -311,9 +410,9 @@ class TrainWidget(QWidget):
         self.result.setText("")
         self.use_button.setEnabled(False)
         proc = QProcess(self)
-        env = QProcessEnvironment.systemEnvironment()
-        root = str(Path(__file__).resolve().parents[2])  # the checkout (or site-packages) holding `training`
-        env.insert("PYTHONPATH", root + (":" + env.value("PYTHONPATH") if env.value("PYTHONPATH") else ""))
+        env = QProcessEnvironment()
+        for k, v in _training_env().items():
+            env.insert(k, v)
         proc.setProcessEnvironment(env)
         proc.setProcessChannelMode(QProcess.ProcessChannelMode.MergedChannels)
         proc.readyReadStandardOutput.connect(self._on_output)
@@ -425,7 +524,7 @@ class TrainWidget(QWidget):
             show_error("train elsewhere: choose a data folder")
             return None
         args = [recipe, *fixed, "--epochs", str(self.epochs_spin.value()), "--batch-size", str(self.batch_spin.value()),
-                "--device", "auto", *shlex.split(self.extra_edit.text())]
+                "--device", "auto", *self.option_args(), *shlex.split(self.extra_edit.text())]
         if self.minutes_spin.value():
             args += ["--minutes", str(self.minutes_spin.value())]
         init = current_model_dir(kind) if self.start_combo.currentIndex() == 0 else None
@@ -543,6 +642,16 @@ class TrainWidget(QWidget):
         if self.out is not None and self.kind is not None:
             self._use(self.kind, self.out)
             self.use_button.setEnabled(False)
+
+
+def _training_env() -> dict:
+    """The environment of a `python -m training` process: ours, with the folder holding `training` on PYTHONPATH."""
+    import os
+
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])  # the checkout (or site-packages) holding `training`
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
 
 
 def _annotator_of(viewer):

@@ -26,6 +26,36 @@ def optimisation_kwargs(a) -> dict:
     return {"optimizer": a.optimizer, "scheduler": a.scheduler, "weight_decay": a.weight_decay}
 
 
+DESCRIBE = "--describe-options"  # `python -m training <model> --describe-options`: the options as JSON
+
+
+def describe_options(parser) -> list[dict]:
+    """Every option of a recipe's parser as JSON-ready data: the one declaration from which the
+    command line and the Retrain dock's form are both built (the dock runs this as a subprocess:
+    napari_retina never imports training)."""
+    out = []
+    for act in parser._actions:  # argparse keeps no public list of its actions
+        if not act.option_strings or act.dest in ("help",):
+            continue
+        if act.nargs == 0:
+            kind = "flag"
+        elif act.choices:
+            kind = "choice"
+        elif act.nargs in ("+", "*") or isinstance(act.nargs, int):
+            kind = "list"
+        elif act.type is int:
+            kind = "int"
+        elif act.type is float:
+            kind = "float"
+        else:
+            kind = "str"
+        default = act.default if isinstance(act.default, (int, float, str, bool, list, type(None))) else str(act.default)
+        out.append({"flag": act.option_strings[-1], "dest": act.dest, "kind": kind, "default": default,
+                    "choices": list(act.choices) if act.choices else None, "required": bool(act.required),
+                    "help": (act.help or "").replace("%(default)s", str(act.default))})
+    return out
+
+
 def recipe_main(name: str, build_parser: Callable, validate: Callable, run: Callable, argv: list[str] | None) -> int:
     """`python -m training <name> ...`: prints the resolved options first; a user's mistake prints one
     line and exits with code 2."""
@@ -33,6 +63,9 @@ def recipe_main(name: str, build_parser: Callable, validate: Callable, run: Call
 
     argv = list(sys.argv[1:] if argv is None else argv)
     p = build_parser()
+    if argv == [DESCRIBE]:
+        print(json.dumps(describe_options(p)))
+        return 0
     a = p.parse_args(argv)
     validate(p, a)
     if getattr(a, "scheduler", None) == "cosine" and getattr(a, "epochs", 0) is None:

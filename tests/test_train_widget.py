@@ -101,6 +101,17 @@ def test_cancel_stops_the_process_and_keeps_the_best_epoch(docks, qtbot):
     assert (train.out / "config.json").is_file() and (train.out / "run" / "log.jsonl").is_file()
     epochs = [e for e in read_log(train.out / "run" / "log.jsonl")[0] if e.get("event") == "epoch"]
     assert 1 <= len(epochs) < 200
+    # Resume picks the run up from its last checkpoint, in the same folder
+    assert train.resume_button.isEnabled()
+    qtbot.mouseClick(train.resume_button, Qt.MouseButton.LeftButton)
+    assert "--resume" in train._last_args and train.process is not None
+    n = len(epochs)
+    qtbot.waitUntil(lambda: len([e for e in train.events if e.get("event") == "epoch"]) > n, timeout=120000)
+    train.cancel()
+    qtbot.waitUntil(lambda: train.process is None, timeout=60000)
+    log = read_log(train.out / "run" / "log.jsonl")[0]
+    resumed = [e for e in log if e.get("event") == "start"][-1]
+    assert resumed["resume"] is True and resumed["start_epoch"] == n + 1
 
 
 def test_a_missing_data_folder_is_one_message_and_starts_nothing(docks, tmp_path):

@@ -129,10 +129,19 @@ def new_version_dir(kind: str, version: str) -> Path:
 
 
 def import_model(folder: str | Path) -> Path:
-    """Copy a model folder trained elsewhere into the versions (after its checksum); returns the copy."""
+    """Copy a model folder trained elsewhere into the versions (after its checksum, and once its
+    weights have loaded into the network its config names); returns the copy."""
     folder = Path(folder)
     config = check_model_folder(folder)
     target = new_version_dir(config["model"], str(config.get("version", folder.name)))
     shutil.copytree(folder, target, ignore=shutil.ignore_patterns("run", "*.pt"))
-    check_model_folder(target, expect=config["model"])
+    try:
+        # a quick validation: the copy passes its checksum and its weights build the network it names
+        from .registry import load_model
+
+        load_model(target, expect=config["model"])
+    except Exception as e:
+        shutil.rmtree(target, ignore_errors=True)
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelFolderError(f"{folder}: {msg}") from None
     return target

@@ -155,8 +155,13 @@ class TrainWidget(QWidget):
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
         self.cancel_button.clicked.connect(self.cancel)
+        self.resume_button = QPushButton("Resume")
+        self.resume_button.setToolTip("continue the cancelled run from its last checkpoint")
+        self.resume_button.setEnabled(False)
+        self.resume_button.clicked.connect(self.resume)
         buttons.addWidget(self.start_button)
         buttons.addWidget(self.cancel_button)
+        buttons.addWidget(self.resume_button)
         form.addRow(buttons)
         self.elsewhere_button = QPushButton("Train elsewhere...")
         self.elsewhere_button.setToolTip("write the labels and the exact command into a folder for a GPU server")
@@ -404,9 +409,22 @@ class TrainWidget(QWidget):
         except ValueError as e:
             show_error(f"retrain: options: {e}")
             return
-        self.events, self._offset, self._cancelled = [], 0, False
-        self.loss_curve.setData([], [])
-        self.val_curve.setData([], [])
+        self._run(args)
+
+    def resume(self) -> None:
+        """The cancelled run again, from its last checkpoint (same folder, same options)."""
+        if self.process is None and getattr(self, "_last_args", None):
+            self._run([*self._last_args, "--resume"] if "--resume" not in self._last_args else self._last_args,
+                      fresh=False)
+
+    def _run(self, args: list[str], fresh: bool = True) -> None:
+        self._last_args = args
+        self.resume_button.setEnabled(False)
+        if fresh:
+            self.events, self._offset = [], 0
+            self.loss_curve.setData([], [])
+            self.val_curve.setData([], [])
+        self._cancelled = False
         self.result.setText("")
         self.use_button.setEnabled(False)
         proc = QProcess(self)
@@ -498,6 +516,7 @@ class TrainWidget(QWidget):
 
         cur = self._figure(current_model_dir(self.kind))
         verb = "cancelled; kept" if self._cancelled else "done:"
+        self.resume_button.setEnabled(self._cancelled)
         self.result.setText(f"{verb} new version {self.out.name}: {new}   |   in use: {cur or 'none'}"
                             " (figures of training: their validation images may differ)")
         self.use_button.setEnabled(True)

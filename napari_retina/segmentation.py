@@ -403,8 +403,8 @@ def load_segmenter(lesion: str, model_dir: str | Path | None = None, device: str
     folder = Path(model_dir) if model_dir else default_segmenter_dir(lesion)
     if model_dir is None and not folder.is_dir():
         raise RetinaInputError(
-            f"no {lesion} segmentation model is installed ({folder}); train one with "
-            f"{TRAIN_COMMANDS.get(lesion, 'python -m training')} (the command line takes --model MODEL_DIR)"
+            f"no {lesion} segmentation model is installed yet: train one with "
+            f"{TRAIN_COMMANDS.get(lesion, 'python -m training')}, or give --model MODEL_DIR"
         )
     if str(device).startswith("cuda"):
         import torch

@@ -373,3 +373,17 @@ def test_a_click_snaps_to_the_planted_dark_dot_and_sizes_its_disc_from_the_image
     assert lesion_under(mask, (100, 20)) is None
     with pytest.raises(ValueError, match="outside"):
         snap_microaneurysm(rgb, (130, 5))
+
+
+def test_beyond_the_candidate_cap_only_the_most_probable_regions_are_scored_and_the_rest_dropped():
+    prob = np.zeros((40, 60), np.float32)
+    peaks = [0.95, 0.6, 0.8, 0.7]
+    for k, p in enumerate(peaks):
+        prob[5 + 8 * k : 8 + 8 * k, 10:13] = p
+    calls = []
+    out, cands, scores = refine_candidates(prob, np.zeros((40, 60, 3), np.uint8),
+                                           lambda x: (calls.append(len(x)), np.ones(len(x)))[1],
+                                           threshold=0.5, max_candidates=2)
+    assert calls == [2] and len(cands) == 2 and sorted(cands.peaks.tolist()) == pytest.approx([0.8, 0.95])
+    assert out[5:8, 10:13].min() == pytest.approx(np.sqrt(0.95)) and out[21:24, 10:13].min() == pytest.approx(np.sqrt(0.8))
+    assert not out[13:16, 10:13].any() and not out[29:32, 10:13].any()  # 0.6 and 0.7: dropped

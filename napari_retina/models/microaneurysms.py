@@ -27,6 +27,9 @@ import cv2
 import numpy as np
 
 PATCH = 129  # the PRN's patch side (odd: one centre pixel)
+# candidate regions the PRN scores per image at most (IDRiD's training images hold 47
+# microaneurysms on average); more, and only the most probable are kept
+MAX_CANDIDATES = 1000
 # Graham's constant: 4 (I - G * I) + 128 puts "no local contrast" at mid-grey in 8 bits. The
 # paper prints c = 1024/30, which is Graham's blur scale (radius / 30 at a radius of 1024 px)
 # rather than an offset; for 8-bit images 128 is the offset that keeps dark and bright detail
@@ -143,16 +146,28 @@ def refine_candidates(
     fov: np.ndarray | None = None,
     batch: int = 64,
     size: int = PATCH,
+    max_candidates: int | None = MAX_CANDIDATES,
 ) -> tuple[np.ndarray, Candidates, np.ndarray]:
     """(refined map, candidates, PRN score per candidate).
 
     `score` takes (B, size, size, C) patches of `image` (the enhanced photograph) and returns
     (B,) probabilities that the centre is a microaneurysm. A candidate's pixels become
     sqrt(map x score); every other pixel keeps its value. At most `batch` patches are in
-    memory at once.
+    memory at once. Beyond `max_candidates` regions (a weak or confused map), only the most
+    probable ones are scored and the others are dropped from the map (score 0), which bounds
+    the time the PRN takes on any image.
     """
     prob = np.asarray(prob, np.float32)
     cands = candidate_regions(prob, threshold, fov)
+    if max_candidates is not None and len(cands) > max_candidates:
+        keep = np.zeros(len(cands), bool)
+        keep[np.argsort(-cands.peaks, kind="stable")[:max_candidates]] = True
+        remap = np.zeros(len(cands) + 1, np.int32)
+        remap[1:][keep] = np.arange(1, int(keep.sum()) + 1)
+        dropped = (cands.labels > 0) & (remap[cands.labels] == 0)
+        prob = prob.copy()
+        prob[dropped] = 0.0
+        cands = Candidates(remap[cands.labels], cands.centres[keep], cands.peaks[keep])
     scores = np.zeros(len(cands), np.float32)
     for start in range(0, len(cands), batch):
         chunk = cands.centres[start : start + batch]
@@ -273,6 +288,7 @@ class MicroaneurysmDetector:
         # a candidate lesion is a connected region of the final map above this (the slider moves
         # the threshold within it); default half the threshold
         self.candidate_floor = float(config.get("candidate_floor", self.threshold / 2))
+        self.max_candidates = int(config.get("max_candidates", MAX_CANDIDATES))
         self.version = str(config.get("version", "unknown"))
         self.scale = 1.0  # the map and its overlay are at full resolution
         return self
@@ -309,7 +325,8 @@ class MicroaneurysmDetector:
 
             raise TilingCancelled("cancelled before the refinement network")
         if self.prn is not None:
-            refined, _, _ = refine_candidates(fused, enhanced, self.prn, self.candidate_threshold, fov)
+            refined, _, _ = refine_candidates(fused, enhanced, self.prn, self.candidate_threshold, fov,
+                                              max_candidates=self.max_candidates)
             out["refined"] = refined
         else:
             out["refined"] = fused

@@ -84,6 +84,9 @@ def test_find_review_with_keys_reopen_and_a_rerun_never_brings_a_rejected_candid
     n = len(finder.proposals())
     assert n >= 3, finder.status.text()
     assert f"pending {n}" in review.counts_label.text()
+    points = review.points_layer()  # every pending candidate ringed, visible at any zoom
+    assert points is not None and len(points.data) == n
+    assert viewer.layers.selection.active is not points  # painting stays on the lesion layer
     layer = widget.lesion_layer("MA")
     assert (layer.data != 0).any()
     # review: the most probable candidate first, zoomed in on it
@@ -106,6 +109,7 @@ def test_find_review_with_keys_reopen_and_a_rerun_never_brings_a_rejected_candid
     _press(viewer, qtbot, Qt.Key.Key_N)
     assert review.current != skipped and skipped in rec.proposals
     assert f"accepted 1 · rejected 1 · pending {n - 2}" in review.counts_label.text()
+    assert len(review.points_layer().data) == n - 2
     qtbot.mouseClick(review.review_button, Qt.MouseButton.LeftButton)  # review off: the keys are free again
     assert not review.reviewing
     _press(viewer, qtbot, Qt.Key.Key_A)
@@ -116,6 +120,7 @@ def test_find_review_with_keys_reopen_and_a_rerun_never_brings_a_rejected_candid
     viewer2, w2 = _open(make_napari_viewer, qtbot, ma_image, ma_model)
     np.testing.assert_array_equal(w2.lesion_layer("MA").data != 0, shown)
     assert f"accepted 1 · rejected 1 · pending {n - 2}" in w2.ma_review.counts_label.text()
+    assert len(w2.ma_review.points_layer().data) == n - 2
     # the detector again: the rejected candidate stays out, the accepted one stays the grader's
     with qtbot.waitSignal(w2.ma_finder.finished, timeout=60000):
         qtbot.mouseClick(w2.ma_finder.find_button, Qt.MouseButton.LeftButton)

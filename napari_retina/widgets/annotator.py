@@ -948,7 +948,7 @@ class LesionAnnotator(QWidget):
             finder.image_changed()
         try:
             for layer in list(self.viewer.layers):
-                if _role(layer) in ("image", "lesion", "ellipses", "fov", "probability"):
+                if _role(layer) in ("image", "lesion", "ellipses", "fov", "probability", "candidates"):
                     self.viewer.layers.remove(layer)
             self.opened = opened
             self.index = index

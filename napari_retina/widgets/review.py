@@ -6,6 +6,9 @@
 - "Review": steps through the detector's candidates, most probable first, zoomed in on each;
   A accepts, R rejects, N goes to the next without deciding. The counts of accepted, rejected
   and pending candidates are always shown.
+- A Points layer ("MA candidates") rings every pending candidate at a fixed screen size, so
+  lesions a few pixels across stay visible when the whole photograph is in view. It holds no
+  state of its own: it is redrawn from the record after every change.
 
 The pixel logic is headless (`segmentation.click_lesion`, `review_queue`, `review_counts`,
 `PixelRecord.decide`); this widget forwards clicks and keys and paints the boxes that change.
@@ -74,10 +77,47 @@ class LesionReview(QGroupBox):
             self.counts_label.setText("")
             return
         n = review_counts(rec, self.code)
+        self.update_points()
         where = ""
         if self.reviewing and self.current is not None:
             where = f" - candidate {self._position()}"
         self.counts_label.setText(f"accepted {n['accepted']} · rejected {n['rejected']} · pending {n['pending']}{where}")
+
+    def points_layer(self):
+        for layer in self.ann_widget.viewer.layers:
+            meta = layer.metadata.get("napari_retina", {})
+            if meta.get("role") == "candidates" and meta.get("lesion") == self.code:
+                return layer
+        return None
+
+    def update_points(self) -> None:
+        """Ring each pending candidate (the record's), or remove the layer when there is none."""
+        import numpy as np
+
+        from ..segmentation import review_queue
+
+        rec = self.record()
+        layer = self.points_layer()
+        ids = review_queue(rec, self.code) if rec is not None else []
+        if not ids:
+            if layer is not None:
+                self.ann_widget.viewer.layers.remove(layer)
+            return
+        centres = np.array([rec.proposals[i].description.get("centre", [0, 0]) for i in ids], float)
+        scores = np.array([float(rec.proposals[i].description.get("score", 0.0)) for i in ids])
+        if layer is None:
+            active = self.ann_widget.viewer.layers.selection.active
+            layer = self.ann_widget.viewer.add_points(
+                centres, name=f"{self.code} candidates", size=14, symbol="ring", face_color="#00e5ff",
+                border_width=0, opacity=0.9, canvas_size_limits=(6, 40),
+                metadata={"napari_retina": {"role": "candidates", "lesion": self.code}},
+            )
+            layer.size = 14
+            self.ann_widget.viewer.layers.selection.active = active  # painting stays where it was
+        else:
+            layer.data = centres
+        layer.features = {"score": scores}
+        layer.refresh()
 
     def _position(self) -> str:
         from ..segmentation import review_queue

@@ -116,3 +116,27 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--data", str(tmp_path), "--out", str(tmp_path / "m"), "--epochs", "1", "--patch-size", "40"])
     assert e.value.code == 2
+
+
+def test_fine_tuning_on_other_images_than_the_parents_splits_afresh(ex_folder, tmp_path):
+    """The shipped model names IDRiD validation images; a clinic's own folder has none of them."""
+    from training.data import gather_records, parents_held_out
+
+    records = gather_records([ex_folder])
+    assert parents_held_out({"validation_images": ["IDRiD_44.jpg", "IDRiD_50.jpg"]}, records) is None
+    assert parents_held_out({"validation_images": ["IDRiD_02.jpg", "IDRiD_50.jpg"]}, records) == ["IDRiD_02.jpg"]
+    assert parents_held_out(None, records) is None
+    from training.recipes.exudates import main
+
+    parent = tmp_path / "parent"
+    common = ["--data", str(ex_folder), "--epochs", "1", "--samples-per-epoch", "4", "--batch-size", "2",
+              "--patch-size", "32", "--scale", "1.0", "--base-channels", "4", "--depth", "2", "--device", "cpu", "--quiet"]
+    assert main([*common, "--out", str(parent), "--val-images", "IDRiD_03.png"]) == 0
+    import json
+
+    cfg = json.loads((parent / "config.json").read_text())
+    cfg["validation_images"] = ["IDRiD_99.jpg"]  # held out somewhere else
+    (parent / "config.json").write_text(json.dumps(cfg))
+    assert main([*common, "--out", str(tmp_path / "child"), "--init", str(parent)]) == 0
+    child = json.loads((tmp_path / "child" / "config.json").read_text())
+    assert child["validation_images"] and "IDRiD_99.jpg" not in child["validation_images"]

@@ -44,6 +44,20 @@ def gather_records(folders: list[str | Path]) -> list[ImageRecord]:
     return records
 
 
+def parents_held_out(parent_config: dict | None, records: list[ImageRecord]) -> list[str] | None:
+    """The parent model's validation images that are in this data (fine-tuning keeps them held out).
+
+    None when the parent names none of them (e.g. a clinic's own folder fine-tuning the shipped
+    model): the run then splits its data afresh.
+    """
+    if not parent_config:
+        return None
+    names = parent_config.get("validation_images") or []
+    here = {r.stem for r in records}
+    kept = [n for n in names if Path(n).stem in here]
+    return kept or None
+
+
 def split_by_image(
     records: list[ImageRecord], val_fraction: float = 0.2, seed: int = 0, val_names: list[str] | None = None
 ) -> tuple[list[ImageRecord], list[ImageRecord]]:

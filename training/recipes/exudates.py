@@ -43,7 +43,10 @@ from napari_retina import __version__
 from napari_retina.io.errors import RetinaInputError
 
 from ._main import add_optimisation_args, optimisation_kwargs
-from ..data import DataError, SegmentationPatches, describe_labels, gather_records, load_scaled, split_by_image, write_split
+from ..data import (
+    DataError, SegmentationPatches, describe_labels, gather_records, load_scaled, parents_held_out, split_by_image,
+    write_split,
+)
 
 BACKBONES = ("unet", "unetpp", "resunet", "cenet")
 
@@ -250,7 +253,9 @@ def run(a: argparse.Namespace, argv: list[str], spec: Spec = EXUDATES) -> int:
     if a.resume and split_file.is_file() and not val_names:
         val_names = json.loads(split_file.read_text())["val"]
     elif parent_config and not val_names:
-        val_names = parent_config.get("validation_images")
+        val_names = parents_held_out(parent_config, records)  # those of the parent's held-out images that are here
+    if parent_config and float(parent_config.get("input_scale", a.scale)) != a.scale:
+        raise DataError(f"--init {a.init}: a model at scale {parent_config.get('input_scale')}, not {a.scale}")
     train_recs, val_recs = split_by_image(records, a.val_fraction, a.seed, val_names)
     if not val_recs:
         raise DataError("no validation image: give at least two images")

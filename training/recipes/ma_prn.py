@@ -40,7 +40,7 @@ from napari_retina import __version__
 from napari_retina.io.errors import RetinaInputError
 
 from ._main import add_optimisation_args, optimisation_kwargs
-from ..data import DataError, describe_labels, gather_records, split_by_image, write_split
+from ..data import DataError, describe_labels, gather_records, parents_held_out, split_by_image, write_split
 
 LESION = "MA"
 
@@ -227,7 +227,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
     if a.resume and split_file.is_file() and not val_names:
         val_names = json.loads(split_file.read_text())["val"]
     elif parent and not val_names:
-        val_names = parent.get("validation_images")
+        val_names = parents_held_out(parent, records)
     train_recs, val_recs = split_by_image(records, a.val_fraction, a.seed, val_names)
     if not val_recs:
         raise DataError("no validation image: give at least two images")
@@ -239,7 +239,9 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
     say(describe_labels(train_recs + val_recs, [LESION]))
     train_imgs = [im for r in train_recs if (im := PatchImage(r, a.clearance, a.healthy_per_image, rng)).labelled]
     val_imgs = [im for r in val_recs if (im := PatchImage(r, a.clearance, a.healthy_per_image, rng)).labelled]
-    sampler = SelectiveSampler(sum(len(im.healthy_px) for im in train_imgs), seed=a.seed)
+    if not train_imgs or not any(len(im.lesion_px) for im in train_imgs):
+        raise DataError("no training image has a microaneurysm label")
+    sampler = SelectiveSampler(max(1, sum(len(im.healthy_px) for im in train_imgs)), seed=a.seed)
     train_set = TripletPatches(train_imgs, sampler, a.samples_per_epoch, augment=True, seed=a.seed)
     val_pos = [im.patch(c) for im in val_imgs for c in im.lesion_centres]
     val_neg = [im.patch(c) for im in val_imgs for c in im.healthy_px]

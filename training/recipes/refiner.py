@@ -45,6 +45,7 @@ from ..data import (
     DataError,
     RefinerPatches,
     describe_labels,
+    parents_held_out,
     gather_records,
     load_image,
     simulate_samples,
@@ -359,8 +360,8 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
     parent_config = check_model_folder(Path(a.init), expect="refiner") if a.init else None
     if a.resume and split_file.is_file() and not val_names:
         val_names = json.loads(split_file.read_text())["val"]  # a resumed run keeps its split
-    elif parent_config and not val_names and parent_config.get("validation_images"):
-        val_names = parent_config["validation_images"]  # fine-tuning keeps the parent's held-out images
+    elif parent_config and not val_names:
+        val_names = parents_held_out(parent_config, records)  # fine-tuning keeps the parent's held-out images
     train_recs, val_recs = split_by_image(records, a.val_fraction, a.seed, val_names)
     if not val_recs:
         raise DataError("no validation image: give at least two images")

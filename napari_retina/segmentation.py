@@ -139,15 +139,24 @@ class RunProposals:
         self.closed = True
         model = self.description.get("model")
         changes: list[PixelChange] = []
+        mine = []  # this run's proposals: what the grader erased on them while it ran stays erased
         for p in self.record.find(model=model):
             if p.lesion == self.lesion and tuple(p.description.get("block", ())) in self.done:
+                mine.append((p.box, p.erased.copy()))
                 c = self.record.withdraw(p.id)
                 if c is not None:
                     changes.append(c)
         for p in self.replaced:
+            erased = p.erased.copy()
+            for box, gone in mine:
+                r0, r1 = max(box[0], p.box[0]), min(box[1], p.box[1])
+                c0, c1 = max(box[2], p.box[2]), min(box[3], p.box[3])
+                if r0 < r1 and c0 < c1:
+                    erased[r0 - p.box[0] : r1 - p.box[0], c0 - p.box[2] : c1 - p.box[2]] |= \
+                        gone[r0 - box[0] : r1 - box[0], c0 - box[2] : c1 - box[2]]
             data = {"prob": p.prob} if p.prob is not None else {"mask": p.fixed}
             _, c = self.record.propose(p.lesion, p.box, threshold=p.threshold, description=p.description,
-                                       erased=p.erased if p.erased.any() else None, **data)
+                                       erased=erased if erased.any() else None, **data)
             if c is not None:
                 changes.append(c)
         return changes
@@ -176,6 +185,11 @@ def propose_candidates(
     from .metrics import label_lesions
 
     model = description.get("model")
+    # what the grader erased on earlier candidates stays erased (where a new candidate covers it)
+    erased_before = np.zeros(prob.shape, bool)
+    for p in record.find(model=model, candidate=True):
+        if p.lesion == lesion and p.erased.any():
+            erased_before[p.slices] |= p.erased
     changes = [c for c in record.withdraw_where(model=model, candidate=True) if c is not None]
     floor = float(threshold) / 2 if floor is None else float(floor)
     labels, n = label_lesions(prob >= floor)
@@ -200,7 +214,9 @@ def propose_candidates(
         sub = np.where(region, prob[r0:r1, c0:c1], 0.0).astype(np.float32)
         rr, cc = np.unravel_index(int(np.argmax(sub)), sub.shape)
         desc = dict(description, candidate=True, centre=[r0 + int(rr), c0 + int(cc)], score=round(float(sub.max()), 6))
-        _, change = record.propose(lesion, (r0, r1, c0, c1), prob=sub, threshold=threshold, description=desc)
+        gone = erased_before[r0:r1, c0:c1] & region
+        _, change = record.propose(lesion, (r0, r1, c0, c1), prob=sub, threshold=threshold, description=desc,
+                                   erased=gone if gone.any() else None)
         proposed += 1
         if change is not None:
             changes.append(change)

@@ -149,3 +149,23 @@ def test_the_click_tool_adds_a_microaneurysm_on_a_dark_dot_and_a_second_click_re
     qtbot.mouseClick(review.click_button, Qt.MouseButton.LeftButton)
     assert review._on_mouse not in layer.mouse_drag_callbacks
     _close(widget)
+
+
+def test_accept_all_takes_the_candidates_shown_and_leaves_those_below_the_threshold_pending(
+        make_napari_viewer, qtbot, ma_image, ma_model):
+    viewer, widget = _open(make_napari_viewer, qtbot, ma_image, ma_model)
+    finder, review = widget.ma_finder, widget.ma_review
+    with qtbot.waitSignal(finder.finished, timeout=60000):
+        qtbot.mouseClick(finder.find_button, Qt.MouseButton.LeftButton)
+    props = finder.proposals()
+    peaks = sorted(float(p.prob.max()) for p in props)
+    assert len(peaks) >= 3
+    cut = (peaks[0] + peaks[-1]) / 2  # the slider hides the weaker candidates
+    finder.threshold_slider.setValue(int(np.ceil(cut * 100)))
+    hidden = [p.id for p in finder.proposals() if not p.claim().any()]
+    assert hidden and len(hidden) < len(props)
+    n = finder.accept_all()
+    assert n == len(props) - len(hidden)
+    assert sorted(p.id for p in finder.proposals()) == sorted(hidden)  # still pending, not counted accepted
+    assert f"accepted {n} · rejected 0 · pending {len(hidden)}" in review.counts_label.text()
+    _close(widget)

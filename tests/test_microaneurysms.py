@@ -387,3 +387,20 @@ def test_beyond_the_candidate_cap_only_the_most_probable_regions_are_scored_and_
     assert calls == [2] and len(cands) == 2 and sorted(cands.peaks.tolist()) == pytest.approx([0.8, 0.95])
     assert out[5:8, 10:13].min() == pytest.approx(np.sqrt(0.95)) and out[21:24, 10:13].min() == pytest.approx(np.sqrt(0.8))
     assert not out[13:16, 10:13].any() and not out[29:32, 10:13].any()  # 0.6 and 0.7: dropped
+
+
+def test_a_rerun_keeps_what_the_grader_erased_on_a_candidate():
+    from napari_retina.proposals import PixelRecord
+    from napari_retina.segmentation import propose_candidates
+
+    masks = {"MA": np.zeros((80, 100), bool)}
+    record = PixelRecord(masks)
+    desc = {"kind": "model", "model": "microaneurysms", "version": "a"}
+    prob = _three_candidates()
+    propose_candidates(record, "MA", prob, 0.5, desc)
+    er = np.ones((3, 3), bool)
+    record.hand_edit("MA", (40, 43, 50, 53), erased=er)  # brushed out, not rejected
+    assert not masks["MA"][40:43, 50:53].any()
+    propose_candidates(record, "MA", prob, 0.5, dict(desc, version="b"))
+    assert not masks["MA"][40:43, 50:53].any()  # still erased after the rerun
+    assert masks["MA"][60:62, 80:83].all() and record.check("MA")

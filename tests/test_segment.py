@@ -302,3 +302,23 @@ def test_the_rim_margin_clears_the_aperture_edge_but_not_where_the_image_border_
     assert kept[0, 140:160].all() and kept[-1, 140:160].all()  # the cut edges keep their retina
     first = int(np.flatnonzero(kept[100])[0])  # the circle starts at x = 30; the surround's last pixel is 29
     assert 29 + 12 <= first <= 29 + 14
+
+
+def test_a_cancelled_run_keeps_what_the_grader_erased_while_it_ran():
+    from napari_retina.proposals import PixelRecord
+    from napari_retina.segmentation import RunProposals, propose_map
+
+    shape = (600, 600)
+    masks = {"EX": np.zeros(shape, bool)}
+    record = PixelRecord(masks)
+    prob = np.zeros(shape, np.float32)
+    prob[100:110, 100:110] = 0.9  # an earlier run's false spot
+    desc = {"kind": "model", "model": "exudates", "version": "a"}
+    propose_map(record, "EX", prob, 0.5, desc)
+    run = RunProposals(record, "EX", 0.5, dict(desc, version="b"))
+    run.add((0, 512, 0, 512), prob[:512, :512])  # the new run reaches that block
+    er = np.ones((10, 10), bool)
+    record.hand_edit("EX", (100, 110, 100, 110), erased=er)  # the grader erases the spot meanwhile
+    assert not masks["EX"].any()
+    run.roll_back()  # then cancels
+    assert not masks["EX"].any() and len(record.find(model="exudates", version="a")) == 1

@@ -345,12 +345,16 @@ class LesionFinder(QGroupBox):
         ids = [p.id for p in self.proposals()]
         rec = op.annotation.record
         if ids and all(rec.proposals[i].description.get("candidate") for i in ids):
-            for i in ids:  # one verdict per candidate, so the review counts show them as accepted
+            # one verdict per candidate shown, so the review counts show them as accepted; those the
+            # threshold hides now stay pending (they would not become the grader's pixels)
+            shown = [i for i in ids if rec.proposals[i].claim().any()]
+            for i in shown:
                 rec.decide(i, "accepted")
             self.ann_widget._edited()
-            self.status.setText(f"{len(ids)} candidates accepted as yours")
+            self.status.setText(f"{len(shown)} candidates accepted as yours"
+                                + (f"; {len(ids) - len(shown)} below the threshold stay pending" if len(shown) < len(ids) else ""))
             self.changed.emit(self.code)
-            return len(ids)
+            return len(shown)
         n = rec.accept(ids=ids) if ids else 0
         self.ann_widget._edited()
         self.status.setText(f"{n} candidate pixels accepted as yours")

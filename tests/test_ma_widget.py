@@ -169,3 +169,22 @@ def test_accept_all_takes_the_candidates_shown_and_leaves_those_below_the_thresh
     assert sorted(p.id for p in finder.proposals()) == sorted(hidden)  # still pending, not counted accepted
     assert f"accepted {n} · rejected 0 · pending {len(hidden)}" in review.counts_label.text()
     _close(widget)
+
+
+def test_the_click_tool_leaves_clicks_to_napari_s_paint_and_erase_tools_and_switches_off_with_the_image(
+        make_napari_viewer, qtbot, ma_image, ma_model):
+    from types import SimpleNamespace
+
+    viewer, widget = _open(make_napari_viewer, qtbot, ma_image, ma_model)
+    review = widget.ma_review
+    review.click_button.setChecked(True)
+    layer = widget.lesion_layer("MA")
+    press = SimpleNamespace(button=1, type="mouse_press", position=(30, 40))
+    gen = review._on_mouse(layer, press)
+    next(gen)  # pan/zoom: the tool waits for the release
+    layer.mode = "paint"
+    with pytest.raises(StopIteration):
+        next(review._on_mouse(layer, press))  # painting: not the tool's click
+    review.image_changed()
+    assert not review.click_button.isChecked() and review._on_mouse not in layer.mouse_drag_callbacks
+    _close(widget)

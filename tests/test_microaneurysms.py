@@ -404,3 +404,11 @@ def test_a_rerun_keeps_what_the_grader_erased_on_a_candidate():
     propose_candidates(record, "MA", prob, 0.5, dict(desc, version="b"))
     assert not masks["MA"][40:43, 50:53].any()  # still erased after the rerun
     assert masks["MA"][60:62, 80:83].all() and record.check("MA")
+
+
+def test_a_click_on_a_flat_place_gets_a_disc_of_typical_size_not_the_largest():
+    from napari_retina.models.microaneurysms import MA_TYPICAL_RADIUS, snap_microaneurysm
+
+    flat = np.full((100, 100, 3), (150, 90, 40), np.uint8)
+    centre, radius = snap_microaneurysm(flat, (50, 50))
+    assert radius == MA_TYPICAL_RADIUS and abs(centre[0] - 50) <= 8 and abs(centre[1] - 50) <= 8

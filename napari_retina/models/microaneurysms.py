@@ -357,6 +357,7 @@ class MicroaneurysmDetector:
 
 
 MA_RADIUS = (1.5, 20.0)  # px; IDRiD's microaneurysm masks: radius 5.6-13.7 px (10th-90th percentile), median 8.9
+MA_TYPICAL_RADIUS = 9.0  # where no dark spot stands out, a disc of the median size
 
 
 def snap_microaneurysm(rgb: np.ndarray, point, search: int = 8, window: int = 40) -> tuple[tuple[int, int], float]:
@@ -384,7 +385,7 @@ def snap_microaneurysm(rgb: np.ndarray, point, search: int = 8, window: int = 40
     centre = (r0 + int(cy), c0 + int(cx))
     background = float(np.median(smooth))
     low = float(smooth[cy, cx])
-    radius = MA_RADIUS[1]
+    radius = MA_TYPICAL_RADIUS  # no dark spot to measure (a flat or noisy place)
     if background - low > 1.0:
         half = low + (background - low) / 2
         dist = np.sqrt((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2)

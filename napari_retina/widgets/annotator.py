@@ -274,7 +274,7 @@ class LesionAnnotator(QWidget):
         self.ma_finder = LesionFinder(self, "MA", model_dir=self._ma_model_dir)
         lay.addWidget(self.ma_finder)
         self.ma_review = LesionReview(self, "MA")
-        self.ma_finder.changed.connect(lambda code: self.ma_review.update_counts())
+        self.ma_finder.changed.connect(lambda code: self.ma_review.candidates_changed())
         lay.addWidget(self.ma_review)
         self.finders = (self.exudate_finder, self.ma_finder)
 
@@ -523,8 +523,7 @@ class LesionAnnotator(QWidget):
             ref.refiner, ref.model_error = None, None
             ref.load_model()
         for finder in self.finders:
-            if finder.model_dir is None:
-                finder.segmenter = None
+            finder.model_changed()
 
     # --- reviewed lesions (labels for retraining) ---------------------------------------------
     def _show_reviewed(self) -> None:

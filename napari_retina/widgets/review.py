@@ -132,6 +132,7 @@ class LesionReview(QGroupBox):
             b.setEnabled(self.reviewing)
 
     def image_changed(self) -> None:
+        self.click_button.setChecked(False)  # the tool sat on the previous image's layer
         self.review_button.setChecked(False)
         self.current = None
         self._skipped.clear()
@@ -152,7 +153,8 @@ class LesionReview(QGroupBox):
             layer.mouse_drag_callbacks.remove(self._on_mouse)
 
     def _on_mouse(self, layer, event):
-        if event.button != 1 or not self.click_button.isChecked():
+        # only in pan/zoom: with napari's paint or erase tool picked, a click is theirs
+        if event.button != 1 or not self.click_button.isChecked() or layer.mode != "pan_zoom":
             return
         yield
         moved = False
@@ -241,6 +243,14 @@ class LesionReview(QGroupBox):
         if not self._show_next():
             self.review_button.setChecked(False)
             show_info("every candidate is reviewed")
+        self.update_counts()
+
+    def candidates_changed(self) -> None:
+        """A run or Accept all replaced the candidates: review moves on to one that still exists."""
+        rec = self.record()
+        if self.reviewing and (rec is None or self.current not in rec.proposals):
+            if not self._show_next():
+                self.review_button.setChecked(False)
         self.update_counts()
 
     def accept(self) -> None:

@@ -62,6 +62,8 @@ class LesionFinder(QGroupBox):
         self._signals.block.connect(self._on_block)
         self._scale = 1.0
         self._run = None  # segmentation.RunProposals of the run in progress
+        self._generation = 0  # +1 whenever another model version is selected
+        self._run_generation = 0
 
         lay = QGridLayout(self)
         self.find_button = QPushButton(f"Find {NAMES.get(code, code)}")
@@ -102,6 +104,7 @@ class LesionFinder(QGroupBox):
             return
         rgb, fov = op.rgb, self.ann_widget.fov
         segmenter, model_dir, code = self.segmenter, self.model_dir, self.code
+        self._run_generation = self._generation
         self._cancel = False
         signals = self._signals
 
@@ -135,6 +138,17 @@ class LesionFinder(QGroupBox):
         self.status.setText("loading the model..." if segmenter is None else "segmenting...")
         self._worker.start()
 
+    def _keep(self, seg) -> None:
+        """Keep the loaded model for the next run, unless another version was selected meanwhile."""
+        if self._run_generation == self._generation:
+            self.segmenter = seg
+
+    def model_changed(self) -> None:
+        """Another model version is in use: the next run loads it (a folder given by hand stays)."""
+        self._generation += 1
+        if self.model_dir is None:
+            self.segmenter = None
+
     def cancel(self) -> None:
         self._cancel = True  # checked between tiles: the run stops within one tile
         self.status.setText("cancelling...")
@@ -165,7 +179,8 @@ class LesionFinder(QGroupBox):
         rgb, seg = payload
         if not self._current(rgb):
             return  # another image is open now (its run is being cancelled)
-        self.segmenter, self._scale = seg, seg.scale
+        self._keep(seg)
+        self._scale = seg.scale
         if self.threshold is None:
             self.set_threshold_value(seg.threshold)
         op = self.ann_widget.opened
@@ -223,7 +238,7 @@ class LesionFinder(QGroupBox):
         from ..segmentation import RunProposals
 
         rgb, seg, result = payload
-        self.segmenter = seg
+        self._keep(seg)
         op = self.ann_widget.opened
         if op is None or op.rgb is not rgb:
             self.status.setText("the image changed while the model ran: run it again")

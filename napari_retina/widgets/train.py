@@ -377,24 +377,35 @@ class TrainWidget(QWidget):
         return target
 
     # --- running ------------------------------------------------------------------------------------
-    def command(self) -> list[str]:
-        """The `python -m training ...` arguments the form describes (without the interpreter)."""
+    def command(self) -> tuple[list[str], Path, str]:
+        """(the `python -m training ...` arguments the form describes, the new version's folder, its kind)."""
         from ..models.versions import current_model_dir, new_version_dir
 
         recipe, kind, fixed = self.choice
         data = [d for d in (self.data_edit.text().strip(), self.idrid_edit.text().strip()) if d]
+        options = self.option_args() + shlex.split(self.extra_edit.text())  # ValueError: before anything changes
         version = datetime.datetime.now().strftime(f"%Y.%m.%d-%H%M-{recipe}")
-        self.out = new_version_dir(kind, version)
-        self.kind = kind
-        args = ["-m", "training", recipe, "--data", *data, "--out", str(self.out), "--version", self.out.name,
+        out = new_version_dir(kind, version)
+        args = ["-m", "training", recipe, "--data", *data, "--out", str(out), "--version", out.name,
                 "--epochs", str(self.epochs_spin.value()), "--device", self.device_combo.currentText(),
                 "--batch-size", str(self.batch_spin.value()), *fixed]
         if self.minutes_spin.value():
             args += ["--minutes", str(self.minutes_spin.value())]
-        if self.start_combo.currentIndex() == 0 and (current_model_dir(kind) / "config.json").is_file():
-            args += ["--init", str(current_model_dir(kind))]
-        args += self.option_args() + shlex.split(self.extra_edit.text())
-        return args
+        current = current_model_dir(kind)
+        if self.start_combo.currentIndex() == 0 and (current / "config.json").is_file() and self._same_scale(current):
+            args += ["--init", str(current)]
+        return args + options, out, kind
+
+    def _same_scale(self, folder: Path) -> bool:
+        """A hypothesis network starts only from one of its own scale (both scales share the kind)."""
+        fixed = self.choice[2]
+        if "--scale" not in fixed:
+            return True
+        try:
+            scale = float(json.loads((folder / "config.json").read_text()).get("input_scale", 0))
+        except (OSError, ValueError):
+            return False
+        return scale == float(fixed[fixed.index("--scale") + 1])
 
     def start(self) -> None:
         if self.process is not None:
@@ -405,10 +416,11 @@ class TrainWidget(QWidget):
             show_error(f"retrain: {'choose a data folder' if not data else missing[0] + ': not a folder'}")
             return
         try:
-            args = self.command()
+            args, out, kind = self.command()
         except ValueError as e:
             show_error(f"retrain: options: {e}")
             return
+        self.out, self.kind = out, kind
         self._run(args)
 
     def resume(self) -> None:
@@ -420,6 +432,8 @@ class TrainWidget(QWidget):
     def _run(self, args: list[str], fresh: bool = True) -> None:
         self._last_args = args
         self.resume_button.setEnabled(False)
+        self.compare_button.setEnabled(False)
+        self.compare_label.setText("")
         if fresh:
             self.events, self._offset = [], 0
             self.loss_curve.setData([], [])
@@ -577,19 +591,25 @@ class TrainWidget(QWidget):
         """Score the version in use, then the new one, on the new one's validation images."""
         from ..models.versions import current_model_dir
 
-        if self.out is None or self.kind not in EVALUATE or getattr(self, "_compare", None):
+        if self.process is not None or self.out is None or self.kind not in EVALUATE or getattr(self, "_compare", None):
             return
-        names = json.loads((self.out / "config.json").read_text()).get("validation_images") or []
+        out, kind = self.out, self.kind  # this run's, whatever the form says by the time the scores come
+        try:
+            names = json.loads((out / "config.json").read_text()).get("validation_images") or []
+        except (OSError, ValueError):
+            self.compare_label.setText(f"{out.name} has no model to compare")
+            return
         data = self._folder_holding(names)
         if data is None:
             self.compare_label.setText("none of the data folders holds the new version's validation images")
             return
-        what = EVALUATE[self.kind]
-        self._compare = [("in use", current_model_dir(self.kind)), ("new", self.out)]
+        what = EVALUATE[kind]
+        self._compare_kind, self._compare_out = kind, out
+        self._compare = [("in use", current_model_dir(kind)), ("new", out)]
         self._compare_results: dict[str, dict] = {}
         self._compare_args = lambda model, dest: ["-m", "napari_retina.cli", "evaluate", what, "--data", str(data),
                                                   "--model", str(model), "--split", "val", "--images-of",
-                                                  str(self.out), "--out", str(dest)]
+                                                  str(out), "--out", str(dest)]
         self.compare_button.setEnabled(False)
         self._next_compare()
 
@@ -609,7 +629,8 @@ class TrainWidget(QWidget):
             self._show_comparison()
             return
         name, model = self._compare[0]
-        dest = self.out / "run" / f"compare-{name.replace(' ', '-')}.json"
+        dest = self._compare_out / "run" / f"compare-{name.replace(' ', '-')}.json"
+        dest.unlink(missing_ok=True)  # a score from an earlier comparison must not stand in for this one
         self.compare_label.setText(f"scoring the {name} version ({Path(model).name})...")
         proc = QProcess(self)
         proc.setProcessChannelMode(QProcess.ProcessChannelMode.MergedChannels)
@@ -622,6 +643,8 @@ class TrainWidget(QWidget):
         proc.deleteLater()
         self._compare_proc = None
         try:
+            if code != 0:
+                raise ValueError(f"exit {code}")
             self._compare_results[name] = json.loads(dest.read_text())
         except (OSError, ValueError):
             self._compare = None
@@ -643,8 +666,8 @@ class TrainWidget(QWidget):
         res = self._compare_results
         n = res.get("new", {}).get("images", "?")
         self.compare_label.setText(
-            f"on the same {n} validation images, full resolution: in use {self._headline(self.kind, res['in use'])}"
-            f"  |  new {self._headline(self.kind, res['new'])}")
+            f"on the same {n} validation images, full resolution: in use {self._headline(self._compare_kind, res['in use'])}"
+            f"  |  new {self._headline(self._compare_kind, res['new'])}")
         self.compare_button.setEnabled(True)
 
     @staticmethod

@@ -271,6 +271,74 @@ def write_outputs(out: Path, stem: str, seg) -> tuple[Path, Path]:
 # ---- evaluation ---------------------------------------------------------------------------------
 
 
+class SegmentationScore:
+    """Accumulates one map per image and gives the JSON of `evaluate ex|ma` (one pass over the images)."""
+
+    def __init__(self, threshold: float):
+        from .metrics import LesionFROC, PixelPR
+
+        self.threshold = float(threshold)
+        self.pr, self.froc = PixelPR(), LesionFROC(candidate_threshold=min(0.1, self.threshold))
+        self.per_image: list[dict] = []
+        self.lesion_rows: list = []
+
+    def add(self, name: str, prob: np.ndarray, gt: np.ndarray, fov: np.ndarray) -> None:
+        from .metrics import iou, lesion_counts, precision_recall_f1
+
+        q = np.round(np.clip(prob, 0, 1) * 255).astype(np.uint8)  # scored as `segment` stores it
+        self.pr.add(q, gt, region=fov)
+        self.froc.add(q, gt, region=fov)
+        pred = (q >= self.pr.bin_of(self.threshold)) & fov
+        gt_fov = gt & fov  # the pixels the pooled figures count too
+        p, r, f1 = precision_recall_f1(pred, gt_fov)
+        self.per_image.append({"image": name, "precision": p, "recall": r, "f1": f1, "iou": iou(pred, gt_fov)})
+        self.lesion_rows.append(lesion_counts(pred, gt_fov))
+
+    def result(self) -> dict:
+        from .metrics import summarise_lesion_counts
+
+        def mean(key):
+            v = [d[key] for d in self.per_image if not math.isnan(d[key])]
+            return float(np.mean(v)) if v else math.nan
+
+        return {
+            "threshold": self.threshold,
+            "aupr": self.pr.aupr(),
+            **self.pr.at_threshold(self.threshold),
+            "per_image_mean": {k: mean(k) for k in ("precision", "recall", "f1", "iou")},
+            "lesion_level": summarise_lesion_counts(self.lesion_rows),
+            "froc": self.froc.points(),
+            "froc_score": self.froc.score(),
+            "per_image": self.per_image,
+        }
+
+
+def _scored_images(data: Path, segmenter, split: str, limit: int | None, validation_images, progress):
+    """(record, rgb, field of view, ground truth) of each labelled image of the split; the left-out names."""
+    from .evaluation import _records
+    from .fundus import field_of_view_mask
+    from .io.images import read_fundus
+    from .session import graders_mask
+
+    records = _records(Path(data), split, validation_images or segmenter.config.get("validation_images"))
+    if limit:
+        records = records[:limit]
+    left_out: list[str] = []
+
+    def gen():
+        for k, rec in enumerate(records, 1):
+            if progress:
+                progress(k, len(records), rec.stem)
+            rgb = read_fundus(rec.image)
+            gt = graders_mask(rec, segmenter.lesion, rgb.shape[:2])  # unaccepted proposals are not ground truth
+            if gt is None:
+                left_out.append(rec.image.name)  # no label for this lesion here
+                continue
+            yield rec, rgb, field_of_view_mask(rgb), gt
+
+    return gen(), left_out
+
+
 def evaluate_segmenter(
     data: Path,
     segmenter,
@@ -285,65 +353,24 @@ def evaluate_segmenter(
     Pixel level, pooled over every field-of-view pixel of the split (the IDRiD challenge's
     AUPR, from 256-bin histograms) and averaged per image; lesion level (8-connectivity, a
     predicted lesion counts when it touches a ground-truth lesion): figures at the threshold
-    and FROC points. An image without a mask file of the lesion has none of it (IDRiD
-    convention). `maps` replaces the segmenter's own map (tests, cached runs).
+    and FROC points. Labels follow `session.graders_masks` (an image without one for the
+    lesion is left out and named). `maps` replaces the segmenter's own map (tests, cached runs).
     """
-    from .evaluation import _records
-    from .fundus import field_of_view_mask
-    from .io.images import read_fundus
-    from .metrics import LesionFROC, PixelPR, lesion_counts, precision_recall_f1, iou, summarise_lesion_counts
-    from .session import graders_mask
-
-    lesion = segmenter.lesion
-    records = _records(Path(data), split, validation_images or segmenter.config.get("validation_images"))
-    if limit:
-        records = records[:limit]
-    pr, froc = PixelPR(), LesionFROC(candidate_threshold=min(0.1, segmenter.threshold))
-    per_image, lesion_rows, seconds, left_out = [], [], [], []
-    for k, rec in enumerate(records, 1):
-        if progress:
-            progress(k, len(records), rec.stem)
-        rgb = read_fundus(rec.image)
-        gt = graders_mask(rec, lesion, rgb.shape[:2])  # a project's unaccepted proposals are not ground truth
-        if gt is None:
-            left_out.append(rec.image.name)  # no label for this lesion here
-            continue
-        fov = field_of_view_mask(rgb)
+    images, left_out = _scored_images(data, segmenter, split, limit, validation_images, progress)
+    score, seconds = SegmentationScore(segmenter.threshold), []
+    for rec, rgb, fov, gt in images:
         t0 = time.perf_counter()
         prob = maps(rec) if maps is not None else segmenter.probability(rgb, fov)
         seconds.append(time.perf_counter() - t0)
-        q = np.round(np.clip(prob, 0, 1) * 255).astype(np.uint8)  # scored as `segment` stores it
-        pr.add(q, gt, region=fov)
-        froc.add(q, gt, region=fov)
-        pred = (q >= pr.bin_of(segmenter.threshold)) & fov
-        gt_fov = gt & fov  # the pixels the pooled figures count too
-        p, r, f1 = precision_recall_f1(pred, gt_fov)
-        per_image.append({"image": rec.image.name, "precision": p, "recall": r, "f1": f1, "iou": iou(pred, gt_fov)})
-        lesion_rows.append(lesion_counts(pred, gt_fov))
+        score.add(rec.image.name, prob, gt, fov)
+    return _json_safe(_document(data, segmenter, split, score, left_out, seconds))
 
-    def mean(key):
-        v = [d[key] for d in per_image if not math.isnan(d[key])]
-        return float(np.mean(v)) if v else math.nan
 
-    pooled = pr.at_threshold(segmenter.threshold)
-    out = {
-        "model": segmenter.description,
-        "lesion": lesion,
-        "data": str(data),
-        "split": split,
-        "images": len(records) - len(left_out),
-        "left_out": left_out,
-        "threshold": segmenter.threshold,
-        "aupr": pr.aupr(),
-        **pooled,
-        "per_image_mean": {k: mean(k) for k in ("precision", "recall", "f1", "iou")},
-        "lesion_level": summarise_lesion_counts(lesion_rows),
-        "froc": froc.points(),
-        "froc_score": froc.score(),
-        "seconds_per_image": float(np.mean(seconds)) if seconds else math.nan,
-        "per_image": per_image,
-    }
-    return _json_safe(out)
+def _document(data, segmenter, split, score: SegmentationScore, left_out, seconds) -> dict:
+    r = score.result()
+    return {"model": segmenter.description, "lesion": segmenter.lesion, "data": str(data), "split": split,
+            "images": len(score.per_image), "left_out": left_out, **r,
+            "seconds_per_image": float(np.mean(seconds)) if seconds else math.nan}
 
 
 def evaluate_variants(data: Path, detector, split: str = "all", limit: int | None = None,
@@ -352,42 +379,23 @@ def evaluate_variants(data: Path, detector, split: str = "all", limit: int | Non
     """`evaluate_segmenter` of a detector's final map, plus each of its stages under `variants`.
 
     The stages (`detector.maps`: the microaneurysm paper's Table 2 rows) come from one run of
-    each network per image, kept as the uint8 maps that are scored anyway.
+    each network per image and are scored in the same pass, so memory holds one image's maps.
     """
-    from .evaluation import _records
-    from .fundus import field_of_view_mask
-    from .io.images import read_fundus
-
-    names = validation_images or detector.config.get("validation_images")
-    records = _records(Path(data), split, names)
-    if limit:
-        records = records[:limit]
-    cache: dict[str, dict[str, np.ndarray]] = {}
-    seconds: dict[str, float] = {}
-
-    def stage(name):
-        def maps(rec):
-            if rec.stem not in cache:
-                if progress:
-                    progress(len(cache) + 1, len(records), rec.stem)
-                rgb = read_fundus(rec.image)
-                t0 = time.perf_counter()
-                out = detector.maps(rgb, field_of_view_mask(rgb))
-                seconds[rec.stem] = time.perf_counter() - t0
-                cache[rec.stem] = {k: np.round(np.clip(v, 0, 1) * 255).astype(np.uint8) for k, v in out.items()}
-            return cache[rec.stem][name].astype(np.float32) / 255.0
-        return maps
-
-    result = evaluate_segmenter(Path(data), detector, split=split, limit=limit, maps=stage("refined"),
-                                validation_images=names)
-    result["seconds_per_image"] = round(float(np.mean(list(seconds.values()))), 6) if seconds else None
+    images, left_out = _scored_images(data, detector, split, limit, validation_images, progress)
+    names = detector.variant_names()
+    scores = {name: SegmentationScore(detector.threshold) for name in names}
+    seconds = []
+    for rec, rgb, fov, gt in images:
+        t0 = time.perf_counter()
+        out = detector.maps(rgb, fov)
+        seconds.append(time.perf_counter() - t0)
+        for name in names:
+            scores[name].add(rec.image.name, out[name], gt, fov)
+    final = "refined" if "refined" in scores else detector.fusion  # without a PRN the fused map is final
+    result = _document(data, detector, split, scores[final], left_out, seconds)
     keys = ("aupr", "precision", "recall", "f1", "iou", "froc", "froc_score")
-    result["variants"] = {}
-    for name in detector.variant_names():
-        r = result if name == "refined" else evaluate_segmenter(Path(data), detector, split=split, limit=limit,
-                                                                 maps=stage(name), validation_images=names)
-        result["variants"][name] = {k: r[k] for k in keys if k in r}
-    return result
+    result["variants"] = {name: {k: v for k, v in scores[name].result().items() if k in keys} for name in names}
+    return _json_safe(result)
 
 
 def _json_safe(v):

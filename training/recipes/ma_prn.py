@@ -18,6 +18,8 @@ resolution, "is the centre pixel a microaneurysm?" (`nets.patch_classifier.Patch
   per image) starts uniform; every `--refresh-every` epochs the current network scores
   `--refresh-size` of them and their loss (-log(1 - p)) becomes their drawing weight, so hard
   negatives come back more often (the paper refreshes every 10 of its much longer epochs).
+  Under torchrun the refresh runs in the first process only (epoch hooks are the main
+  process's): the other processes keep drawing their negatives uniformly.
 - Validation: the held-out images' patches, every microaneurysm (one centre per connected
   lesion) against `--healthy-per-image` healthy locations each, scored by the area under the
   precision-recall curve (`val_aupr`, early stopping). The whole detector (HGNs + PRN) is

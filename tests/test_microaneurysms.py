@@ -302,6 +302,32 @@ def test_the_three_networks_assemble_into_one_detector_that_segments_and_evaluat
         "0.125", "0.25", "0.5", "1", "2", "4", "8"}
     assert set(result["variants"]) == set(VARIANTS)
     assert result["variants"]["refined"]["aupr"] == result["aupr"]
+    # pre-annotation: candidates go into the project as single proposals; a rejected one stays out
+    import shutil
+
+    from napari_retina.io.images import read_fundus
+    from napari_retina.io.project import ProjectFolder, ProjectWriter
+
+    fresh = tmp_path / "fresh"  # an image no grader has marked: no pixels of the grader's to keep clear of
+    fresh.mkdir()
+    shutil.copy(ma_folder / "IDRiD_02.png", fresh / "IDRiD_09.png")
+
+    def into_projects():
+        r = subprocess.run([sys.executable, "-m", "napari_retina.cli", "segment", "--lesion", "MA", "--model", str(out),
+                            "--into-projects", str(fresh / "IDRiD_09.png")], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return ProjectFolder(fresh / "IDRiD_09.retina")
+
+    ann = into_projects().load()
+    cands = [p for p in ann.record.proposals.values() if p.description.get("candidate")]
+    assert cands
+    ann.record.decide(cands[0].id, "rejected")
+    rgb = read_fundus(fresh / "IDRiD_09.png")
+    ProjectWriter(fresh / "IDRiD_09.retina", fresh / "IDRiD_09.png", rgb, ann.masks).write(ann.snapshot())
+    again = into_projects().load()
+    centres = [p.description["centre"] for p in again.record.proposals.values() if p.description.get("candidate")]
+    assert cands[0].description["centre"] not in centres and len(centres) == len(cands) - 1
+    assert len(again.record.decided("MA", "rejected")) == 1
 
 
 def _three_candidates(shape=(80, 100)):

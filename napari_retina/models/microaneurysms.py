@@ -285,9 +285,6 @@ class MicroaneurysmDetector:
             raise ValueError(f"fusion must be one of {FUSIONS}, not {self.fusion!r}")
         self.candidate_threshold = float(config.get("candidate_threshold", 0.5))
         self.threshold = float(config.get("threshold", 0.5))
-        # a candidate lesion is a connected region of the final map above this (the slider moves
-        # the threshold within it); default half the threshold
-        self.candidate_floor = float(config.get("candidate_floor", self.threshold / 2))
         self.max_candidates = int(config.get("max_candidates", MAX_CANDIDATES))
         self.version = str(config.get("version", "unknown"))
         self.scale = 1.0  # the map and its overlay are at full resolution
@@ -296,6 +293,13 @@ class MicroaneurysmDetector:
     @property
     def description(self) -> dict:
         return {"model": self.kind, "version": self.version, "folder": str(self.model_dir) if self.model_dir else None}
+
+    @property
+    def candidate_floor(self) -> float:
+        """A candidate lesion is a connected region of the final map above this (the slider moves the
+        threshold within it): `candidate_floor` in config.json, else half the threshold in use."""
+        floor = self.config.get("candidate_floor")
+        return float(floor) if floor is not None else self.threshold / 2
 
     def variant_names(self) -> tuple[str, ...]:
         """The stages `maps` gives (without a PRN, "refined" is the fused map itself)."""

@@ -230,7 +230,7 @@ def render_card(config: dict, info: dict) -> str:
     return f"""# Ellipse refinement model ({info['variant']}) {config['version']}
 
 Turns a coarse ellipse around a lesion (MA, SE, EX, HE) into a pixel mask:
-{'a prototype network with superpixel-guided weighting' if info['variant'] == 'prototype' else 'the non-prototypical baseline (1x1 conv classifier)'}
+{('a prototype network (superpixel-guided weighting ' + ('on' if config.get('superpixels') else 'off') + ' at inference, decided on validation)') if info['variant'] == 'prototype' else 'the non-prototypical baseline (1x1 conv classifier)'}
 on a truncated U-Net, trained by napari-retina {__version__}.
 
 ## Training

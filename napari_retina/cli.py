@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("image", help="fundus image")
     r.add_argument("--ellipses", required=True, metavar="FILE.json", help="ellipse JSON")
     r.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
-    r.add_argument("--model", metavar="DIR", help="refiner model folder (default: the shipped one)")
+    r.add_argument("--model", metavar="DIR", help="refiner model folder (default: the version in use; first the shipped one)")
     r.add_argument("--threshold", type=float, help="probability threshold (default: the model's)")
     r.add_argument("--superpixels", choices=("on", "off"), help="superpixel-guided prototype weighting (default: the model's)")
     s = sub.add_parser(
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--out", metavar="DIR", help="write masks and probability maps here (created)")
     where.add_argument("--into-projects", action="store_true", help="pre-annotate each image's annotation project")
     s.add_argument("--project-root", metavar="DIR", help="with --into-projects: projects under DIR, not beside the images")
-    s.add_argument("--model", metavar="DIR", help="segmentation model folder (default: the shipped one)")
+    s.add_argument("--model", metavar="DIR", help="segmentation model folder (default: the version in use; first the shipped one)")
     s.add_argument("--threshold", type=float, help="probability threshold of the mask (default: the model's)")
     s.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     e = sub.add_parser("evaluate", help="score a model on an IDRiD-layout folder (prints JSON)")
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     ee.add_argument("--data", required=True, metavar="DIR", help="IDRiD-layout (official or flat) or project folder")
-    ee.add_argument("--model", metavar="DIR", help="segmentation model folder (default: the shipped one)")
+    ee.add_argument("--model", metavar="DIR", help="segmentation model folder (default: the version in use; first the shipped one)")
     ee.add_argument("--split", choices=("val", "all"), default="all", help="val: only the model card's validation images")
     ee.add_argument("--images-of", metavar="MODEL_DIR", help="with --split val: that model's validation images (compare two versions)")
     ee.add_argument("--limit", type=int, help="only the first N images")
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     em.add_argument("--data", required=True, metavar="DIR", help="IDRiD-layout (official or flat) or project folder")
-    em.add_argument("--model", metavar="DIR", help="microaneurysm model folder (default: the shipped one)")
+    em.add_argument("--model", metavar="DIR", help="microaneurysm model folder (default: the version in use; first the shipped one)")
     em.add_argument("--split", choices=("val", "all"), default="all", help="val: only the model card's validation images")
     em.add_argument("--images-of", metavar="MODEL_DIR", help="with --split val: that model's validation images (compare two versions)")
     em.add_argument("--limit", type=int, help="only the first N images")
@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="reductions of the by_reduction and by_size figures (default 1.0 1.5 2.0; 'none' or no value: skip them)",
     )
-    er.add_argument("--model", metavar="DIR", help="refiner model folder (default: the shipped one)")
+    er.add_argument("--model", metavar="DIR", help="refiner model folder (default: the version in use; first the shipped one)")
     er.add_argument("--baseline", metavar="DIR", help="baseline (non-prototypical) model folder to compare")
     er.add_argument("--split", choices=("val", "all"), default="all", help="val: only the model card's validation images")
     er.add_argument("--images-of", metavar="MODEL_DIR", help="with --split val: that model's validation images (compare two versions)")

@@ -114,11 +114,22 @@ def test_cancel_stops_the_process_and_keeps_the_best_epoch(docks, qtbot):
     assert resumed["resume"] is True and resumed["start_epoch"] == n + 1
 
 
-def test_a_missing_data_folder_is_one_message_and_starts_nothing(docks, tmp_path):
+def test_a_missing_data_folder_or_no_budget_is_one_message_and_starts_nothing(docks, tmp_path):
     viewer, ann, train = docks
+    data = train.data_edit.text()
     train.data_edit.setText(str(tmp_path / "nowhere"))
     train.start()
     assert train.process is None and train.start_button.isEnabled()
+    train.data_edit.setText(data)
+    train.epochs_spin.setValue(0)  # "no limit"
+    train.minutes_spin.setValue(0)  # "no limit"
+    with pytest.raises(ValueError, match="epochs or minutes"):
+        train.command()
+    train.start()
+    assert train.process is None
+    train.minutes_spin.setValue(30)
+    args, out, kind = train.command()
+    assert "--minutes" in args and "--epochs" not in args
 
 
 def test_the_log_reader_waits_for_half_written_lines(tmp_path):
@@ -159,6 +170,7 @@ def test_train_elsewhere_writes_a_bundle_that_trains_and_imports_back(docks, qtb
     assert r.returncode == 0, r.stderr[-500:]
     imported = train.import_model(bundle / "runs" / "model")
     assert imported is not None and any(v.folder == imported for v in versions("exudates"))
+    assert current_model_dir("exudates") == imported.resolve()  # imported to be used
 
 
 def test_the_recipe_options_form_is_built_from_the_recipe_and_only_changes_reach_the_command(docks, qtbot):

@@ -135,7 +135,8 @@ class TrainWidget(QWidget):
         form.addRow("device", self.device_combo)
         form.addRow(self.device_label)
         self.epochs_spin = QSpinBox()
-        self.epochs_spin.setRange(1, 1000)
+        self.epochs_spin.setRange(0, 1000)
+        self.epochs_spin.setSpecialValueText("no limit")
         self.epochs_spin.setValue(10)
         self.minutes_spin = QSpinBox()
         self.minutes_spin.setRange(0, 10000)
@@ -372,8 +373,9 @@ class TrainWidget(QWidget):
         except Exception as e:  # noqa: BLE001 - the registry's one line
             show_error(f"import model: {str(e).splitlines()[0]}")
             return None
-        self._refresh_versions()
-        show_info(f"imported {target.name}")
+        kind = json.loads((target / "config.json").read_text())["model"]
+        self._use(kind, target)  # an imported model is imported to be used; the previous version stays
+        show_info(f"imported {target.name} and put it in use")
         return target
 
     # --- running ------------------------------------------------------------------------------------
@@ -387,14 +389,23 @@ class TrainWidget(QWidget):
         version = datetime.datetime.now().strftime(f"%Y.%m.%d-%H%M-{recipe}")
         out = new_version_dir(kind, version)
         args = ["-m", "training", recipe, "--data", *data, "--out", str(out), "--version", out.name,
-                "--epochs", str(self.epochs_spin.value()), "--device", self.device_combo.currentText(),
-                "--batch-size", str(self.batch_spin.value()), *fixed]
-        if self.minutes_spin.value():
-            args += ["--minutes", str(self.minutes_spin.value())]
+                "--device", self.device_combo.currentText(), "--batch-size", str(self.batch_spin.value()), *fixed,
+                *self._budget()]
         current = current_model_dir(kind)
         if self.start_combo.currentIndex() == 0 and (current / "config.json").is_file() and self._same_scale(current):
             args += ["--init", str(current)]
         return args + options, out, kind
+
+    def _budget(self) -> list[str]:
+        """--epochs and/or --minutes (whichever ends first); ValueError when both say "no limit"."""
+        out = []
+        if self.epochs_spin.value():
+            out += ["--epochs", str(self.epochs_spin.value())]
+        if self.minutes_spin.value():
+            out += ["--minutes", str(self.minutes_spin.value())]
+        if not out:
+            raise ValueError("give a number of epochs or minutes (both say no limit)")
+        return out
 
     def _same_scale(self, folder: Path) -> bool:
         """A hypothesis network starts only from one of its own scale (both scales share the kind)."""
@@ -556,12 +567,14 @@ class TrainWidget(QWidget):
         if not data:
             show_error("train elsewhere: choose a data folder")
             return None
-        args = [recipe, *fixed, "--epochs", str(self.epochs_spin.value()), "--batch-size", str(self.batch_spin.value()),
-                "--device", "auto", *self.option_args(), *shlex.split(self.extra_edit.text())]
-        if self.minutes_spin.value():
-            args += ["--minutes", str(self.minutes_spin.value())]
+        try:
+            args = [recipe, *fixed, *self._budget(), "--batch-size", str(self.batch_spin.value()),
+                    "--device", "auto", *self.option_args(), *shlex.split(self.extra_edit.text())]
+        except ValueError as e:
+            show_error(f"train elsewhere: {e}")
+            return None
         init = current_model_dir(kind) if self.start_combo.currentIndex() == 0 else None
-        if init is not None and (init / "config.json").is_file():
+        if init is not None and (init / "config.json").is_file() and self._same_scale(init):
             args += ["--init", "init"]
         else:
             init = None

@@ -86,7 +86,9 @@ def build_parser(spec: Spec = EXUDATES) -> argparse.ArgumentParser:
     p.add_argument("--base-channels", type=int, default=spec.base_channels, help="(default %(default)s)")
     p.add_argument("--depth", type=int, default=4, help="downsamplings of the backbone (default 4)")
     p.add_argument("--loss", choices=spec.losses, default=spec.loss,
-                   help="wbce-dice: class-weighted BCE + soft Dice (default %(default)s)")
+                   help=("wbce-dice: class-weighted BCE + soft Dice; " if "wbce-dice" in spec.losses else
+                         "contrastive: the global loss + patch-wise density and edge-aware terms; ")
+                   + "(default %(default)s)")
     p.add_argument("--global-loss", choices=("bce", "wbce"), default="bce",
                    help="global term of --loss contrastive (default bce, as in the paper)")
     p.add_argument("--alpha", type=float, default=0.02, help="weight of the patch-wise density loss")

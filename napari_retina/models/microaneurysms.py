@@ -228,6 +228,7 @@ class PatchScorer:
 
 
 FUSIONS = ("arithmetic", "geometric")
+OVERLAY_SCALE = 0.25
 VARIANTS = ("hgn_1x", "hgn_0.5x", "arithmetic", "geometric", "refined")  # the paper's Table 2 rows
 
 
@@ -288,7 +289,9 @@ class MicroaneurysmDetector:
         self.threshold = float(config.get("threshold", 0.5))
         self.max_candidates = int(config.get("max_candidates", MAX_CANDIDATES))
         self.version = str(config.get("version", "unknown"))
-        self.scale = 1.0  # the map and its overlay are at full resolution
+        # the overlay's scale: the map is full size, the overlay a quarter of it a side (a 4288 x 2848
+        # map sent to napari after every batch of tiles would cost the GUI more than it shows)
+        self.scale = OVERLAY_SCALE
         return self
 
     @property
@@ -320,7 +323,14 @@ class MicroaneurysmDetector:
         def stage_progress(offset):
             return None if progress is None else (lambda k, n: progress(offset + k, total))
 
-        full = self.hgns[0].probability(enhanced, fov, progress=stage_progress(0), cancelled=cancelled, preview=preview)
+        small_preview = None
+        if preview is not None:
+            def small_preview(m):  # the full-scale network's map as it fills, at the overlay's scale
+                h, w = m.shape
+                size = (max(1, round(w * OVERLAY_SCALE)), max(1, round(h * OVERLAY_SCALE)))
+                preview(cv2.resize(m, size, interpolation=cv2.INTER_AREA))
+        full = self.hgns[0].probability(enhanced, fov, progress=stage_progress(0), cancelled=cancelled,
+                                        preview=small_preview)
         half = self.hgns[1].probability(enhanced, fov, progress=stage_progress(counts[0]), cancelled=cancelled)
         out = {"hgn_1x": full, "hgn_0.5x": half,
                "arithmetic": fuse_maps(full, half, "arithmetic"), "geometric": fuse_maps(full, half, "geometric")}

@@ -21,7 +21,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from napari.utils.notifications import show_info
-from qtpy.QtWidgets import QGridLayout, QGroupBox, QLabel, QPushButton
+from qtpy.QtCore import Qt
+from qtpy.QtGui import QKeySequence
+from qtpy.QtWidgets import QGridLayout, QGroupBox, QLabel, QPushButton, QShortcut
 
 if TYPE_CHECKING:
     from .annotator import LesionAnnotator
@@ -39,6 +41,7 @@ class LesionReview(QGroupBox):
         self.reviewing = False
         self.current: int | None = None  # the proposal under review
         self._skipped: set[int] = set()
+        self._shortcuts: list[QShortcut] = []
         lay = QGridLayout(self)
         self.click_button = QPushButton("Click tool")
         self.click_button.setCheckable(True)
@@ -183,15 +186,18 @@ class LesionReview(QGroupBox):
     def _on_review(self, on: bool) -> None:
         self.reviewing = on
         self._enable_review_buttons()
-        viewer = self.ann_widget.viewer
-        for key, action in KEYS.items():
-            if on:
-                viewer.bind_key(key, self._key(action), overwrite=True)
-            else:
-                try:
-                    viewer.bind_key(key, None)
-                except (KeyError, TypeError, ValueError):
-                    pass
+        # application-wide while reviewing: the keys work whether the canvas or the dock has the focus
+        # (a grader who just clicked Review has the focus on that button)
+        for sc in self._shortcuts:
+            sc.setEnabled(False)
+            sc.deleteLater()
+        self._shortcuts = []
+        if on:
+            for key, action in KEYS.items():
+                sc = QShortcut(QKeySequence(key.upper()), self)
+                sc.setContext(Qt.ShortcutContext.ApplicationShortcut)
+                sc.activated.connect(getattr(self, action))
+                self._shortcuts.append(sc)
         if on:
             self._skipped.clear()
             layer = self.ann_widget.lesion_layer(self.code)
@@ -203,13 +209,6 @@ class LesionReview(QGroupBox):
         else:
             self.current = None
         self.update_counts()
-
-    def _key(self, action: str):
-        def handler(viewer):
-            getattr(self, action)()
-
-        handler.__name__ = f"review_{action}"
-        return handler
 
     def _show_next(self) -> bool:
         """Zoom in on the most probable pending candidate not skipped yet; False when none is left."""

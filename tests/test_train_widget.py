@@ -182,14 +182,15 @@ def test_the_recipe_options_form_is_built_from_the_recipe_and_only_changes_reach
     assert not flags & {"--data", "--out", "--epochs", "--device", "--init"}  # the main form's
     assert train.option_args() == []  # the defaults are the recipe's: nothing to add
     opt, loss = train.option_widgets["--loss"]
-    assert opt["choices"] == ["bce", "wbce", "contrastive"] and loss.currentText() == "contrastive"
-    loss.setCurrentText("bce")
-    train.option_widgets["--lr"][1].setText("0.0003")
-    assert train.option_args() == ["--loss", "bce", "--lr", "0.0003"]
-    train.option_widgets["--lr"][1].setText("fast")
+    assert opt["choices"] == ["bce", "wbce", "contrastive"] and loss.value == "contrastive"
+    loss.value = "bce"
+    train.option_widgets["--lr"][1].value = "0.0003"
+    train.option_widgets["--patience"][1].value = 4  # an int option: a spin box
+    assert train.option_args() == ["--loss", "bce", "--lr", "0.0003", "--patience", "4"]
+    train.option_widgets["--lr"][1].value = "fast"
     with pytest.raises(ValueError, match="--lr"):
         train.option_args()
     # another model, another recipe: its own options (the HGN's scale is set by the model choice)
     train.model_combo.setCurrentText("microaneurysm HGN, half scale")
     qtbot.waitUntil(lambda: "ma-hgn" in train.options_box.title(), timeout=60000)
-    assert "--scale" not in train.option_widgets and train.option_widgets["--loss"][1].currentText() == "wbce-dice"
+    assert "--scale" not in train.option_widgets and train.option_widgets["--loss"][1].value == "wbce-dice"

@@ -173,8 +173,9 @@ class TrainWidget(QWidget):
         self.options_box = QGroupBox("Recipe options")
         self.options_box.setCheckable(True)
         self.options_box.setChecked(False)  # folded: the defaults are the recipe's
-        self.options_form = QFormLayout(self.options_box)
-        self.option_widgets: dict[str, tuple[dict, QWidget]] = {}
+        self.options_layout = QVBoxLayout(self.options_box)
+        self.options_form = None  # a magicgui Container, built per recipe
+        self.option_widgets: dict[str, tuple[dict, object]] = {}
         self._described: dict[str, list[dict]] = {}
         self.options_box.toggled.connect(self._show_options)
         lay.addWidget(self.options_box)
@@ -271,53 +272,55 @@ class TrainWidget(QWidget):
         worker.start()
 
     def _build_options(self, recipe: str, options: list[dict]) -> None:
-        from qtpy.QtWidgets import QCheckBox
+        """A magicgui form of the recipe's options: a typed widget per option, its default shown."""
+        from magicgui.widgets import Container, create_widget
 
         self._described[recipe] = options
         if recipe != self.choice[0]:
             return  # the model changed meanwhile
-        while self.options_form.rowCount():
-            self.options_form.removeRow(0)
+        if self.options_form is not None:
+            self.options_layout.removeWidget(self.options_form.native)
+            self.options_form.native.deleteLater()
         self.option_widgets = {}
         fixed = {a for a in self.choice[2] if a.startswith("--")}
+        widgets = []
         for opt in options:
             if opt["dest"] in FORM_OPTIONS or opt["flag"] in fixed:
                 continue
+            d, name, label = opt["default"], opt["dest"], opt["flag"].lstrip("-")
             if opt["kind"] == "flag":
-                w = QCheckBox()
-                w.setChecked(bool(opt["default"]))
+                w = create_widget(value=bool(d), annotation=bool, name=name, label=label)
             elif opt["kind"] == "choice":
-                w = QComboBox()
-                w.addItems([str(c) for c in opt["choices"]])
-                w.setCurrentText(str(opt["default"]))
-            else:
-                d = opt["default"]
-                w = QLineEdit("" if d is None else " ".join(map(str, d)) if isinstance(d, list) else str(d))
-            w.setToolTip(opt["help"])
+                w = create_widget(value=str(d), name=name, label=label,
+                                  options={"choices": [str(c) for c in opt["choices"]]})
+            elif opt["kind"] == "int" and isinstance(d, int):
+                w = create_widget(value=d, annotation=int, name=name, label=label,
+                                  options={"min": -(10**9), "max": 10**9})
+            else:  # floats stay text: a spin box would round 1e-4 away
+                text = "" if d is None else " ".join(map(str, d)) if isinstance(d, list) else str(d)
+                w = create_widget(value=text, annotation=str, name=name, label=label)
+            w.tooltip = opt["help"]
             self.option_widgets[opt["flag"]] = (opt, w)
-            self.options_form.addRow(opt["flag"].lstrip("-"), w)
+            widgets.append(w)
+        self.options_form = Container(widgets=widgets, labels=True)
+        self.options_layout.addWidget(self.options_form.native)
         self.options_box.setTitle(f"Recipe options ({recipe}, {len(self.option_widgets)})")
         self._show_options(self.options_box.isChecked())
 
     def _show_options(self, on: bool) -> None:
-        for _, w in self.option_widgets.values():
-            w.setVisible(on)
-            label = self.options_form.labelForField(w)
-            if label is not None:
-                label.setVisible(on)
+        if self.options_form is not None:
+            self.options_form.native.setVisible(on)
 
     def option_args(self) -> list[str]:
         """The recipe options whose value differs from the recipe's default, as command-line arguments."""
-        from qtpy.QtWidgets import QCheckBox
-
         args: list[str] = []
         for flag, (opt, w) in self.option_widgets.items():
             d = opt["default"]
-            if isinstance(w, QCheckBox):
-                if w.isChecked() != bool(d):
+            if opt["kind"] == "flag":
+                if bool(w.value) != bool(d):
                     args.append(flag)
                 continue
-            text = w.currentText() if isinstance(w, QComboBox) else w.text().strip()
+            text = str(w.value).strip()
             default = "" if d is None else " ".join(map(str, d)) if isinstance(d, list) else str(d)
             if text == default or not text:
                 continue

@@ -79,6 +79,8 @@ def test_train_in_a_separate_process_watch_the_plot_and_swap_the_new_version_in(
     qtbot.mouseClick(train.use_button, Qt.MouseButton.LeftButton)
     assert current_model_dir("exudates") == out.resolve() != shipped
     assert ann.exudate_finder.segmenter is None  # the next Find loads the new version
+    # the annotator reloads the refiner in the background too: let it finish before the window goes
+    qtbot.waitUntil(lambda: ann.refinement.refiner is not None or ann.refinement.model_error, timeout=60000)
     from napari_retina.segmentation import load_segmenter
 
     assert load_segmenter("EX").version == out.name

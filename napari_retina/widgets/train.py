@@ -127,10 +127,8 @@ class TrainWidget(QWidget):
         self.device_combo = QComboBox()
         gpus = cuda_devices()
         self.device_combo.addItems([g.split(" ")[0] for g in gpus] + ["cpu"])
-        self.device_label = QLabel(
-            f"{len(gpus)} CUDA device(s): {', '.join(gpus)}" if gpus else
-            "no CUDA device here: training runs on the CPU (the shipped exudate model took 80 min for 8 "
-            "epochs on 2 cores); Train elsewhere if a GPU server is at hand")
+        self._gpus = gpus
+        self.device_label = QLabel("")
         self.device_label.setWordWrap(True)
         form.addRow("device", self.device_combo)
         form.addRow(self.device_label)
@@ -247,29 +245,36 @@ class TrainWidget(QWidget):
 
     # --- the recipe's options -------------------------------------------------------------------------
     def _load_options(self) -> None:
-        """Ask the recipe for its options (in the background) and build their form."""
-        from napari.qt.threading import thread_worker
-
+        """Ask the recipe for its options (`--describe-options`, a QProcess owned by this dock, so
+        nothing outlives it) and build their form when the answer comes."""
         recipe = self.choice[0]
         if recipe in self._described:
             self._build_options(recipe, self._described[recipe])
             return
+        proc = QProcess(self)
+        env = QProcessEnvironment()
+        for k, v in _training_env().items():
+            env.insert(k, v)
+        proc.setProcessEnvironment(env)
 
-        @thread_worker
-        def describe():
-            import subprocess
+        def done(code, _status=None, proc=proc, recipe=recipe):
+            try:
+                out = bytes(proc.readAllStandardOutput()).decode(errors="replace")
+                err = bytes(proc.readAllStandardError()).decode(errors="replace").strip().splitlines()
+                proc.deleteLater()
+            except RuntimeError:  # the dock is gone (and its process with it)
+                return
+            try:
+                if code != 0:
+                    raise ValueError((err or ["python -m training failed"])[-1])
+                options = json.loads(out)
+            except ValueError as e:
+                self.options_box.setTitle(f"Recipe options: unavailable ({e})")
+                return
+            self._build_options(recipe, options)
 
-            r = subprocess.run([sys.executable, "-m", "training", recipe, "--describe-options"], capture_output=True,
-                               text=True, timeout=120, env=_training_env())
-            if r.returncode != 0:
-                raise RuntimeError((r.stderr.strip().splitlines() or ["python -m training failed"])[-1])
-            return recipe, json.loads(r.stdout)
-
-        worker = describe()
-        worker.returned.connect(lambda res: self._build_options(*res))
-        worker.errored.connect(lambda e: self.options_box.setTitle(f"Recipe options: unavailable ({e})"))
-        self._options_worker = worker
-        worker.start()
+        proc.finished.connect(done)
+        proc.start(sys.executable, ["-m", "training", recipe, "--describe-options"])
 
     def _build_options(self, recipe: str, options: list[dict]) -> None:
         """A magicgui form of the recipe's options: a typed widget per option, its default shown."""
@@ -333,10 +338,26 @@ class TrainWidget(QWidget):
         return args
 
     # --- versions ----------------------------------------------------------------------------------
+    def _cost_line(self, kind: str) -> str:
+        """The device line: the CUDA devices, or what the version in use cost to train and where."""
+        if self._gpus:
+            return f"{len(self._gpus)} CUDA device(s): {', '.join(self._gpus)}"
+        from ..models.versions import current_model_dir
+
+        try:
+            t = json.loads((current_model_dir(kind) / "config.json").read_text()).get("training", {})
+            cost = (f" (the version in use took {float(t['minutes']):.0f} min for {t['epochs']} epochs on "
+                    f"{t.get('device', '?')})")
+        except (OSError, ValueError, KeyError, TypeError):
+            cost = ""
+        return (f"no CUDA device here: training runs on the CPU{cost}; Train elsewhere if a GPU server "
+                "is at hand")
+
     def _refresh_versions(self) -> None:
         from ..models.versions import current_model_dir, versions
 
         _, kind, _ = self.choice
+        self.device_label.setText(self._cost_line(kind))
         self.version_list.clear()
         self._versions = versions(kind)
         current = current_model_dir(kind).resolve()

@@ -101,7 +101,20 @@ class TrainWidget(QWidget):
 
     # --- form ------------------------------------------------------------------------------------
     def _build(self) -> None:
-        lay = QVBoxLayout(self)
+        from qtpy.QtCore import Qt
+        from qtpy.QtWidgets import QFrame, QScrollArea
+
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        # in a short window the dock scrolls: squeezed, the wrapped lines would be cut
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        outer.addWidget(scroll)
+        content = QWidget()
+        scroll.setWidget(content)
+        lay = QVBoxLayout(content)
         form_box = QGroupBox("Retrain")
         form = QFormLayout(form_box)
         self.model_combo = QComboBox()
@@ -187,6 +200,7 @@ class TrainWidget(QWidget):
 
         self.plot = pg.PlotWidget()
         self.plot.setMinimumHeight(160)
+        self.plot.setMaximumHeight(230)
         self.plot.addLegend()
         self.plot.setLabel("bottom", "epoch")
         self.loss_curve = self.plot.plot([], [], pen=pg.mkPen("#f0a030", width=2), symbol="o", symbolSize=5,

@@ -277,6 +277,9 @@ def run(a: argparse.Namespace, argv: list[str], spec: Spec = EXUDATES) -> int:
         f"{len(val_imgs)} validation images at scale {a.scale}; loaded in {time.monotonic() - t0:.0f} s")
     train_set = SegmentationPatches(train_imgs, a.patch_size, augment=True, seed=a.seed, length=a.samples_per_epoch)
 
+    from training.trainer import seed_everything
+
+    seed_everything(a.seed)  # the same seed gives the same initial weights, hence the same run
     net = SegmentationNet(backbone=a.backbone, base_channels=a.base_channels, depth=a.depth)
     if a.init:
         try:

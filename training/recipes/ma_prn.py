@@ -253,6 +253,9 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
         f"healthy locations), {len(val_imgs)} validation images ({len(val_pos)} microaneurysms, {len(val_neg)} healthy); "
         f"loaded in {time.monotonic() - t0:.0f} s")
 
+    from training.trainer import seed_everything
+
+    seed_everything(a.seed)  # the same seed gives the same initial weights, hence the same run
     net = PatchClassifier(widths=tuple(a.widths))
     if a.init:
         try:

@@ -386,6 +386,9 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
     geom = PatchGeometry(size=a.patch_size, max_scale=a.max_scale)
     train_set = RefinerPatches(train_imgs, train_samples, geom, augment=True, seed=a.seed, length=a.samples_per_epoch)
 
+    from training.trainer import seed_everything
+
+    seed_everything(a.seed)  # the same seed gives the same initial weights, hence the same run
     net = RefinerNet(
         base_channels=a.base_channels, variant=a.variant,
         superpixels=a.variant == "prototype" and a.train_superpixels == "on",

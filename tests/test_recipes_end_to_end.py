@@ -1,0 +1,77 @@
+"""Every trainable model, end to end in a subprocess on CPU: a loadable model folder, the same curve
+for the same seed, and two DistributedDataParallel processes (torchrun) writing one folder."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import blob_mask, fundus_rgb, write_palette_mask
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "exudates": ["--samples-per-epoch", "8", "--patch-size", "32", "--scale", "1.0", "--base-channels", "4",
+                 "--depth", "2", "--loss", "contrastive"],
+    "ma-hgn": ["--samples-per-epoch", "8", "--patch-size", "32", "--base-channels", "4", "--depth", "2"],
+    "ma-prn": ["--samples-per-epoch", "6", "--widths", "4", "8", "8", "16", "--healthy-per-image", "20",
+               "--refresh-size", "10"],
+}
+KIND = {"exudates": "exudates", "ma-hgn": "ma-hgn", "ma-prn": "ma-prn"}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lesions")
+    rng = np.random.default_rng(0)
+    for i in (1, 2, 3):
+        rgb = fundus_rgb(i)
+        ex = blob_mask([(int(rng.integers(25, 70)), int(rng.integers(30, 100))) for _ in range(3)], radius=3)
+        ma = blob_mask([(int(rng.integers(25, 70)), int(rng.integers(30, 100))) for _ in range(4)], radius=1) & ~ex
+        rgb[ex] = (235, 225, 120)
+        rgb[ma] = (60, 20, 10)
+        Image.fromarray(rgb).save(d / f"IDRiD_{i:02d}.png")
+        write_palette_mask(d / f"IDRiD_{i:02d}_EX.tif", ex)
+        write_palette_mask(d / f"IDRiD_{i:02d}_MA.tif", ma)
+    return d
+
+
+def _train(cmd_prefix, recipe, folder, out, extra=()):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("WORLD_SIZE", None)
+    r = subprocess.run([*cmd_prefix, "-m", "training", recipe, "--data", str(folder), "--out", str(out),
+                        "--epochs", "2", "--batch-size", "2", "--val-images", "IDRiD_03.png", "--device", "cpu",
+                        "--seed", "3", *TINY[recipe], *extra], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return [json.loads(line) for line in (out / "run" / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("recipe", list(TINY))
+def test_a_subprocess_run_writes_a_folder_the_registry_loads_and_the_same_seed_gives_the_same_curve(
+        recipe, folder, tmp_path):
+    from napari_retina.models.registry import check_model_folder, load_model
+
+    log = _train([sys.executable], recipe, folder, tmp_path / "a")
+    assert check_model_folder(tmp_path / "a", expect=KIND[recipe])["model"] == KIND[recipe]
+    assert load_model(tmp_path / "a") is not None
+    again = _train([sys.executable], recipe, folder, tmp_path / "b")
+    curve = [e["train_loss"] for e in log if e["event"] == "epoch"]
+    assert len(curve) == 2 and curve == [e["train_loss"] for e in again if e["event"] == "epoch"]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+@pytest.mark.parametrize("recipe", list(TINY))
+def test_two_distributed_processes_write_one_model_folder(recipe, folder, tmp_path):
+    from napari_retina.models.registry import check_model_folder
+
+    log = _train([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
+                 recipe, folder, tmp_path / "ddp")
+    start = [e for e in log if e["event"] == "start"]
+    assert len(start) == 1 and start[0]["world_size"] == 2  # one process speaks
+    assert [e["epoch"] for e in log if e["event"] == "epoch"] == [1, 2]
+    assert check_model_folder(tmp_path / "ddp", expect=KIND[recipe])

@@ -196,3 +196,22 @@ def test_the_recipe_options_form_is_built_from_the_recipe_and_only_changes_reach
     train.model_combo.setCurrentText("microaneurysm HGN, half scale")
     qtbot.waitUntil(lambda: "ma-hgn" in train.options_box.title(), timeout=60000)
     assert "--scale" not in train.option_widgets and train.option_widgets["--loss"][1].value == "wbce-dice"
+
+
+def test_use_this_model_changes_what_the_annotator_refines_with(docks, qtbot, tmp_path):
+    import json
+    import shutil
+
+    from napari_retina.models.registry import shipped_model_dir
+
+    viewer, ann, train = docks
+    mine = tmp_path / "refiner-mine"
+    shutil.copytree(shipped_model_dir("refiner"), mine)
+    cfg = json.loads((mine / "config.json").read_text())
+    cfg["version"] = "2026.12.02-mine"  # a version trained elsewhere (the weights, and their checksum, as shipped)
+    (mine / "config.json").write_text(json.dumps(cfg))
+    train.model_combo.setCurrentText("ellipse refiner")
+    imported = train.import_model(mine)  # imported, so put in use
+    assert imported is not None and current_model_dir("refiner") == imported.resolve()
+    qtbot.waitUntil(lambda: ann.refinement.refiner is not None, timeout=60000)
+    assert ann.refinement.refiner.version == "2026.12.02-mine"

@@ -1,4 +1,4 @@
-"""Every trainable model, end to end in a subprocess on CPU: a loadable model folder, the same curve
+"""Every trainable model (refiner, exudates, ma-hgn, ma-prn), end to end in a subprocess on CPU: a loadable model folder, the same curve
 for the same seed, and two DistributedDataParallel processes (torchrun) writing one folder."""
 
 import json
@@ -16,13 +16,14 @@ from conftest import blob_mask, fundus_rgb, write_palette_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
+    "refiner": ["--patch-size", "64", "--samples-per-epoch", "8", "--base-channels", "4", "--reduction", "1.0"],
     "exudates": ["--samples-per-epoch", "8", "--patch-size", "32", "--scale", "1.0", "--base-channels", "4",
                  "--depth", "2", "--loss", "contrastive"],
     "ma-hgn": ["--samples-per-epoch", "8", "--patch-size", "32", "--base-channels", "4", "--depth", "2"],
     "ma-prn": ["--samples-per-epoch", "6", "--widths", "4", "8", "8", "16", "--healthy-per-image", "20",
                "--refresh-size", "10"],
 }
-KIND = {"exudates": "exudates", "ma-hgn": "ma-hgn", "ma-prn": "ma-prn"}
+KIND = {"refiner": "refiner", "exudates": "exudates", "ma-hgn": "ma-hgn", "ma-prn": "ma-prn"}
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"napari-retina: error: {message}\n")
 
 
+def _segmenter_evaluate_args(sp, what: str) -> None:
+    """The options `evaluate ex` and `evaluate ma` share."""
+    sp.add_argument("--data", required=True, metavar="DIR", help="IDRiD-layout (official or flat) or project folder")
+    sp.add_argument("--model", metavar="DIR", help=f"{what} model folder (default: the version in use; first the shipped one)")
+    sp.add_argument("--split", choices=("val", "all"), default="all", help="val: only the model card's validation images")
+    sp.add_argument("--images-of", metavar="MODEL_DIR",
+                    help="with --split val: that model's validation images (compare two versions)")
+    sp.add_argument("--limit", type=int, help="only the first N images")
+    sp.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    sp.add_argument("--out", metavar="FILE.json", help="also write the JSON here")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="napari-retina",
@@ -86,13 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
             "(8-connectivity, a predicted lesion counts when it touches a ground-truth lesion), seconds per image."
         ),
     )
-    ee.add_argument("--data", required=True, metavar="DIR", help="IDRiD-layout (official or flat) or project folder")
-    ee.add_argument("--model", metavar="DIR", help="segmentation model folder (default: the version in use; first the shipped one)")
-    ee.add_argument("--split", choices=("val", "all"), default="all", help="val: only the model card's validation images")
-    ee.add_argument("--images-of", metavar="MODEL_DIR", help="with --split val: that model's validation images (compare two versions)")
-    ee.add_argument("--limit", type=int, help="only the first N images")
-    ee.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    ee.add_argument("--out", metavar="FILE.json", help="also write the JSON here")
+    _segmenter_evaluate_args(ee, "segmentation")
     em = esub.add_parser(
         "ma",
         help="microaneurysm detector: pixel AUPR (pooled, IDRiD challenge), figures at the threshold, FROC",
@@ -103,14 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
             "arithmetic and geometric fusion, refined) under `variants`."
         ),
     )
-    em.add_argument("--data", required=True, metavar="DIR", help="IDRiD-layout (official or flat) or project folder")
-    em.add_argument("--model", metavar="DIR", help="microaneurysm model folder (default: the version in use; first the shipped one)")
-    em.add_argument("--split", choices=("val", "all"), default="all", help="val: only the model card's validation images")
-    em.add_argument("--images-of", metavar="MODEL_DIR", help="with --split val: that model's validation images (compare two versions)")
-    em.add_argument("--limit", type=int, help="only the first N images")
-    em.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    _segmenter_evaluate_args(em, "microaneurysm")
     em.add_argument("--variants", action="store_true", help="also score every stage of the detector (Table 2)")
-    em.add_argument("--out", metavar="FILE.json", help="also write the JSON here")
     er = esub.add_parser(
         "refine",
         help="coarse ellipse refinement: image-level IoU per lesion (paper Table 1, Fig. 3), IoU by ellipse size, latency",

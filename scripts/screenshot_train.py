@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ["NAPARI_RETINA_DATA"] = tempfile.mkdtemp()  # before the plugin reads it
 
-from conftest import blob_mask, fundus_rgb, write_palette_mask  # noqa: E402
+from conftest import write_exudate_folder  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--out", default=str(ROOT / "docs" / "retrain.png"))
@@ -34,15 +34,7 @@ from qtpy.QtWidgets import QApplication  # noqa: E402
 from napari_retina.widgets.annotator import LesionAnnotator  # noqa: E402
 from napari_retina.widgets.train import TrainWidget  # noqa: E402
 
-folder = Path(tempfile.mkdtemp()) / "corrected"
-folder.mkdir()
-rng = np.random.default_rng(0)
-for i in (1, 2, 3):
-    rgb = fundus_rgb(i)
-    m = blob_mask([(int(rng.integers(25, 70)), int(rng.integers(30, 100))) for _ in range(4)], radius=3)
-    rgb[m] = (235, 225, 120)
-    Image.fromarray(rgb).save(folder / f"IDRiD_{i:02d}.png")
-    write_palette_mask(folder / f"IDRiD_{i:02d}_EX.tif", m)
+folder = write_exudate_folder(Path(tempfile.mkdtemp()) / "corrected")
 
 viewer = napari.Viewer(title="napari-retina")
 viewer.window._qt_window.resize(1500, 950)

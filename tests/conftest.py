@@ -100,3 +100,16 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
     setattr(item, f"rep_{rep.when}", rep)
+
+
+def write_exudate_folder(d: Path) -> Path:
+    """Three flat-layout images (IDRiD_01..03.png), each with four bright exudate blobs and their EX masks."""
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in (1, 2, 3):
+        rgb = fundus_rgb(i)
+        m = blob_mask([(int(rng.integers(25, 70)), int(rng.integers(30, 100))) for _ in range(4)], radius=3)
+        rgb[m] = (235, 225, 120)  # exudates: bright yellow
+        Image.fromarray(rgb).save(d / f"IDRiD_{i:02d}.png")
+        write_palette_mask(d / f"IDRiD_{i:02d}_EX.tif", m)
+    return d

@@ -5,25 +5,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import blob_mask, fundus_rgb, write_palette_mask
+from conftest import fundus_rgb, write_exudate_folder
 
 
 @pytest.fixture
 def ex_folder(tmp_path):
     """Three flat-layout images, each with a few bright exudate blobs and their masks."""
-    d = tmp_path / "ex"
-    d.mkdir()
-    rng = np.random.default_rng(0)
-    for i in (1, 2, 3):
-        rgb = fundus_rgb(i)
-        centres = [(int(rng.integers(25, 70)), int(rng.integers(30, 100))) for _ in range(4)]
-        m = blob_mask(centres, radius=3)
-        rgb[m] = (235, 225, 120)  # exudates: bright yellow
-        Image.fromarray(rgb).save(d / f"IDRiD_{i:02d}.png")
-        write_palette_mask(d / f"IDRiD_{i:02d}_EX.tif", m)
-    return d
+    return write_exudate_folder(tmp_path / "ex")
 
 
 def test_patches_are_prepared_as_inference_prepares_images(ex_folder):

@@ -2,10 +2,9 @@
 
 import numpy as np
 import pytest
-from PIL import Image
 from qtpy.QtCore import Qt
 
-from conftest import blob_mask, fundus_rgb, write_palette_mask
+from conftest import write_exudate_folder
 from napari_retina.models.versions import current_model_dir, versions
 from napari_retina.widgets.annotator import LesionAnnotator
 from napari_retina.widgets.train import MODELS, TrainWidget, read_log
@@ -15,16 +14,8 @@ TINY = "--samples-per-epoch 8 --patch-size 32 --scale 1.0 --base-channels 4 --de
 
 @pytest.fixture
 def ex_folder(tmp_path):
-    d = tmp_path / "ex"
-    d.mkdir()
-    rng = np.random.default_rng(0)
-    for i in (1, 2, 3):
-        rgb = fundus_rgb(i)
-        m = blob_mask([(int(rng.integers(25, 70)), int(rng.integers(30, 100))) for _ in range(4)], radius=3)
-        rgb[m] = (235, 225, 120)
-        Image.fromarray(rgb).save(d / f"IDRiD_{i:02d}.png")
-        write_palette_mask(d / f"IDRiD_{i:02d}_EX.tif", m)
-    return d
+    """Three flat-layout images, each with a few bright exudate blobs and their masks."""
+    return write_exudate_folder(tmp_path / "ex")
 
 
 @pytest.fixture

@@ -30,32 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .segmentation import BasicBlock  # CE-Net's encoder block: the same ResNet basic block
+
 __all__ = ["PatchClassifier", "PATCH_SIZE"]
 
 PATCH_SIZE = 129  # the paper's PRN patch: odd, so one pixel is the centre
-
-
-class _Block(nn.Module):
-    """Basic residual block: conv-BN-ReLU-conv-BN plus the (projected) input, then ReLU."""
-
-    def __init__(self, cin: int, cout: int, stride: int = 1):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
-            nn.BatchNorm2d(cout),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
-            nn.BatchNorm2d(cout),
-        )
-        self.skip = (
-            nn.Identity()
-            if stride == 1 and cin == cout
-            else nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
-        )
-        self.act = nn.ReLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.body(x) + self.skip(x))
 
 
 class PatchClassifier(nn.Module):
@@ -69,7 +48,7 @@ class PatchClassifier(nn.Module):
         )
         stages, cin = [], widths[0]
         for i, w in enumerate(widths):
-            layers = [_Block(cin, w, stride=2)] + [_Block(w, w) for _ in range(blocks - 1)]
+            layers = [BasicBlock(cin, w, stride=2)] + [BasicBlock(w, w) for _ in range(blocks - 1)]
             stages.append(nn.Sequential(*layers))
             cin = w
         self.stages = nn.Sequential(*stages)

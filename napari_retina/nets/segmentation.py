@@ -192,7 +192,7 @@ class _ResUNet(nn.Module):
 # ---- CE-Net ------------------------------------------------------------------------------------------
 
 
-class _BasicBlock(nn.Module):
+class BasicBlock(nn.Module):
     """ResNet's basic block: (3x3 conv, BN, ReLU, 3x3 conv, BN) + shortcut, ReLU."""
 
     def __init__(self, cin: int, cout: int, stride: int = 1):
@@ -290,7 +290,7 @@ class _CENet(nn.Module):
         for s, cout in enumerate(widths):
             n_blocks = _RESNET34_BLOCKS[s] if s < len(_RESNET34_BLOCKS) else 2
             stride = 1 if s == 0 else 2  # stage 0 follows the max pool
-            stages.append(nn.Sequential(_BasicBlock(cin, cout, stride), *[_BasicBlock(cout, cout) for _ in range(n_blocks - 1)]))
+            stages.append(nn.Sequential(BasicBlock(cin, cout, stride), *[BasicBlock(cout, cout) for _ in range(n_blocks - 1)]))
             cin = cout
         self.stages = nn.ModuleList(stages)
         self.dac = _DenseAtrousConv(cin)

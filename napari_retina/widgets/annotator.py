@@ -30,7 +30,6 @@ from qtpy.QtWidgets import (
     QComboBox,
     QCheckBox,
     QFileDialog,
-    QFrame,
     QGridLayout,
     QGroupBox,
     QHBoxLayout,
@@ -39,7 +38,6 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QListWidget,
     QPushButton,
-    QScrollArea,
     QSizePolicy,
     QSlider,
     QTableWidget,
@@ -187,17 +185,9 @@ class LesionAnnotator(QWidget):
 
     # --- UI ----------------------------------------------------------------------------
     def _build_ui(self) -> None:
-        outer = QVBoxLayout(self)
-        outer.setContentsMargins(0, 0, 0, 0)
-        # in a short window the dock scrolls; squeezed, the count table would hide rows
-        scroll = QScrollArea()
-        scroll.setWidgetResizable(True)
-        scroll.setFrameShape(QFrame.Shape.NoFrame)
-        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        outer.addWidget(scroll)
-        content = QWidget()
-        scroll.setWidget(content)
-        lay = QVBoxLayout(content)
+        from ._scroll import scrolling_layout
+
+        lay, scroll, content = scrolling_layout(self)  # squeezed, the count table would hide rows
         self.image_label = QLabel("Open a fundus image or a folder (File > Open)")
         self.image_label.setWordWrap(True)
         lay.addWidget(self.image_label)

@@ -101,20 +101,9 @@ class TrainWidget(QWidget):
 
     # --- form ------------------------------------------------------------------------------------
     def _build(self) -> None:
-        from qtpy.QtCore import Qt
-        from qtpy.QtWidgets import QFrame, QScrollArea
+        from ._scroll import scrolling_layout
 
-        outer = QVBoxLayout(self)
-        outer.setContentsMargins(0, 0, 0, 0)
-        # in a short window the dock scrolls: squeezed, the wrapped lines would be cut
-        scroll = QScrollArea()
-        scroll.setWidgetResizable(True)
-        scroll.setFrameShape(QFrame.Shape.NoFrame)
-        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        outer.addWidget(scroll)
-        content = QWidget()
-        scroll.setWidget(content)
-        lay = QVBoxLayout(content)
+        lay, _, _ = scrolling_layout(self)  # squeezed, the wrapped lines would be cut
         form_box = QGroupBox("Retrain")
         form = QFormLayout(form_box)
         self.model_combo = QComboBox()

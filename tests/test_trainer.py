@@ -337,15 +337,21 @@ def test_amp_settings_for_cuda_decide_without_touching_the_gpu():
 
 DDP_SCRIPT = textwrap.dedent(
     """
-    import sys, torch
+    import sys, time, torch
     from pathlib import Path
     sys.path.insert(0, {tests!r})
     from test_trainer import make_trainer, tiny_net
     from training.trainer import rank
     out = Path(sys.argv[1])
-    trainer = make_trainer(out, epochs=2, batch_size=4, log_every_steps=1)
+
+    def slow_export(trainer, metrics):  # rank 0 only, as an export or a sampling refresh
+        time.sleep(1.5)
+        (out / "hook_done").write_text(repr(time.time()))
+
+    trainer = make_trainer(out, epochs=2, batch_size=4, log_every_steps=1, on_epoch_end=[slow_export])
     assert isinstance(trainer.model, torch.nn.parallel.DistributedDataParallel)
     summary = trainer.fit()
+    (out / f"left{{trainer.rank}}").write_text(repr(time.time()))
     torch.save(trainer.module.state_dict(), out / f"rank{{trainer.rank}}.pt")
     assert not torch.distributed.is_initialized() and summary["world_size"] == 2
     """
@@ -376,6 +382,8 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     w0, w1 = (torch.load(out / f"rank{r}.pt") for r in (0, 1))
     assert same_weights(w0, w1)
     assert same_weights(w0, load_checkpoint(out / "checkpoints" / "last.pt")["model"])
+    # no rank leaves before rank 0's last epoch hook has finished (it would tear Gloo down under it)
+    assert float((out / "left1").read_text()) >= float((out / "hook_done").read_text())
 
 
 @pytest.mark.parametrize("optimizer, scheduler", [("adamw", "cosine"), ("sgd", "none")])

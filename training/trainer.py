@@ -821,6 +821,11 @@ class Trainer:
                 self._resume()
             with self._stop_on_signals():
                 summary = self._loop(resume)
+            if self.distributed:
+                # rank 0 may still be in its epoch hooks (export, selective sampling) when the
+                # others finish: wait for it, so no rank tears down Gloo's connections under
+                # a peer (seen as a SIGABRT of the rank that left first)
+                torch.distributed.barrier()
         except BaseException as e:
             self._event("error", message=f"{type(e).__name__}: {e}".splitlines()[0])
             raise

@@ -86,6 +86,28 @@ def test_ellipse_takes_the_class_and_its_colour(annotator, qtbot):
     assert viewer.layers.selection.active is shapes and shapes.feature_defaults["lesion"].iloc[0] == "EX"
 
 
+def test_each_drawn_or_pasted_ellipse_gets_its_own_id_and_author(annotator, qtbot):
+    viewer, widget = annotator
+    widget.grader_edit.setText("grader-a")
+    shapes = widget.ellipses_layer
+    widget.set_lesion("EX")
+    shapes.add(np.array([[20, 30], [20, 50], [40, 50], [40, 30]]), shape_type="ellipse")
+    widget.set_lesion("MA")
+    shapes.add(np.array([[60, 30], [60, 40], [70, 40], [70, 30]]), shape_type="ellipse")
+    shapes.selected_data = {1}
+    shapes._copy_data()  # napari's Ctrl+C / Ctrl+V: the copy carries the original's features
+    shapes._paste_data()
+    ids = shapes.features["id"].tolist()
+    assert len(ids) == 3 and len(set(ids)) == 3 and all(ids)
+    assert shapes.features["lesion"].tolist() == ["EX", "MA", "MA"]
+    assert all(widget._extras[i]["author"] == "grader-a" for i in ids)
+    colours = np.asarray(shapes.edge_color)[:, :3]
+    np.testing.assert_allclose(colours[1], colours[2])
+    assert not np.allclose(colours[0], colours[1])
+    saved = {e.extra["id"]: e.lesion for e in widget._ellipse_file().ellipses}
+    assert saved == dict(zip(ids, ["EX", "MA", "MA"]))
+
+
 def test_paint_is_autosaved_and_counted(annotator, qtbot, flat_folder):
     viewer, widget = annotator
     qtbot.mouseClick(widget.class_buttons.button(2), Qt.MouseButton.LeftButton)  # MA

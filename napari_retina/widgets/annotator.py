@@ -139,6 +139,9 @@ class LesionAnnotator(QWidget):
         ma_model_dir=None,
     ):
         super().__init__(parent)
+        from .mesh_shaders import keep_mesh_shaders
+
+        keep_mesh_shaders()  # an added ellipse must not recompile the Shapes layer's shaders
         self.refinement = EllipseRefinement(self, model_dir=model_dir)
         self._exudate_model_dir = exudate_model_dir
         self._ma_model_dir = ma_model_dir
@@ -163,6 +166,8 @@ class LesionAnnotator(QWidget):
         self._writing_layers = False  # our own box writes: not the grader's edits
         self._resync_due: set[str] = set()
         self._extras: dict[str, dict] = {}
+        self._armed_id = ""  # the id a shape drawn next gets (see _label_new_shapes)
+        self._labelling = False
         self._last_error: str | None = None
         self._loading = False
         self._pending: list[Future] = []
@@ -472,7 +477,7 @@ class LesionAnnotator(QWidget):
         shapes = self.ellipses_layer
         if not getattr(shapes, "_retina_connected", False):
             shapes.events.data.connect(self._on_shapes_data)
-            shapes.events.features.connect(self._on_ellipses_edited)
+            shapes.events.features.connect(self._on_shapes_features)
             shapes._retina_connected = True
         info = shapes.metadata.get(META_KEY, {})
         self._extras = dict(info.get("extras", {}))
@@ -550,6 +555,8 @@ class LesionAnnotator(QWidget):
         if shapes is not None:
             shapes.feature_defaults["lesion"] = les.code
             shapes.current_edge_color = les.colour
+            if "id" in shapes.feature_defaults and str(shapes.feature_defaults["id"].iloc[0]) != self._armed_id:
+                self._arm_new_shape()  # a new layer, or one whose defaults were set by an import
         if not activate:
             return
         active = self.viewer.layers.selection.active
@@ -590,23 +597,59 @@ class LesionAnnotator(QWidget):
         if action.lower().endswith(("added", "changed", "removed")) and not self._loading:
             self.refinement.sync(self.current_ellipses())
 
+    def _on_shapes_features(self, event=None) -> None:
+        """napari's paste adds shapes with a features event only, carrying the copied ids."""
+        self._on_ellipses_edited()
+        shapes = self.ellipses_layer
+        if self._labelling or self._loading or shapes is None or "id" not in shapes.features:
+            return
+        ids = [str(x) for x in shapes.features["id"]]
+        if len(set(ids)) != len(ids) or any(not i or i == "nan" for i in ids):
+            self._label_new_shapes()
+            self.refinement.sync(self.current_ellipses())
+
     def _label_new_shapes(self) -> None:
+        """Give each new shape its id, author and lesion colour; rewrite the layer only where needed.
+
+        A drawn ellipse arrives with the id armed in the layer's feature defaults and the
+        lesion colour already current, so nothing is rewritten then (a rewrite recolours and
+        re-rasterises every shape: about 10 ms per ellipse before its refinement can start).
+        Shapes without an id, or pasted copies carrying another's, get a fresh one.
+        """
         shapes = self.ellipses_layer
         feats = shapes.features
         if "id" not in feats or "lesion" not in feats:
             return
         grader = self.grader_edit.text().strip() or _user()
-        colours = np.asarray(shapes.edge_color).copy()
-        for i in range(len(feats)):
-            if not feats.at[i, "id"] or str(feats.at[i, "id"]) == "nan":
-                eid = new_id()
+        seen: set[str] = set()
+        rewrite = False
+        for i, value in enumerate(feats["id"]):
+            eid = str(value)
+            new = eid == self._armed_id
+            if not eid or eid == "nan" or eid in seen:
+                eid, new, rewrite = new_id(), True, True
                 feats.at[i, "id"] = eid
+            seen.add(eid)
+            if new and eid not in self._extras:
                 self._extras[eid] = {"author": grader, "created": now_iso()}
-                colours[i] = QColor(lesion(feats.at[i, "lesion"]).colour).getRgbF()
-        shapes.features = feats
-        # napari takes the defaults for the next shape from the last row: a fresh shape must get a fresh id
-        shapes.feature_defaults["id"] = ""
-        shapes.edge_color = colours
+        self._labelling = True  # our own rewrite's features event is not a paste
+        try:
+            if rewrite:
+                shapes.features = feats
+            colours = np.asarray(shapes.edge_color)
+            want = np.array([QColor(lesion(str(c)).colour).getRgbF() for c in feats["lesion"]]).reshape(-1, 4)
+            if colours.shape != want.shape or not np.allclose(colours, want, atol=2e-3):
+                shapes.edge_color = want
+        finally:
+            self._labelling = False
+        self._arm_new_shape()
+
+    def _arm_new_shape(self) -> None:
+        """The id the next drawn shape takes (napari copies feature defaults into a new row)."""
+        shapes = self.ellipses_layer
+        if shapes is not None and "id" in shapes.feature_defaults:
+            self._armed_id = new_id()
+            shapes.feature_defaults["id"] = self._armed_id
 
     def _paint_handler(self, code: str):
         """Brush, eraser, fill and polygon strokes go to the record (napari sends what changed)."""

@@ -438,3 +438,20 @@ def test_a_click_on_a_flat_place_gets_a_disc_of_typical_size_not_the_largest():
     flat = np.full((100, 100, 3), (150, 90, 40), np.uint8)
     centre, radius = snap_microaneurysm(flat, (50, 50))
     assert radius == MA_TYPICAL_RADIUS and abs(centre[0] - 50) <= 8 and abs(centre[1] - 50) <= 8
+
+
+def test_each_candidate_is_scored_at_its_most_probable_pixel_the_first_on_ties():
+    from scipy import ndimage
+
+    from napari_retina.metrics import label_lesions
+
+    rng = np.random.default_rng(0)
+    prob = rng.random((60, 80)).astype(np.float32)
+    cands = candidate_regions(prob, 0.7)
+    labels, n = label_lesions(prob >= 0.7)
+    expected = np.array(ndimage.maximum_position(prob, labels, index=np.arange(1, n + 1))).reshape(n, 2)
+    assert n > 20 and (cands.centres == expected).all()
+    np.testing.assert_array_equal(cands.peaks, prob[expected[:, 0], expected[:, 1]])
+    flat = np.zeros((10, 10), np.float32)
+    flat[2:5, 3:7] = 0.8  # one plateau: its first pixel in raster order
+    assert candidate_regions(flat, 0.5).centres.tolist() == [[2, 3]]

@@ -109,8 +109,6 @@ class Candidates:
 
 def candidate_regions(prob: np.ndarray, threshold: float = 0.5, fov: np.ndarray | None = None) -> Candidates:
     """Regions of `prob` >= `threshold` (inside `fov`), each with its most probable pixel."""
-    from scipy import ndimage
-
     from ..metrics import label_lesions
 
     prob = np.asarray(prob, np.float32)
@@ -120,9 +118,13 @@ def candidate_regions(prob: np.ndarray, threshold: float = 0.5, fov: np.ndarray 
     labels, n = label_lesions(cand)
     if n == 0:
         return Candidates(labels.astype(np.int32), np.zeros((0, 2), int), np.zeros(0, np.float32))
-    index = np.arange(1, n + 1)
-    pos = ndimage.maximum_position(prob, labels, index=index)
-    centres = np.array(pos, dtype=int).reshape(n, 2)
+    # each region's most probable pixel (the first in raster order on ties), found among the
+    # candidate pixels only: ndimage.maximum_position sorts the whole 12-megapixel map (4 s)
+    flat = np.flatnonzero(labels)
+    lab, val = labels.ravel()[flat], prob.ravel()[flat]
+    order = np.lexsort((flat, -val, lab))
+    first = order[np.r_[True, lab[order][1:] != lab[order][:-1]]]
+    centres = np.stack(np.unravel_index(flat[first], prob.shape), axis=1).astype(int).reshape(n, 2)
     return Candidates(labels.astype(np.int32), centres, prob[centres[:, 0], centres[:, 1]])
 
 
@@ -224,7 +226,8 @@ class PatchScorer:
 
         with torch.inference_mode():
             x = torch.from_numpy(prn_input(patches)).to(self.device)
-            return torch.sigmoid(self.net(x)).float().cpu().numpy()
+            x = x.contiguous(memory_format=torch.channels_last)  # as for the tiles (tiling.torch_predictor)
+            return torch.sigmoid(self.net(x)).float().cpu().numpy().reshape(-1)
 
 
 FUSIONS = ("arithmetic", "geometric")

@@ -58,7 +58,7 @@ def test_train_in_a_separate_process_watch_the_plot_and_swap_the_new_version_in(
     xs, ys = train.loss_curve.getData()
     assert list(xs) == [1, 2] and np.isfinite(ys).all()  # the live plot: one point per epoch
     assert len(train.val_curve.getData()[0]) == 2
-    assert "new version" in train.result.text() and "in use" in train.result.text(), train.result.text()
+    assert "new exudates version" in train.result.text() and "in use" in train.result.text(), train.result.text()
     out = train.out
     assert (out / "config.json").is_file() and any(v.folder == out for v in versions("exudates"))
     # both versions scored on the new one's validation images by napari-retina evaluate, in the background
@@ -71,7 +71,7 @@ def test_train_in_a_separate_process_watch_the_plot_and_swap_the_new_version_in(
     assert current_model_dir("exudates") == out.resolve() != shipped
     assert ann.exudate_finder.segmenter is None  # the next Find loads the new version
     # the annotator reloads the refiner in the background too: let it finish before the window goes
-    qtbot.waitUntil(lambda: ann.refinement.refiner is not None or ann.refinement.model_error, timeout=60000)
+    qtbot.waitUntil(lambda: ann.refinement.refiner is not None or bool(ann.refinement.model_error), timeout=60000)
     from napari_retina.segmentation import load_segmenter
 
     assert load_segmenter("EX").version == out.name
@@ -206,3 +206,32 @@ def test_use_this_model_changes_what_the_annotator_refines_with(docks, qtbot, tm
     assert imported is not None and current_model_dir("refiner") == imported.resolve()
     qtbot.waitUntil(lambda: ann.refinement.refiner is not None, timeout=60000)
     assert ann.refinement.refiner.version == "2026.12.02-mine"
+
+
+REFINER_TINY = "--patch-size 64 --samples-per-epoch 8 --base-channels 4 --reduction 1.0 --val-images IDRiD_03.png"
+
+
+def test_ticked_models_train_one_after_the_other_each_with_its_own_options(docks, qtbot):
+    viewer, ann, train = docks
+    train.model_combo.setCurrentText("ellipse refiner")
+    train.extra_edit.setText(REFINER_TINY)
+    _form(train, epochs=1)  # the exudate segmenter shown, with its own options line
+    train.model_combo.setCurrentText("ellipse refiner")
+    assert train.extra_edit.text() == REFINER_TINY  # each model keeps its line
+    train.model_combo.setCurrentText("hard-exudate segmenter")
+    assert train.extra_edit.text() == TINY
+    for label in ("ellipse refiner", "hard-exudate segmenter"):  # the one shown is not trained twice
+        train.queue_list.findItems(label, Qt.MatchFlag.MatchExactly)[0].setCheckState(Qt.CheckState.Checked)
+    assert train.queued() == ["ellipse refiner"]
+    qtbot.mouseClick(train.start_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: len(train._done_runs) == 2 and train.process is None, timeout=300000)
+    assert [k for k, _, _ in train._done_runs] == ["exudates", "refiner"]
+    assert "--reduction" in train._last_args and "--scale" not in train._last_args  # the refiner's own line
+    assert train.result.text().count("new ") == 2 and train.use_button.text() == "Use these 2 models"
+    outs = [o for _, o, _ in train._done_runs]
+    qtbot.mouseClick(train.use_button, Qt.MouseButton.LeftButton)
+    assert [current_model_dir(k) for k in ("exudates", "refiner")] == [o.resolve() for o in outs]
+    qtbot.waitUntil(lambda: ann.refinement.refiner is not None or bool(ann.refinement.model_error), timeout=60000)
+    r = ann.refinement
+    assert r.refiner is not None, (r.model_error, r._loading, r._reload, r.model_dir)
+    assert ann.refinement.refiner.version == outs[1].name

@@ -50,10 +50,14 @@ class EllipseRefinement(QObject):
         self._queue: dict[str, tuple[Ellipse, float]] = {}
         self._busy = False
         self._loading = False
+        self._reload = False
 
     # --- model -----------------------------------------------------------------------------
     def load_model(self) -> None:
-        if self.refiner is not None or self._loading or self.model_error:
+        if self._loading:
+            self._reload = True  # another version was chosen meanwhile: load that one once this ends
+            return
+        if self.refiner is not None or self.model_error:
             return
         from ..models.folder import CONFIG, WEIGHTS
         from ..models.refiner import default_model_dir
@@ -87,6 +91,10 @@ class EllipseRefinement(QObject):
 
     def _model_loaded(self, refiner) -> None:
         self._loading = False
+        if self._reload:
+            self._reload = False
+            self.load_model()
+            return
         self.refiner = refiner
         if self.threshold is None:
             self.threshold = refiner.threshold
@@ -95,6 +103,10 @@ class EllipseRefinement(QObject):
 
     def _model_failed(self, exc) -> None:
         self._loading = False
+        if self._reload:
+            self._reload = False
+            self.load_model()
+            return
         self.model_error = str(exc)
         show_error(f"ellipse refinement unavailable: {exc}")
 

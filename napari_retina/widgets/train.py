@@ -24,9 +24,9 @@ from pathlib import Path
 
 import napari
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import QProcess, QProcessEnvironment, QTimer, Signal
+from qtpy.QtCore import QProcess, QProcessEnvironment, Qt, QTimer, Signal
 from qtpy.QtWidgets import (
-    QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QListWidget,
+    QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QListWidget, QListWidgetItem,
     QPushButton, QSpinBox, QVBoxLayout, QWidget,
 )
 
@@ -92,6 +92,10 @@ class TrainWidget(QWidget):
         self._pbar = None
         self._started_at = 0.0
         self._cancelled = False
+        self._queue: list[str] = []  # models still to train in this run, one after the other
+        self._done_runs: list[tuple[str, Path, str]] = []  # (kind, folder, summary line) of this run
+        self._options_text: dict[str, str] = {}  # each model's "options" line, kept while another is shown
+        self._shown = ""
         self._poll = QTimer(self)
         self._poll.setInterval(1000)
         self._poll.timeout.connect(self.poll)
@@ -110,7 +114,19 @@ class TrainWidget(QWidget):
         self.model_combo.addItems(list(MODELS))
         self.model_combo.currentIndexChanged.connect(self._refresh_versions)
         self.model_combo.currentIndexChanged.connect(self._load_options)
+        self.model_combo.currentIndexChanged.connect(self._swap_options_text)
+        self._shown = self.model_combo.currentText()
         form.addRow("model", self.model_combo)
+        self.queue_list = QListWidget()
+        self.queue_list.setToolTip("trained one after the other once the model above is done, each with the "
+                                   "same data, device and budget and its own options line")
+        for label in MODELS:
+            item = QListWidgetItem(label)
+            item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
+            item.setCheckState(Qt.CheckState.Unchecked)
+            self.queue_list.addItem(item)
+        self.queue_list.setMaximumHeight(5 * self.queue_list.sizeHintForRow(0) + 6)
+        form.addRow("then also", self.queue_list)
         self.data_edit = QLineEdit(self._default_data())
         self.data_edit.setToolTip("folders of corrected images (projects beside them count where reviewed)")
         browse = QPushButton("...")
@@ -245,6 +261,18 @@ class TrainWidget(QWidget):
     @property
     def choice(self) -> tuple[str, str, list[str]]:
         return MODELS[self.model_combo.currentText()]
+
+    def _swap_options_text(self) -> None:
+        """Each model keeps its own "options" line (recipes take different options)."""
+        self._options_text[self._shown] = self.extra_edit.text()
+        self._shown = self.model_combo.currentText()
+        self.extra_edit.setText(self._options_text.get(self._shown, ""))
+
+    def queued(self) -> list[str]:
+        """The models ticked under "then also", in the list's order, without the one shown."""
+        items = (self.queue_list.item(i) for i in range(self.queue_list.count()))
+        return [it.text() for it in items
+                if it.checkState() == Qt.CheckState.Checked and it.text() != self.model_combo.currentText()]
 
     # --- the recipe's options -------------------------------------------------------------------------
     def _load_options(self) -> None:
@@ -406,20 +434,29 @@ class TrainWidget(QWidget):
         return target
 
     # --- running ------------------------------------------------------------------------------------
-    def command(self) -> tuple[list[str], Path, str]:
-        """(the `python -m training ...` arguments the form describes, the new version's folder, its kind)."""
+    def command(self, label: str | None = None) -> tuple[list[str], Path, str]:
+        """(the `python -m training ...` arguments the form describes, the new version's folder, its kind).
+
+        `label`: a queued model instead of the one shown: the same data, device and budget, its
+        own options line, its recipe's defaults for the rest.
+        """
         from ..models.versions import current_model_dir, new_version_dir
 
-        recipe, kind, fixed = self.choice
+        shown = label is None or label == self.model_combo.currentText()
+        label = self.model_combo.currentText() if label is None else label
+        recipe, kind, fixed = MODELS[label]
         data = [d for d in (self.data_edit.text().strip(), self.idrid_edit.text().strip()) if d]
-        options = self.option_args() + shlex.split(self.extra_edit.text())  # ValueError: before anything changes
+        if shown:  # ValueError: before anything changes
+            options = self.option_args() + shlex.split(self.extra_edit.text())
+        else:
+            options = shlex.split(self._options_text.get(label, ""))
         version = datetime.datetime.now().strftime(f"%Y.%m.%d-%H%M-{recipe}")
         out = new_version_dir(kind, version)
         args = ["-m", "training", recipe, "--data", *data, "--out", str(out), "--version", out.name,
                 "--device", self.device_combo.currentText(), "--batch-size", str(self.batch_spin.value()), *fixed,
                 *self._budget()]
         current = current_model_dir(kind)
-        if self.start_combo.currentIndex() == 0 and (current / "config.json").is_file() and self._same_scale(current):
+        if self.start_combo.currentIndex() == 0 and (current / "config.json").is_file() and _same_scale(current, fixed):
             args += ["--init", str(current)]
         return args + options, out, kind
 
@@ -434,17 +471,6 @@ class TrainWidget(QWidget):
             raise ValueError("give a number of epochs or minutes (both say no limit)")
         return out
 
-    def _same_scale(self, folder: Path) -> bool:
-        """A hypothesis network starts only from one of its own scale (both scales share the kind)."""
-        fixed = self.choice[2]
-        if "--scale" not in fixed:
-            return True
-        try:
-            scale = float(json.loads((folder / "config.json").read_text()).get("input_scale", 0))
-        except (OSError, ValueError):
-            return False
-        return scale == float(fixed[fixed.index("--scale") + 1])
-
     def start(self) -> None:
         if self.process is not None:
             return
@@ -454,12 +480,28 @@ class TrainWidget(QWidget):
             show_error(f"retrain: {'choose a data folder' if not data else missing[0] + ': not a folder'}")
             return
         try:
+            for label in self.queued():
+                shlex.split(self._options_text.get(label, ""))
             args, out, kind = self.command()
         except ValueError as e:
             show_error(f"retrain: options: {e}")
             return
+        self._queue, self._done_runs = self.queued(), []
         self.out, self.kind = out, kind
         self._run(args)
+
+    def _start_next(self) -> None:
+        """The next model of the queue, or nothing left."""
+        label = self._queue.pop(0)
+        try:
+            args, out, kind = self.command(label)
+        except ValueError as e:
+            show_error(f"retrain {label}: options: {e}")
+            self._queue = []
+            return
+        self.out, self.kind = out, kind
+        self._run(args)
+        self.status.setText(f"{label}: " + self.status.text())
 
     def resume(self) -> None:
         """The cancelled run again, from its last checkpoint (same folder, same options)."""
@@ -562,16 +604,27 @@ class TrainWidget(QWidget):
         new = self._figure(self.out) if self.out is not None else None
         if new is None:
             tail = self._output.strip().splitlines()[-1:] or ["no model was written"]
-            self.status.setText(f"training ended (exit {code}) without a model: {tail[0]}")
+            dropped = f"; not started: {', '.join(self._queue)}" if self._queue else ""
+            self._queue = []
+            self.status.setText(f"training ended (exit {code}) without a model: {tail[0]}{dropped}")
             return
         from ..models.versions import current_model_dir
 
         cur = self._figure(current_model_dir(self.kind))
         verb = "cancelled; kept" if self._cancelled else "done:"
         self.resume_button.setEnabled(self._cancelled)
-        self.result.setText(f"{verb} new version {self.out.name}: {new}   |   in use: {cur or 'none'}"
-                            " (figures of training: their validation images may differ)")
+        self._done_runs.append((self.kind, self.out, f"{verb} new {self.kind} version {self.out.name}: {new}"
+                                f"   |   in use: {cur or 'none'}"))
+        self.result.setText("\n".join(line for _, _, line in self._done_runs)
+                            + "\n(figures of training: their validation images may differ)")
+        self.use_button.setText("Use this model" if len(self._done_runs) == 1 else
+                                f"Use these {len(self._done_runs)} models")
         self.use_button.setEnabled(True)
+        if self._queue and not self._cancelled:
+            QTimer.singleShot(0, self._start_next)
+        elif self._queue:
+            self.status.setText(self.status.text() + f"; not started: {', '.join(self._queue)}")
+            self._queue = []
         self.compare_button.setEnabled(self.kind in EVALUATE)
         self.compare_label.setText("" if self.kind in EVALUATE else
                                    "assemble the microaneurysm networks (python -m training microaneurysms) "
@@ -601,7 +654,7 @@ class TrainWidget(QWidget):
             show_error(f"train elsewhere: {e}")
             return None
         init = current_model_dir(kind) if self.start_combo.currentIndex() == 0 else None
-        if init is not None and (init / "config.json").is_file() and self._same_scale(init):
+        if init is not None and (init / "config.json").is_file() and _same_scale(init, fixed):
             args += ["--init", "init"]
         else:
             init = None
@@ -721,9 +774,22 @@ class TrainWidget(QWidget):
         return ", ".join(f"{k} {v}" for k, v in figs.items()) + f" ({t.get('epochs', '?')} epochs)"
 
     def use_new(self) -> None:
-        if self.out is not None and self.kind is not None:
-            self._use(self.kind, self.out)
-            self.use_button.setEnabled(False)
+        """Put every model this run trained in use (one, or each of a queue)."""
+        runs = self._done_runs or ([(self.kind, self.out, "")] if self.out is not None and self.kind else [])
+        for kind, out, _ in runs:
+            self._use(kind, out)
+        self.use_button.setEnabled(False)
+
+
+def _same_scale(folder: Path, fixed: list[str]) -> bool:
+    """A hypothesis network starts only from one of its own scale (both scales share the kind)."""
+    if "--scale" not in fixed:
+        return True
+    try:
+        scale = float(json.loads((folder / "config.json").read_text()).get("input_scale", 0))
+    except (OSError, ValueError):
+        return False
+    return scale == float(fixed[fixed.index("--scale") + 1])
 
 
 def _training_env() -> dict:

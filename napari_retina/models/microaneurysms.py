@@ -217,17 +217,24 @@ class PatchScorer:
         import torch
 
         self.config, self.device = config, torch.device(device)
-        self.net = net.eval().to(self.device)
+        self.net = net.to(self.device)
         self.version = str(config.get("version", "unknown"))
         self.model_dir = None
 
     def __call__(self, patches: np.ndarray) -> np.ndarray:
+        """(B,) probabilities of uint8 (B, S, S, 3) enhanced patches; the network's mode is kept
+        (training validates and refreshes its sampling with this)."""
         import torch
 
-        with torch.inference_mode():
-            x = torch.from_numpy(prn_input(patches)).to(self.device)
-            x = x.contiguous(memory_format=torch.channels_last)  # as for the tiles (tiling.torch_predictor)
-            return torch.sigmoid(self.net(x)).float().cpu().numpy().reshape(-1)
+        was = self.net.training
+        self.net.eval()
+        try:
+            with torch.inference_mode():
+                x = torch.from_numpy(prn_input(patches)).to(self.device)
+                x = x.contiguous(memory_format=torch.channels_last)  # as for the tiles (tiling.torch_predictor)
+                return torch.sigmoid(self.net(x)).float().cpu().numpy().reshape(-1)
+        finally:
+            self.net.train(was)
 
 
 FUSIONS = ("arithmetic", "geometric")

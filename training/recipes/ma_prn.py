@@ -191,19 +191,12 @@ class TripletPatches:
 
 
 def score_patches(net, patches: list[np.ndarray], device, batch: int = 64) -> np.ndarray:
-    """P(microaneurysm at the centre) of each patch, in batches, eval mode, no gradients."""
-    import torch
+    """P(microaneurysm at the centre) of each patch, in batches, as the detector scores them."""
+    from napari_retina.models.microaneurysms import PatchScorer
 
-    was = net.training
-    net.eval()
-    out = []
-    try:
-        with torch.inference_mode():
-            for s in range(0, len(patches), batch):
-                x = torch.stack([_to_tensor(p) for p in patches[s : s + batch]]).to(device)
-                out.append(torch.sigmoid(net(x)).float().cpu().numpy())
-    finally:
-        net.train(was)
+    scorer = PatchScorer()
+    scorer.setup(net, {}, device)
+    out = [scorer(np.stack(patches[s : s + batch])) for s in range(0, len(patches), batch)]
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 

@@ -6,7 +6,7 @@
 The paper (../shared/papers/microaneurysms-multiscale-triplet.md, section 2) trains two fully
 convolutional networks on 256 x 256 patches of the contrast-enhanced photograph, one at full
 and one at half scale, with weighted cross-entropy plus soft Dice. This is the exudate
-segmenter's recipe (`training.recipes.exudates`: patches, augmentation, whole-image tiled
+segmenter's recipe (`training.recipes._segmenter`: patches, augmentation, whole-image tiled
 validation by pooled pixel AUPR, early stopping, model folder) with the microaneurysm spec:
 
 - input: `enhance_contrast` (4 I - 4 G * I + 128) at full resolution, then the working scale
@@ -32,7 +32,7 @@ three into the detector's model folder.
 
 from __future__ import annotations
 
-from .exudates import Spec, main_for
+from ._segmenter import Spec, main_for
 
 MA_HGN = Spec(
     name="ma-hgn", kind="ma-hgn", lesion="MA", title="Microaneurysm hypothesis network",

@@ -348,7 +348,11 @@ DDP_SCRIPT = textwrap.dedent(
         time.sleep(1.5)
         (out / "hook_done").write_text(repr(time.time()))
 
-    trainer = make_trainer(out, epochs=2, batch_size=4, log_every_steps=1, on_epoch_end=[slow_export])
+    def every_rank(trainer, metrics):  # as a sampler refresh: in each process
+        (out / f"every_rank{{trainer.rank}}_epoch{{metrics['epoch']}}").touch()
+
+    trainer = make_trainer(out, epochs=2, batch_size=4, log_every_steps=1, on_epoch_end=[slow_export],
+                           on_epoch_end_every_rank=[every_rank])
     assert isinstance(trainer.model, torch.nn.parallel.DistributedDataParallel)
     summary = trainer.fit()
     (out / f"left{{trainer.rank}}").write_text(repr(time.time()))
@@ -382,6 +386,8 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     w0, w1 = (torch.load(out / f"rank{r}.pt") for r in (0, 1))
     assert same_weights(w0, w1)
     assert same_weights(w0, load_checkpoint(out / "checkpoints" / "last.pt")["model"])
+    assert sorted(p.name for p in out.glob("every_rank*")) == [
+        f"every_rank{r}_epoch{e}" for r in (0, 1) for e in (1, 2)]
     # no rank leaves before rank 0's last epoch hook has finished (it would tear Gloo down under it)
     assert float((out / "left1").read_text()) >= float((out / "hook_done").read_text())
 

@@ -429,6 +429,9 @@ class Trainer:
 
     `on_epoch_end` hooks run in the main process after the checkpoints are written,
     as `hook(trainer, metrics)`; `metrics["is_best"]` says whether best.pt was updated.
+    `on_epoch_end_every_rank` hooks run before them in every process (under torchrun), for
+    what each process trains on next (a sampler's weights): DDP keeps the weights equal, so
+    a deterministic hook gives every process the same result (up to batch-norm statistics).
     """
 
     def __init__(
@@ -461,6 +464,7 @@ class Trainer:
         log_every_steps: int = 50,
         forward_fn: Callable[[nn.Module, dict], Any] | None = None,
         on_epoch_end: Iterable[EpochHook] = (),
+        on_epoch_end_every_rank: Iterable[EpochHook] = (),
         deterministic: bool = False,
         find_unused_parameters: bool = False,
         info: dict | None = None,
@@ -497,6 +501,7 @@ class Trainer:
         self.early_stop_patience = early_stop_patience
         self.log_every_steps = max(1, int(log_every_steps))
         self.on_epoch_end: list[EpochHook] = list(on_epoch_end)
+        self.on_epoch_end_every_rank: list[EpochHook] = list(on_epoch_end_every_rank)
         self.info = dict(info or {})
         self.verbose = verbose
 
@@ -881,6 +886,8 @@ class Trainer:
             total = f"/{self.epochs}" if self.epochs else ""
             shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
             self._say(f"epoch {epoch}{total}  {shown}  lr {lr:.3g}  {record['seconds']:.1f} s{'  *' if is_best else ''}")
+            for hook in self.on_epoch_end_every_rank:
+                hook(self, dict(record))
             if self.is_main:
                 for hook in self.on_epoch_end:
                     hook(self, dict(record))

@@ -18,8 +18,8 @@ resolution, "is the centre pixel a microaneurysm?" (`nets.patch_classifier.Patch
   per image) starts uniform; every `--refresh-every` epochs the current network scores
   `--refresh-size` of them and their loss (-log(1 - p)) becomes their drawing weight, so hard
   negatives come back more often (the paper refreshes every 10 of its much longer epochs).
-  Under torchrun the refresh runs in the first process only (epoch hooks are the main
-  process's): the other processes keep drawing their negatives uniformly.
+  Under torchrun every process refreshes its own sampler the same way (same patches, same
+  weights: DDP keeps them equal), so all draw hard negatives more often.
 - Validation: the held-out images' patches, every microaneurysm (one centre per connected
   lesion) against `--healthy-per-image` healthy locations each, scored by the area under the
   precision-recall curve (`val_aupr`, early stopping). The whole detector (HGNs + PRN) is
@@ -349,7 +349,7 @@ weights.safetensors SHA-256: {{sha256}}
         device=a.device, batch_size=a.batch_size, lr=a.lr, epochs=a.epochs, minutes=a.minutes,
         seed=a.seed, val_fn=val_fn, monitor="val_aupr", mode="max",
         lr_patience=max(1, a.patience // 2), early_stop_patience=a.patience, forward_fn=forward_fn,
-        on_epoch_end=[refresh, export], info={k: info[k] for k in ("version", "data", "command")},
+        on_epoch_end_every_rank=[refresh], on_epoch_end=[export], info={k: info[k] for k in ("version", "data", "command")},
         verbose=not a.quiet,
     )
     summary = trainer.fit(resume=a.resume)

@@ -126,7 +126,8 @@ class TrainWidget(QWidget):
             item.setCheckState(Qt.CheckState.Unchecked)
             self.queue_list.addItem(item)
         self.queue_list.setMaximumHeight(5 * self.queue_list.sizeHintForRow(0) + 6)
-        form.addRow("then also", self.queue_list)
+        form.addRow("then train", self.queue_list)
+        self._mark_shown_in_queue()
         self.data_edit = QLineEdit(self._default_data())
         self.data_edit.setToolTip("folders of corrected images (projects beside them count where reviewed)")
         browse = QPushButton("...")
@@ -267,9 +268,17 @@ class TrainWidget(QWidget):
         self._options_text[self._shown] = self.extra_edit.text()
         self._shown = self.model_combo.currentText()
         self.extra_edit.setText(self._options_text.get(self._shown, ""))
+        self._mark_shown_in_queue()
+
+    def _mark_shown_in_queue(self) -> None:
+        """The model shown above trains first: its line in "then train" is greyed out."""
+        for i in range(self.queue_list.count()):
+            item = self.queue_list.item(i)
+            enabled = item.text() != self.model_combo.currentText()
+            item.setFlags(item.flags() | Qt.ItemFlag.ItemIsEnabled if enabled else item.flags() & ~Qt.ItemFlag.ItemIsEnabled)
 
     def queued(self) -> list[str]:
-        """The models ticked under "then also", in the list's order, without the one shown."""
+        """The models ticked under "then train", in the list's order, without the one shown."""
         items = (self.queue_list.item(i) for i in range(self.queue_list.count()))
         return [it.text() for it in items
                 if it.checkState() == Qt.CheckState.Checked and it.text() != self.model_combo.currentText()]

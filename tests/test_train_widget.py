@@ -235,3 +235,18 @@ def test_ticked_models_train_one_after_the_other_each_with_its_own_options(docks
     r = ann.refinement
     assert r.refiner is not None, (r.model_error, r._loading, r._reload, r.model_dir)
     assert ann.refinement.refiner.version == outs[1].name
+
+
+def test_closing_the_dock_while_it_asks_the_recipe_for_its_options_is_harmless(make_napari_viewer, qtbot):
+    from qtpy.QtCore import QCoreApplication, QProcess
+
+    def describing():
+        return [c for c in QCoreApplication.instance().children() if isinstance(c, QProcess)]
+
+    viewer = make_napari_viewer()
+    train = TrainWidget(viewer)
+    viewer.window.add_dock_widget(train)
+    assert len(describing()) == 1  # `--describe-options` is running
+    viewer.window.remove_dock_widget(train)
+    train.deleteLater()
+    qtbot.waitUntil(lambda: not describing(), timeout=30000)  # it finishes and is cleaned up, no crash

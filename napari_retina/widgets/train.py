@@ -285,33 +285,39 @@ class TrainWidget(QWidget):
 
     # --- the recipe's options -------------------------------------------------------------------------
     def _load_options(self) -> None:
-        """Ask the recipe for its options (`--describe-options`, a QProcess owned by this dock, so
-        nothing outlives it) and build their form when the answer comes."""
+        """Ask the recipe for its options (`--describe-options`, a short process) and build their
+        form when the answer comes.
+
+        The process belongs to the application, not to this dock: a dock closed while it runs
+        would otherwise destroy it from inside its own destructor, whose `finished` signal then
+        reached a half-deleted widget (a crash at exit)."""
+        from qtpy.QtCore import QCoreApplication
+
         recipe = self.choice[0]
         if recipe in self._described:
             self._build_options(recipe, self._described[recipe])
             return
-        proc = QProcess(self)
+        proc = QProcess(QCoreApplication.instance())
         env = QProcessEnvironment()
         for k, v in _training_env().items():
             env.insert(k, v)
         proc.setProcessEnvironment(env)
 
         def done(code, _status=None, proc=proc, recipe=recipe):
+            out = bytes(proc.readAllStandardOutput()).decode(errors="replace")
+            err = bytes(proc.readAllStandardError()).decode(errors="replace").strip().splitlines()
+            proc.deleteLater()
             try:
-                out = bytes(proc.readAllStandardOutput()).decode(errors="replace")
-                err = bytes(proc.readAllStandardError()).decode(errors="replace").strip().splitlines()
-                proc.deleteLater()
-            except RuntimeError:  # the dock is gone (and its process with it)
+                try:
+                    if code != 0:
+                        raise ValueError((err or ["python -m training failed"])[-1])
+                    options = json.loads(out)
+                except ValueError as e:
+                    self.options_box.setTitle(f"Recipe options: unavailable ({e})")
+                    return
+                self._build_options(recipe, options)
+            except RuntimeError:  # the dock was closed meanwhile
                 return
-            try:
-                if code != 0:
-                    raise ValueError((err or ["python -m training failed"])[-1])
-                options = json.loads(out)
-            except ValueError as e:
-                self.options_box.setTitle(f"Recipe options: unavailable ({e})")
-                return
-            self._build_options(recipe, options)
 
         proc.finished.connect(done)
         proc.start(sys.executable, ["-m", "training", recipe, "--describe-options"])

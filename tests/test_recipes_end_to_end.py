@@ -60,6 +60,9 @@ def test_a_subprocess_run_writes_a_folder_the_registry_loads_and_the_same_seed_g
     log = _train([sys.executable], recipe, folder, tmp_path / "a")
     assert check_model_folder(tmp_path / "a", expect=KIND[recipe])["model"] == KIND[recipe]
     assert load_model(tmp_path / "a") is not None
+    card = (tmp_path / "a" / "card.md").read_text()
+    if recipe in ("exudates", "ma-hgn"):  # the card says how to score it at full resolution
+        assert f"napari-retina evaluate {'ma' if recipe == 'ma-hgn' else 'ex'} " in card
     again = _train([sys.executable], recipe, folder, tmp_path / "b")
     curve = [e["train_loss"] for e in log if e["event"] == "epoch"]
     assert len(curve) == 2 and curve == [e["train_loss"] for e in again if e["event"] == "epoch"]

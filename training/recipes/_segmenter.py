@@ -199,19 +199,26 @@ def model_config(net, info: dict, metrics: dict, trainer) -> dict:
 
 def render_card(config: dict, info: dict) -> str:
     t = config["training"]
+    rim = (f" No candidates within {config['rim_margin']} of the field of view's width\nof the dark surround "
+           "(the aperture's bright edge; `rim_margin` in config.json).") if config.get("rim_margin") else ""
+    if config["model"] == "ma-hgn":
+        full = ("One of the microaneurysm detector's two hypothesis networks: assembled with `python -m training "
+                "microaneurysms`,\nthe detector is scored with `napari-retina evaluate ma --data DIR --model "
+                "DETECTOR --split val`.")
+    else:
+        full = f"Full resolution: `napari-retina evaluate {config['lesion'].lower()} --data DIR --model THIS_FOLDER --split val`."
     return f"""# {info['title']} ({config['net']['backbone']}, {t['loss']}) {config['version']}
 
 Maps {config['lesion']} in a colour fundus photograph: a {config['net']['backbone']} backbone trained from
 scratch by napari-retina {__version__} with {t['loss']}, run at {config['input_scale']} of full resolution
 (input preprocessing: {config.get('preprocess', 'none')}),
-tiled over the field of view. No candidates within {config.get('rim_margin', 0)} of the field of view's width
-of the dark surround (the aperture's bright edge; `rim_margin` in config.json).
+tiled over the field of view.{rim}
 
 ## Training
 
 - Data: {', '.join(info['data'])} ({info['train_count']} training images, {len(config['validation_images'])} validation images)
 - Patches: {info['patch_size']} px at scale {config['input_scale']}, half centred on lesion pixels; {info['samples_per_epoch']} per epoch,
-  batch {info['batch_size']}, Adam lr {info['lr']}
+  batch {info['batch_size']}, {info.get('optimizer', 'Adam')} lr {info['lr']}
 - Epochs: {t['epochs']} (best epoch {t['best_epoch']}), {t['minutes']:.0f} min on {t['device']} ({platform.machine()}, torch {info['torch']})
 - Early stopping: pooled pixel AUPR on the validation images, patience {t['early_stopping_patience']} epochs
 - Parent model: {t['parent'] or 'none (trained from scratch)'}
@@ -223,7 +230,7 @@ of the dark surround (the aperture's bright edge; `rim_margin` in config.json).
 |---|---|---|
 | {t['val_aupr_working_scale']:.3f} | {t['val_f1_working_scale']:.3f} | {config['threshold']:.3f} |
 
-Full resolution: `napari-retina evaluate ex --data DIR --model THIS_FOLDER --split val`.
+{full}
 
 Validation images (held out by image): {', '.join(config['validation_images'])}
 
@@ -323,6 +330,7 @@ def run(a: argparse.Namespace, argv: list[str], spec: Spec) -> int:
         "samples_per_epoch": a.samples_per_epoch,
         "batch_size": a.batch_size,
         "lr": a.lr,
+        "optimizer": {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}.get(a.optimizer, a.optimizer),
         "patience": a.patience,
         "init": a.init,
         "parent_training": dict(parent_config.get("training", {})) if parent_config else None,

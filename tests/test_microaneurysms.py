@@ -284,7 +284,12 @@ def test_the_three_networks_assemble_into_one_detector_that_segments_and_evaluat
     rgb = fundus_rgb(5)
     maps = det.maps(rgb)
     assert set(maps) == set(VARIANTS) and all(m.shape == rgb.shape[:2] for m in maps.values())
-    np.testing.assert_allclose(maps["geometric"], np.sqrt(maps["hgn_1x"] * maps["hgn_0.5x"]), atol=1e-6)
+    # the fused map, recalibrated by the logit offset chosen on the validation image
+    from napari_retina.models.microaneurysms import shift_logits
+
+    assert isinstance(config["fused_logit_offset"], float)
+    np.testing.assert_allclose(maps["geometric"], shift_logits(np.sqrt(maps["hgn_1x"] * maps["hgn_0.5x"]),
+                                                               config["fused_logit_offset"]), atol=1e-6)
     # the refinement changes only candidate pixels of the fused map
     same = maps["refined"] == maps["geometric"]
     assert same[maps["geometric"] < config["candidate_threshold"]].all()
@@ -455,3 +460,15 @@ def test_each_candidate_is_scored_at_its_most_probable_pixel_the_first_on_ties()
     flat = np.zeros((10, 10), np.float32)
     flat[2:5, 3:7] = 0.8  # one plateau: its first pixel in raster order
     assert candidate_regions(flat, 0.5).centres.tolist() == [[2, 3]]
+
+
+def test_the_logit_shift_is_monotone_and_puts_the_chosen_threshold_at_one_half():
+    from napari_retina.models.microaneurysms import shift_logits
+
+    p = np.array([0.0, 0.2, 0.9, 0.99, 0.999, 1.0], np.float32)
+    np.testing.assert_array_equal(shift_logits(p, 0.0), p)
+    offset = float(np.log(0.99 / 0.01))  # the logit of 0.99
+    q = shift_logits(p, offset)
+    assert q[3] == pytest.approx(0.5, abs=1e-5) and q[0] == 0.0 and q[-1] == 1.0
+    assert (np.diff(q) > 0).all()  # order kept: AUPR unchanged
+    assert q[2] == pytest.approx(0.9 / (0.9 + 0.1 * 99), rel=1e-5)  # p / (p + (1 - p) e^offset)

@@ -95,6 +95,23 @@ def fuse_maps(full: np.ndarray, half: np.ndarray, mode: str = "geometric") -> np
     raise ValueError(f"fusion must be 'arithmetic' or 'geometric', not {mode!r}")
 
 
+def shift_logits(prob: np.ndarray, offset: float) -> np.ndarray:
+    """sigmoid(logit(p) - offset), computed as p / (p + (1 - p) e^offset): a monotone recalibration.
+
+    The hypothesis networks learn with lesion pixels weighted by the background/lesion ratio,
+    so their maps read as if half the pixels were lesions: most of a photograph's dark dots
+    come out near 1. Shifting the logits (by the offset that puts the validation F1's best
+    threshold of the fused map at 0.5) restores a usable range for the candidate threshold,
+    the slider and the overlay; the order of pixels, hence AUPR, does not change.
+    """
+    p = np.asarray(prob, np.float32)
+    if not offset:
+        return p
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = p / (p + (1.0 - p) * np.float32(np.exp(offset)))
+    return np.nan_to_num(out, nan=0.0).astype(np.float32)
+
+
 @dataclass
 class Candidates:
     """The connected candidate regions of a map (8-connectivity) and the pixel each is scored at."""
@@ -296,6 +313,7 @@ class MicroaneurysmDetector:
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, not {self.fusion!r}")
         self.candidate_threshold = float(config.get("candidate_threshold", 0.5))
+        self.logit_offset = float(config.get("fused_logit_offset", 0.0))  # see shift_logits
         self.threshold = float(config.get("threshold", 0.5))
         self.max_candidates = int(config.get("max_candidates", MAX_CANDIDATES))
         self.version = str(config.get("version", "unknown"))
@@ -320,8 +338,11 @@ class MicroaneurysmDetector:
         return VARIANTS if self.prn is not None else VARIANTS[:-1]
 
     def maps(self, rgb: np.ndarray, fov: np.ndarray | None = None, progress=None, cancelled=None,
-             preview=None) -> dict[str, np.ndarray]:
-        """Every stage's full-size map: the paper's Table 2 rows (`VARIANTS`), from one pass of each network."""
+             preview=None, refine: bool = True) -> dict[str, np.ndarray]:
+        """Every stage's full-size map: the paper's Table 2 rows (`VARIANTS`), from one pass of each network.
+
+        The fused maps are recalibrated by `fused_logit_offset` (config.json; `shift_logits`).
+        `refine=False` stops before the PRN: no "refined" map, but the "enhanced" photograph."""
         from ..fundus import field_of_view_mask
 
         if fov is None:
@@ -343,7 +364,9 @@ class MicroaneurysmDetector:
                                         preview=small_preview)
         half = self.hgns[1].probability(enhanced, fov, progress=stage_progress(counts[0]), cancelled=cancelled)
         out = {"hgn_1x": full, "hgn_0.5x": half,
-               "arithmetic": fuse_maps(full, half, "arithmetic"), "geometric": fuse_maps(full, half, "geometric")}
+               **{m: shift_logits(fuse_maps(full, half, m), self.logit_offset) for m in FUSIONS}}
+        if not refine:
+            return {**out, "enhanced": enhanced}  # what the PRN would see, for the caller to refine
         fused = out[self.fusion]
         if cancelled is not None and cancelled():
             from .tiling import TilingCancelled

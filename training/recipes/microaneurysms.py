@@ -9,8 +9,11 @@ HGN map alone, the paper's "FCN geometric/arithmetic" rows) and writes one model
 (`model: microaneurysms`): the three weight sets in one weights.safetensors under the
 prefixes hgn_full., hgn_half. and prn., one checksum, one card naming the parts' versions.
 
-The threshold: with --data, the one with the best F1 pooled over the HGNs' validation images
-at full resolution (the detector is run on them once); else --threshold (default 0.5).
+With --data (the HGNs' validation images, at full resolution): the fused map's logit offset
+(`fused_logit_offset`: the networks learn with class-weighted losses, so their raw maps crowd
+near 1; the offset puts the fused map's best-F1 threshold at 0.5, see `shift_logits`), then
+the final threshold with the best pooled F1 of the refined map. Else no offset and
+--threshold (default 0.5).
 """
 
 from __future__ import annotations
@@ -53,33 +56,73 @@ def _validate_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             p.error(f"--{name.replace('_', '-')} must lie between 0 and 1, not {getattr(a, name)}")
 
 
-def best_f1_threshold(detector, data: Path, names: list[str]) -> tuple[float, float]:
-    """(threshold, pooled F1) with the best pooled F1 of the detector's map over `names` of `data`."""
+LOGIT_RANGE = 16.0  # float32 probabilities resolve logits to about +-16
+LOGIT_BINS = 2048
+
+
+def calibrate_and_threshold(detector, data: Path, names: list[str], say=print) -> dict:
+    """Choose the fused map's logit offset and the final threshold on the validation images of `data`.
+
+    1. The fused map (HGNs only) of each image; the offset is the logit of the threshold with
+       the best pooled F1 of that map, found on a histogram of logits (the raw map crowds near
+       1, where 8-bit levels cannot tell pixels apart), so the recalibrated map has its best
+       F1 at 0.5 and the candidate threshold means what it says.
+    2. The PRN on the recalibrated map's candidates; the final threshold is the one with the
+       best pooled F1 of the refined map.
+    Returns {"fused_logit_offset", "fused_f1", "threshold", "validation_f1", "images"}.
+    """
     from napari_retina.evaluation import _records
     from napari_retina.fundus import field_of_view_mask
     from napari_retina.io.images import read_fundus
     from napari_retina.metrics import PixelPR
+    from napari_retina.models.microaneurysms import refine_candidates, shift_logits
     from napari_retina.session import graders_mask
 
     records = _records(data, "val", names)
     if not records:
         raise DataError(f"{data}: none of the validation images {', '.join(names[:3])}...")
-    pr = PixelPR()
+    detector.logit_offset = 0.0
+    edges = np.linspace(-LOGIT_RANGE, LOGIT_RANGE, LOGIT_BINS + 1)
+    pos, neg = np.zeros(LOGIT_BINS, np.int64), np.zeros(LOGIT_BINS, np.int64)
+    kept = []
     for rec in records:
         rgb = read_fundus(rec.image)
         gt = graders_mask(rec, "MA", rgb.shape[:2])
         if gt is None:
             continue  # no label here
         fov = field_of_view_mask(rgb)
-        prob = detector.probability(rgb, fov)
-        pr.add(np.round(np.clip(prob, 0, 1) * 255).astype(np.uint8), gt, region=fov)
+        out = detector.maps(rgb, fov, refine=False)
+        fused = out[detector.fusion]
+        p = np.clip(fused[fov], 1e-7, 1 - 1e-7).astype(np.float64)
+        logit = np.log(p) - np.log1p(-p)
+        g = gt[fov]
+        pos += np.histogram(logit[g], edges)[0]
+        neg += np.histogram(logit[~g], edges)[0]
+        kept.append((fused, out["enhanced"], gt, fov))
+        say(f"  {rec.image.name}: fused map done")
+    if not kept:
+        raise DataError(f"{data}: no microaneurysm masks for the validation images")
+    tp = np.cumsum(pos[::-1])[::-1]  # pixels with logit >= edges[k]
+    fp = np.cumsum(neg[::-1])[::-1]
+    f1 = 2 * tp / np.maximum(2 * tp + fp + (pos.sum() - tp), 1)
+    k = int(np.argmax(f1))
+    offset = round(float(edges[k]), 4)
+    detector.logit_offset = offset
+    pr = PixelPR()
+    for fused, enhanced, gt, fov in kept:
+        calibrated = shift_logits(fused, offset)
+        if detector.prn is not None:
+            calibrated, _, _ = refine_candidates(calibrated, enhanced, detector.prn, detector.candidate_threshold, fov,
+                                                 max_candidates=detector.max_candidates)
+        pr.add(np.round(np.clip(calibrated, 0, 1) * 255).astype(np.uint8), gt, region=fov)
     best, best_t = -1.0, 0.5
     for level in range(1, 255):
-        tp, fp, fn, _ = pr.counts(level)
-        f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
-        if f1 > best:
-            best, best_t = f1, (level - 0.5) / 255  # p >= t keeps exactly the levels >= `level`
-    return best_t, best
+        tp_, fp_, fn_, _ = pr.counts(level)
+        f = 2 * tp_ / (2 * tp_ + fp_ + fn_) if tp_ + fp_ + fn_ else 0.0
+        if f > best:
+            best, best_t = f, (level - 0.5) / 255  # p >= t keeps exactly the levels >= `level`
+    return {"fused_logit_offset": offset, "fused_f1": round(float(f1[k]), 4), "threshold": round(best_t, 6),
+            "validation_f1": round(best, 4), "images": len(kept)}
 
 
 def run(a: argparse.Namespace, argv: list[str]) -> int:
@@ -122,10 +165,11 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
     }
     detector = MicroaneurysmDetector.from_networks(nets["hgn_full"], nets["hgn_half"], nets.get("prn"), config, a.device)
     if a.data:
-        t, f1 = best_f1_threshold(detector, Path(a.data), config["validation_images"])
-        config["threshold"] = round(t, 6)
-        config["validation_f1"] = round(f1, 4)
-        say(f"threshold {t:.3f} (pooled F1 {f1:.3f} on {len(config['validation_images'])} validation images)")
+        cal = calibrate_and_threshold(detector, Path(a.data), config["validation_images"], say)
+        config.update({k: cal[k] for k in ("fused_logit_offset", "threshold", "validation_f1")})
+        say(f"fused map recalibrated by a logit offset of {cal['fused_logit_offset']:.2f} (its best pooled F1, "
+            f"{cal['fused_f1']:.3f}, now at 0.5); threshold {cal['threshold']:.3f} (pooled F1 "
+            f"{cal['validation_f1']:.3f} on {cal['images']} validation images)")
     lines = [f"- {k}: {c.get('version')} ({c.get('training', {}).get('epochs', '?')} epochs, "
              f"{c.get('training', {}).get('minutes', '?')} min on {c.get('training', {}).get('device', '?')})"
              for k, c in configs.items()]
@@ -133,6 +177,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
 
 Two hypothesis networks on the contrast-enhanced photograph (full and half scale), fused by
 {a.fusion} mean, {'candidate regions above ' + str(a.candidate_threshold) + ' rescored by the patch-wise refinement network' if 'prn' in configs else 'no refinement network'};
+fused map recalibrated by a logit offset of {config.get('fused_logit_offset', 0.0)} (chosen on the validation images);
 threshold {config['threshold']:.3f}. Assembled by napari-retina {__version__}:
 `{config['assembled']['command']}`
 

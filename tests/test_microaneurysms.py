@@ -290,6 +290,13 @@ def test_the_three_networks_assemble_into_one_detector_that_segments_and_evaluat
     assert isinstance(config["fused_logit_offset"], float)
     np.testing.assert_allclose(maps["geometric"], shift_logits(np.sqrt(maps["hgn_1x"] * maps["hgn_0.5x"]),
                                                                config["fused_logit_offset"]), atol=1e-6)
+    # without a PRN (the paper's "FCN" rows) the fused map is the detector's output
+    bare = tmp_path / "bare"
+    assert main(["microaneurysms", "--hgn-full", str(tmp_path / "hgn1.0"), "--hgn-half", str(tmp_path / "hgn0.5"),
+                 "--out", str(bare), "--quiet"]) == 0
+    fcn = load_model(bare)
+    assert fcn.prn is None
+    np.testing.assert_array_equal(fcn.probability(rgb), fcn.maps(rgb)["geometric"])
     # the refinement changes only candidate pixels of the fused map
     same = maps["refined"] == maps["geometric"]
     assert same[maps["geometric"] < config["candidate_threshold"]].all()

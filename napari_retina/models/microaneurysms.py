@@ -282,8 +282,10 @@ class MicroaneurysmDetector:
 
         state = load_state_dict(model_dir)
         try:
-            parts = {}
+            parts = {"prn": None}  # assembled without a PRN: the fused map is final
             for name in ("hgn_full", "hgn_half", "prn"):
+                if name == "prn" and "prn" not in config:
+                    continue
                 sub = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
                 net = (PatchClassifier if name == "prn" else SegmentationNet).from_config(config[name]["net"])
                 net.load_state_dict(sub, strict=True)

@@ -301,6 +301,7 @@ class LesionFinder(QGroupBox):
             prob_u8, name=f"{self.code} probability", colormap="magma", contrast_limits=(0, 255),
             scale=(scale, scale), translate=(shift, shift),
             opacity=0.5, blending="additive", visible=True,
+            interpolation2d="linear",  # a map at a quarter or half scale, zoomed in, shows no blocks
             metadata={"napari_retina": {"role": ROLE, "lesion": self.code}},
         )
         lesion_layer = self.ann_widget.lesion_layer(self.code)

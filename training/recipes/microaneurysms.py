@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fused-map value above which a region goes to the PRN (default 0.5, the paper's)")
     p.add_argument("--data", metavar="DIR", help="choose the threshold on the HGNs' validation images of DIR")
     p.add_argument("--threshold", type=float, default=0.5, help="the threshold when no --data (default 0.5)")
+    p.add_argument("--logit-offset", type=float, default=0.0,
+                   help="the fused map's logit offset when no --data (default 0: none); e.g. another detector's, "
+                        "to compare refinement networks on the same candidates")
     p.add_argument("--device", default="cpu")
     p.add_argument("--version", default=None)
     p.add_argument("--quiet", action="store_true")
@@ -155,6 +158,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
         "fusion": a.fusion,
         "candidate_threshold": a.candidate_threshold,
         "threshold": a.threshold,
+        "fused_logit_offset": a.logit_offset,
         "preprocess": "enhance",
         "validation_images": configs["hgn_full"].get("validation_images", []),
         **{k: {kk: v for kk, v in configs[k].items() if kk in keep} for k in configs},

@@ -361,11 +361,13 @@ class MicroaneurysmDetector:
             def small_preview(m):  # the full-scale network's map as it fills, at the overlay's scale
                 h, w = m.shape
                 size = (max(1, round(w * OVERLAY_SCALE)), max(1, round(h * OVERLAY_SCALE)))
-                preview(cv2.resize(m, size, interpolation=cv2.INTER_AREA))
+                preview(shift_logits(cv2.resize(m, size, interpolation=cv2.INTER_AREA), self.logit_offset))
         full = self.hgns[0].probability(enhanced, fov, progress=stage_progress(0), cancelled=cancelled,
                                         preview=small_preview)
         half = self.hgns[1].probability(enhanced, fov, progress=stage_progress(counts[0]), cancelled=cancelled)
-        out = {"hgn_1x": full, "hgn_0.5x": half,
+        # every row on the fused map's recalibrated scale (the order of pixels, hence AUPR, is each
+        # map's own; the raw maps crowd near 1, where the 8-bit levels of the scores cannot tell them apart)
+        out = {"hgn_1x": shift_logits(full, self.logit_offset), "hgn_0.5x": shift_logits(half, self.logit_offset),
                **{m: shift_logits(fuse_maps(full, half, m), self.logit_offset) for m in FUSIONS}}
         if not refine:
             return {**out, "enhanced": enhanced}  # what the PRN would see, for the caller to refine

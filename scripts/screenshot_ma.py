@@ -37,7 +37,7 @@ shutil.copy(ROOT / "napari_retina" / "samples" / "IDRiD_22.jpg", image)
 
 viewer = napari.Viewer(title="napari-retina")
 viewer.window._qt_window.resize(1500, 950)
-widget = LesionAnnotator(viewer, preload_model=False, ma_model_dir=a.model)
+widget = LesionAnnotator(viewer, ma_model_dir=a.model)
 viewer.window.add_dock_widget(widget, name="Lesion annotator")
 widget.open_path(image)
 app = QApplication.instance()

@@ -26,6 +26,20 @@ def optimisation_kwargs(a) -> dict:
     return {"optimizer": a.optimizer, "scheduler": a.scheduler, "weight_decay": a.weight_decay}
 
 
+def say_end(say: Callable, summary: dict, out, figure: str) -> None:
+    """The run's last line, in the main process: its model folder and best `figure` (e.g. "val
+    AUPR {:.3f} at the working scale"), or that no epoch was usable."""
+    from ..trainer import is_main_process
+
+    if not is_main_process():
+        return
+    if summary["best"] is None:
+        say(f"no usable epoch; nothing written to {out}")
+    else:
+        say(f"model folder: {out} (best epoch {summary['best_epoch']}, {figure.format(summary['best'])}; "
+            f"stopped by {summary['stopped']})")
+
+
 DESCRIBE = "--describe-options"  # `python -m training <model> --describe-options`: the options as JSON
 
 

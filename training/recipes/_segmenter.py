@@ -46,7 +46,7 @@ import numpy as np
 from napari_retina import __version__
 from napari_retina.io.errors import RetinaInputError
 
-from ._main import add_optimisation_args, optimisation_kwargs
+from ._main import add_optimisation_args, optimisation_kwargs, say_end
 from ..data import (
     DataError, SegmentationPatches, describe_labels, gather_records, load_scaled, parents_held_out, split_by_image,
     write_split,
@@ -354,12 +354,7 @@ def run(a: argparse.Namespace, argv: list[str], spec: Spec) -> int:
         verbose=not a.quiet,
     )
     summary = trainer.fit(resume=a.resume)
-    if is_main_process():
-        if summary["best"] is None:
-            say(f"no usable epoch; nothing written to {out}")
-        else:
-            say(f"model folder: {out} (best epoch {summary['best_epoch']}, val AUPR {summary['best']:.3f} at the "
-                f"working scale; stopped by {summary['stopped']})")
+    say_end(say, summary, out, "val AUPR {:.3f} at the working scale")
     return 0
 
 

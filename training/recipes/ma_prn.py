@@ -41,7 +41,7 @@ import numpy as np
 from napari_retina import __version__
 from napari_retina.io.errors import RetinaInputError
 
-from ._main import add_optimisation_args, optimisation_kwargs
+from ._main import add_optimisation_args, optimisation_kwargs, say_end
 from ..data import DataError, describe_labels, gather_records, parents_held_out, split_by_image, write_split
 
 LESION = "MA"
@@ -353,12 +353,7 @@ weights.safetensors SHA-256: {{sha256}}
         verbose=not a.quiet,
     )
     summary = trainer.fit(resume=a.resume)
-    if is_main_process():
-        if summary["best"] is None:
-            say(f"no usable epoch; nothing written to {out}")
-        else:
-            say(f"model folder: {out} (best epoch {summary['best_epoch']}, patch AUPR {summary['best']:.3f}; "
-                f"stopped by {summary['stopped']})")
+    say_end(say, summary, out, "patch AUPR {:.3f}")
     return 0
 
 

@@ -298,6 +298,17 @@ def test_the_three_networks_assemble_into_one_detector_that_segments_and_evaluat
     fcn = load_model(bare)
     assert fcn.prn is None
     np.testing.assert_array_equal(fcn.probability(rgb), fcn.maps(rgb)["geometric"])
+    # a PRN trained against that detector's own false positives: mined once per run, recorded in the card
+    prn = tmp_path / "prn-hard"
+    assert main(["ma-prn", "--out", str(prn), "--widths", "4", "8", "8", "16", "--healthy-per-image", "10",
+                 "--refresh-size", "5", "--hard-negatives", str(bare), "--hard-per-image", "3", *common]) == 0
+    mined = json.loads((prn / "run" / "hard_negatives.json").read_text())
+    assert sorted(mined["centres"]) == ["IDRiD_01", "IDRiD_02", "IDRiD_03"]  # training and validation images
+    assert all(len(c) <= 3 for c in mined["centres"].values())
+    hard = json.loads((prn / "config.json").read_text())["training"]["hard_negatives"]
+    assert hard["detector"] == json.loads((bare / "config.json").read_text())["version"]
+    assert hard["training"] + hard["validation"] == sum(len(c) for c in mined["centres"].values())
+    assert "Hard negatives: the candidate lesions of detector" in (prn / "card.md").read_text()
     # the refinement changes only candidate pixels of the fused map
     same = maps["refined"] == maps["geometric"]
     assert same[maps["geometric"] < config["candidate_threshold"]].all()
@@ -341,6 +352,38 @@ def test_the_three_networks_assemble_into_one_detector_that_segments_and_evaluat
     centres = [p.description["centre"] for p in again.record.proposals.values() if p.description.get("candidate")]
     assert cands[0].description["centre"] not in centres and len(centres) == len(cands) - 1
     assert len(again.record.decided("MA", "rejected")) == 1
+
+
+def test_hard_negatives_are_the_candidates_away_from_every_microaneurysm_most_probable_first():
+    from training.recipes.ma_prn import hard_negative_centres
+
+    fused = np.zeros((60, 80), np.float32)
+    ma = np.zeros((60, 80), bool)
+    ma[10, 10] = True
+    fused[9:12, 9:12] = 0.9  # on the microaneurysm: a true candidate
+    fused[10, 16] = 0.8  # 6 px from it: within the clearance of 8
+    fused[40:43, 40:42] = 0.6  # far: hard negatives, scored at their most probable pixel
+    fused[41, 41] = 0.7
+    fused[20, 60] = 0.95
+    fused[50, 10] = 0.3  # below the threshold: no candidate
+    fov = np.ones_like(ma)
+    got = hard_negative_centres(fused, 0.5, fov, ma, clearance=8, limit=10)
+    assert got.tolist() == [[20, 60], [41, 41]]
+    assert hard_negative_centres(fused, 0.5, fov, ma, clearance=8, limit=1).tolist() == [[20, 60]]
+    # with no clearance the nearby candidate is a negative too; outside the field of view nothing is
+    assert [10, 16] in hard_negative_centres(fused, 0.5, fov, ma, clearance=0, limit=10).tolist()
+    fov[:, 50:] = False
+    assert hard_negative_centres(fused, 0.5, fov, ma, clearance=8, limit=10).tolist() == [[41, 41]]
+
+
+def test_ma_prn_refuses_a_hard_negative_folder_that_is_no_detector_in_one_line(ma_folder, tmp_path, capsys):
+    from training.__main__ import main
+
+    rc = main(["ma-prn", "--data", str(ma_folder), "--out", str(tmp_path / "prn"), "--epochs", "1",
+               "--hard-negatives", str(tmp_path / "nowhere"), "--device", "cpu", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "nowhere" in err[0]
+    assert not (tmp_path / "prn" / "weights.safetensors").exists()
 
 
 def _three_candidates(shape=(80, 100)):

@@ -18,6 +18,14 @@ resolution, "is the centre pixel a microaneurysm?" (`nets.patch_classifier.Patch
   per image) starts uniform; every `--refresh-every` epochs the current network scores
   `--refresh-size` of them and their loss (-log(1 - p)) becomes their drawing weight, so hard
   negatives come back more often (the paper refreshes every 10 of its much longer epochs).
+- Hard negatives (`--hard-negatives DETECTOR_DIR`): random healthy locations are mostly easy
+  (flat retina), while at inference the PRN only ever sees the hypothesis networks'
+  candidates. With a detector folder, its candidate lesions (fused map, before any PRN) that
+  lie farther than `--clearance` from every microaneurysm join the healthy pool of every
+  image, training and validation alike (at most `--hard-per-image`, the most probable first),
+  so selective sampling draws from the false positives the PRN is there to remove, and
+  `val_aupr` scores the PRN on them too. They are mined once per run (`hard_negatives.json`
+  in the run folder, kept for `--resume`).
   Under torchrun every process refreshes its own sampler the same way (same patches, same
   weights: DDP keeps them equal), so all draw hard negatives more often.
 - Validation: the held-out images' patches, every microaneurysm (one centre per connected
@@ -61,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--healthy-per-image", type=int, default=300)
     p.add_argument("--refresh-every", type=int, default=2, help="epochs between selective-sampling refreshes")
     p.add_argument("--refresh-size", type=int, default=2000, help="healthy patches scored per refresh")
+    p.add_argument("--hard-negatives", metavar="DETECTOR_DIR",
+                   help="a microaneurysm detector folder: its candidate lesions away from every microaneurysm "
+                        "join the healthy pool (training and validation)")
+    p.add_argument("--hard-per-image", type=int, default=200,
+                   help="at most this many hard negatives per image, the most probable first (default %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     budget = p.add_argument_group("how long (at least one; with both, whichever ends first)")
     budget.add_argument("--epochs", type=int)
@@ -90,12 +103,72 @@ def _validate_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--healthy-per-image, --refresh-every and --refresh-size must be positive, --clearance >= 0")
     if a.batch_size < 2:
         p.error("--batch-size must be at least 2")
+    if a.hard_per_image < 1:
+        p.error("--hard-per-image must be positive")
+
+
+def far_from(mask: np.ndarray, clearance: int) -> np.ndarray:
+    """Pixels farther than `clearance` (chessboard distance) from every pixel of `mask`."""
+    import cv2
+
+    if not clearance:
+        return ~mask
+    return ~cv2.dilate(mask.astype(np.uint8), np.ones((2 * clearance + 1,) * 2, np.uint8)).astype(bool)
+
+
+def hard_negative_centres(fused: np.ndarray, threshold: float, fov: np.ndarray, ma: np.ndarray, clearance: int,
+                          limit: int) -> np.ndarray:
+    """(n, 2) scored pixels of the candidate lesions of `fused` (as the detector finds them) that lie
+    wholly farther than `clearance` from every microaneurysm of `ma`: the most probable `limit` first."""
+    from napari_retina.models.microaneurysms import candidate_regions
+
+    cands = candidate_regions(fused, threshold, fov)
+    if not len(cands):
+        return np.zeros((0, 2), np.int32)
+    near = np.zeros(len(cands) + 1, bool)
+    near[np.unique(cands.labels[~far_from(ma, clearance)])] = True
+    keep = np.flatnonzero(~near[1:])
+    keep = keep[np.argsort(-cands.peaks[keep], kind="stable")[:limit]]
+    return cands.centres[keep].astype(np.int32)
+
+
+class HardNegatives:
+    """Mines a detector's false-positive candidates per image, once per run (cached in the run folder)."""
+
+    def __init__(self, detector_dir: str, cache: Path, clearance: int, limit: int, write: bool = True, say=None):
+        from napari_retina.models.registry import check_model_folder, load_model
+
+        config = check_model_folder(detector_dir, expect="microaneurysms")
+        self.detector = load_model(detector_dir, expect="microaneurysms")
+        self.key = {"detector": str(detector_dir), "sha256": config.get("weights_sha256"), "clearance": clearance,
+                    "limit": limit}
+        self.version = self.detector.version
+        self.clearance, self.limit, self.cache, self.write = clearance, limit, Path(cache), write
+        self.say = say or (lambda *x: None)
+        self.found: dict[str, list] = {}
+        if self.cache.is_file():
+            saved = json.loads(self.cache.read_text())
+            if saved.get("key") == self.key:
+                self.found = saved["centres"]
+
+    def __call__(self, stem: str, rgb: np.ndarray, fov: np.ndarray, ma: np.ndarray) -> np.ndarray:
+        if stem not in self.found:
+            d = self.detector
+            fused = d.maps(rgb, fov, refine=False)[d.fusion]
+            centres = hard_negative_centres(fused, d.candidate_threshold, fov, ma, self.clearance, self.limit)
+            self.found[stem] = centres.tolist()
+            self.say(f"  {stem}: {len(centres)} hard negatives")
+            if self.write:  # after every image: a run cut short keeps what it mined
+                from napari_retina.io.atomic import atomic_write_text
+
+                atomic_write_text(self.cache, json.dumps({"key": self.key, "centres": self.found}))
+        return np.asarray(self.found[stem], np.int32).reshape(-1, 2)
 
 
 class PatchImage:
     """One photograph for the PRN: its enhanced pixels padded for 129-px crops, lesion and healthy centres."""
 
-    def __init__(self, record, clearance: int, healthy: int, rng: np.random.Generator):
+    def __init__(self, record, clearance: int, healthy: int, rng: np.random.Generator, hard=None):
         import cv2
 
         from napari_retina.fundus import field_of_view_mask
@@ -124,11 +197,15 @@ class PatchImage:
         else:
             self.lesion_centres = np.zeros((0, 2), np.int32)
         # healthy: inside the field of view (and not at its rim), away from every microaneurysm
-        far = ~cv2.dilate(ma.astype(np.uint8), np.ones((2 * clearance + 1,) * 2, np.uint8)).astype(bool) if clearance else ~ma
+        far = far_from(ma, clearance)
         inner = cv2.erode(fov.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
         ok = np.argwhere((far & inner)[::4, ::4]).astype(np.int32) * 4
         pick = rng.choice(len(ok), size=min(healthy, len(ok)), replace=False) if len(ok) else []
         self.healthy_px = ok[pick]
+        # hard negatives: a detector's candidate lesions here that are no microaneurysm (HardNegatives)
+        hard_px = hard(record.stem, rgb, fov, ma) if hard is not None and self.labelled else np.zeros((0, 2), np.int32)
+        self.n_hard = len(hard_px)
+        self.healthy_px = np.concatenate([self.healthy_px.reshape(-1, 2), hard_px]).astype(np.int32)
 
     def patch(self, yx) -> np.ndarray:
         y, x = int(yx[0]), int(yx[1])
@@ -232,8 +309,15 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
     t0 = time.monotonic()
     rng = np.random.default_rng(a.seed)
     say(describe_labels(train_recs + val_recs, [LESION]))
-    train_imgs = [im for r in train_recs if (im := PatchImage(r, a.clearance, a.healthy_per_image, rng)).labelled]
-    val_imgs = [im for r in val_recs if (im := PatchImage(r, a.clearance, a.healthy_per_image, rng)).labelled]
+    hard = None
+    if a.hard_negatives:
+        hard = HardNegatives(a.hard_negatives, run_dir / "hard_negatives.json", a.clearance, a.hard_per_image,
+                             write=is_main_process(), say=say)
+        say(f"hard negatives: candidate lesions of detector {hard.version} away from every microaneurysm "
+            f"({len(hard.found)} of {len(train_recs) + len(val_recs)} images mined before)")
+    train_imgs = [im for r in train_recs if (im := PatchImage(r, a.clearance, a.healthy_per_image, rng, hard)).labelled]
+    val_imgs = [im for r in val_recs if (im := PatchImage(r, a.clearance, a.healthy_per_image, rng, hard)).labelled]
+    n_hard = (sum(im.n_hard for im in train_imgs), sum(im.n_hard for im in val_imgs))
     if not train_imgs or not any(len(im.lesion_px) for im in train_imgs):
         raise DataError("no training image has a microaneurysm label")
     sampler = SelectiveSampler(max(1, sum(len(im.healthy_px) for im in train_imgs)), seed=a.seed)
@@ -243,8 +327,8 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
     if not val_pos:
         raise DataError("no microaneurysms in the validation images' masks")
     say(f"{len(train_imgs)} training images ({len(train_set.lesions)} microaneurysm pixels, {len(train_set.healthy)} "
-        f"healthy locations), {len(val_imgs)} validation images ({len(val_pos)} microaneurysms, {len(val_neg)} healthy); "
-        f"loaded in {time.monotonic() - t0:.0f} s")
+        f"healthy locations, {n_hard[0]} of them hard), {len(val_imgs)} validation images ({len(val_pos)} "
+        f"microaneurysms, {len(val_neg)} healthy, {n_hard[1]} hard); loaded in {time.monotonic() - t0:.0f} s")
 
     from training.trainer import seed_everything
 
@@ -298,6 +382,9 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
         "command": "python -m training ma-prn " + shlex.join(argv),
         "parent_training": dict(parent.get("training", {})) if parent else None,
         "torch": torch.__version__,
+        "hard_negatives": None if hard is None else {
+            "detector": hard.version, "folder": str(a.hard_negatives), "per_image": a.hard_per_image,
+            "training": n_hard[0], "validation": n_hard[1]},
     }
 
     def export(trainer, metrics):
@@ -319,6 +406,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
                 "loss": "cosine triplet (margin %g) + cross-entropy" % a.margin if a.loss == "triplet" else "cross-entropy",
                 "val_patch_aupr": round(float(metrics.get("val_aupr", float("nan"))), 4),
                 "selective_sampling": f"refreshed every {a.refresh_every} epochs, {a.refresh_size} healthy patches",
+                "hard_negatives": info["hard_negatives"],
                 "early_stopping_patience": a.patience,
                 "command": info["command"],
                 "parent": a.init,
@@ -326,6 +414,10 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
             },
         }
         t = config["training"]
+        h = info["hard_negatives"]
+        hard_line = ("none (random healthy locations only)" if h is None else
+                     f"the candidate lesions of detector {h['detector']} that touch no microaneurysm, at most "
+                     f"{h['per_image']} per image: {h['training']} in the training pool, {h['validation']} in validation")
         card = f"""# Microaneurysm patch-wise refinement network {config['version']}
 
 Scores 129 x 129 patches of the contrast-enhanced photograph: P(the centre pixel is a
@@ -335,7 +427,8 @@ parameters) trained from scratch by napari-retina {__version__} with {t['loss']}
 - Data: {', '.join(info['data'])} ({info['train_count']} training images, {len(config['validation_images'])} validation images)
 - Triplets: {a.samples_per_epoch} per epoch, batch {a.batch_size}, Adam lr {a.lr}; negatives by selective sampling ({t['selective_sampling']})
 - Epochs: {t['epochs']}, {t['minutes']:.0f} min on {t['device']} ({platform.machine()}, torch {info['torch']})
-- Validation: patch-level AUPR {t['val_patch_aupr']:.3f} (every microaneurysm of the validation images against healthy locations); patience {a.patience}
+- Hard negatives: {hard_line}
+- Validation: patch-level AUPR {t['val_patch_aupr']:.3f} (every microaneurysm of the validation images against their healthy locations{' and hard negatives' if hard else ''}); patience {a.patience}
 - Command: `{t['command']}`
 
 Validation images (held out by image): {', '.join(config['validation_images'])}

@@ -10,6 +10,32 @@ from napari_retina.io.errors import RetinaInputError
 from ..data import DataError
 
 
+def add_run_args(
+    p, *, init: str, batch_size: int, lr: float, samples: int, samples_help: str, patience: int, patience_help: str,
+    lr_help: str = "Adam learning rate (default %(default)s)", batch_help: str | None = None, workers: bool = True,
+) -> None:
+    """The options every trainable recipe shares (device, budget, resuming, split, seed, version),
+    after the recipe's own; the defaults and help that differ between recipes are arguments."""
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    budget = p.add_argument_group("how long (at least one; with both, whichever ends first)")
+    budget.add_argument("--epochs", type=int, help="total epochs (a resumed run continues the count)")
+    budget.add_argument("--minutes", type=float, help="wall-clock budget of this run")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.add_argument("--run-dir", metavar="DIR", help="log, checkpoints and split (default MODEL_DIR/run)")
+    p.add_argument("--init", metavar="MODEL_DIR", help=init)
+    p.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
+    p.add_argument("--lr", type=float, default=lr, help=lr_help)
+    p.add_argument("--samples-per-epoch", type=int, default=samples, help=samples_help)
+    p.add_argument("--patience", type=int, default=patience, help=patience_help)
+    p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of images held out (default %(default)s)")
+    p.add_argument("--val-images", nargs="+", metavar="NAME", help="hold out exactly these images instead")
+    p.add_argument("--seed", type=int, default=0)
+    if workers:
+        p.add_argument("--workers", type=int, default=0, help="data loader processes")
+    p.add_argument("--version", default=None, help="model version for config.json (default: a date stamp)")
+    p.add_argument("--quiet", action="store_true")
+
+
 def add_optimisation_args(p) -> None:
     """The optimiser and learning-rate schedule: options of every trainable recipe, not fixed in the trainer."""
     from ..trainer import OPTIMIZERS, SCHEDULERS

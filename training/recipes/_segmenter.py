@@ -46,7 +46,7 @@ import numpy as np
 from napari_retina import __version__
 from napari_retina.io.errors import RetinaInputError
 
-from ._main import add_optimisation_args, optimisation_kwargs, say_end
+from ._main import add_optimisation_args, add_run_args, optimisation_kwargs, say_end
 from ..data import (
     DataError, SegmentationPatches, describe_labels, gather_records, load_scaled, parents_held_out, split_by_image,
     write_split,
@@ -97,23 +97,9 @@ def build_parser(spec: Spec) -> argparse.ArgumentParser:
     p.add_argument("--rim-margin", type=float, default=spec.rim_margin,
                    help="at inference, no candidates within this fraction of the field of view's width from "
                         "the dark surround (the aperture's bright edge; 0: off; default %(default)s)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    budget = p.add_argument_group("how long (at least one; with both, whichever ends first)")
-    budget.add_argument("--epochs", type=int, help="total epochs (a resumed run continues the count)")
-    budget.add_argument("--minutes", type=float, help="wall-clock budget of this run")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
-    p.add_argument("--run-dir", metavar="DIR", help="log, checkpoints and split (default MODEL_DIR/run)")
-    p.add_argument("--init", metavar="MODEL_DIR", help=f"start from this {spec.kind} model folder's weights")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=spec.lr, help="Adam learning rate (default %(default)s)")
-    p.add_argument("--samples-per-epoch", type=int, default=1000)
-    p.add_argument("--patience", type=int, default=10, help="early stopping on val_aupr (epochs without improvement)")
-    p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--val-images", nargs="+", metavar="NAME", help="hold out exactly these images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0, help="data loader processes")
-    p.add_argument("--version", default=None, help="model version for config.json (default: a date stamp)")
-    p.add_argument("--quiet", action="store_true")
+    add_run_args(p, init=f"start from this {spec.kind} model folder's weights", batch_size=8, lr=spec.lr,
+                 samples=1000, samples_help="training patches per epoch (default %(default)s)", patience=10,
+                 patience_help="early stopping on val_aupr (epochs without improvement)")
     add_optimisation_args(p)
     return p
 

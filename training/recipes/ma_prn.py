@@ -49,7 +49,7 @@ import numpy as np
 from napari_retina import __version__
 from napari_retina.io.errors import RetinaInputError
 
-from ._main import add_optimisation_args, optimisation_kwargs, say_end
+from ._main import add_optimisation_args, add_run_args, optimisation_kwargs, say_end
 from ..data import DataError, describe_labels, gather_records, parents_held_out, split_by_image, write_split
 
 LESION = "MA"
@@ -74,22 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "join the healthy pool (training and validation)")
     p.add_argument("--hard-per-image", type=int, default=200,
                    help="at most this many hard negatives per image, the most probable first (default %(default)s)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    budget = p.add_argument_group("how long (at least one; with both, whichever ends first)")
-    budget.add_argument("--epochs", type=int)
-    budget.add_argument("--minutes", type=float)
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
-    p.add_argument("--run-dir", metavar="DIR", help="log, checkpoints and split (default MODEL_DIR/run)")
-    p.add_argument("--init", metavar="MODEL_DIR", help="start from this ma-prn model folder's weights")
-    p.add_argument("--batch-size", type=int, default=16, help="triplets per step (the paper: 90)")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default %(default)s; the paper: 1e-5)")
-    p.add_argument("--samples-per-epoch", type=int, default=2000, help="triplets per epoch")
-    p.add_argument("--patience", type=int, default=8)
-    p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--val-images", nargs="+", metavar="NAME", help="hold out exactly these images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--version", default=None)
-    p.add_argument("--quiet", action="store_true")
+    add_run_args(p, init="start from this ma-prn model folder's weights", batch_size=16,
+                 batch_help="triplets per step (the paper: 90)", lr=1e-4,
+                 lr_help="Adam learning rate (default %(default)s; the paper: 1e-5)", samples=2000,
+                 samples_help="triplets per epoch", patience=8,
+                 patience_help="early stopping on the validation patch AUPR (epochs without improvement)",
+                 workers=False)
     add_optimisation_args(p)
     return p
 

@@ -39,7 +39,7 @@ import numpy as np
 from napari_retina import __version__
 from napari_retina.io.errors import RetinaInputError
 
-from ._main import add_optimisation_args, optimisation_kwargs
+from ._main import add_optimisation_args, add_run_args, optimisation_kwargs
 from ..data import (
     REFINER_LESIONS,
     DataError,
@@ -65,15 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="IDRiD-layout, flat or annotation project folders with lesion masks")
     p.add_argument("--out", required=True, metavar="MODEL_DIR", help="model folder to write")
     p.add_argument("--variant", choices=("prototype", "baseline"), default="prototype")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    budget = p.add_argument_group("how long (at least one; with both, whichever ends first)")
-    budget.add_argument("--epochs", type=int, help="total epochs (a resumed run continues the count)")
-    budget.add_argument("--minutes", type=float, help="wall-clock budget of this run")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
-    p.add_argument("--run-dir", metavar="DIR", help="log, checkpoints and split (default MODEL_DIR/run)")
-    p.add_argument("--init", metavar="MODEL_DIR", help="start from this model folder's weights (fine-tuning)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (paper: 1e-4)")
     p.add_argument("--train-superpixels", choices=("on", "off"), default="on",
                    help="prototype variant: train with the superpixel-guided weighting (paper 2.2; about 15%% slower "
                         "per step on a CPU) or without it; both forms are validated at export either way")
@@ -82,7 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "leaves where the probability hovers near the threshold (default on)")
     p.add_argument("--grad-clip", type=float, default=1.0,
                    help="clip the gradient norm (the prototype head's alpha = 20 makes early gradients spiky); 0: off")
-    p.add_argument("--samples-per-epoch", type=int, default=2000, help="training patches per epoch")
     p.add_argument("--patch-size", type=int, default=256, help="patch side in pixels (multiple of 8)")
     p.add_argument("--reduction", type=float, nargs="+", default=[1.0, 1.5, 2.0],
                    help="reduction factors of the simulated training ellipses, one set per factor "
@@ -90,16 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-scale", type=float, default=2.0,
                    help="largest full-resolution pixels per network pixel: larger ellipses are trained and "
                         "refined window by window at this scale (default 2.0)")
-    p.add_argument("--patience", type=int, default=8,
-                   help="stop when the image-level validation IoU has not improved for this many epochs (default 8)")
     p.add_argument("--val-reduction", type=float, default=1.0, help="reduction of the validation ellipses")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of images held out")
-    p.add_argument("--val-images", nargs="+", metavar="NAME", help="hold out exactly these images instead")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0, help="data loader processes")
     p.add_argument("--base-channels", type=int, default=16)
-    p.add_argument("--version", default=None, help="model version for config.json (default: a date stamp)")
-    p.add_argument("--quiet", action="store_true")
+    add_run_args(p, init="start from this model folder's weights (fine-tuning)", batch_size=8, lr=1e-4,
+                 lr_help="Adam learning rate (paper: 1e-4)", samples=2000, samples_help="training patches per epoch",
+                 patience=8, patience_help="stop when the image-level validation IoU has not improved for this many "
+                                           "epochs (default 8)")
     add_optimisation_args(p)
     return p
 

@@ -11,51 +11,22 @@ validation images of the shipped detector).
 """
 
 import argparse
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
-import napari
 import numpy as np
 from PIL import Image
-from qtpy.QtWidgets import QApplication
 
 from napari_retina.io.masks import read_mask
 from napari_retina.metrics import label_lesions
 from napari_retina.sample_data import idrid_sample_masks
-from napari_retina.widgets.annotator import LesionAnnotator
+from _window import ROOT, annotator_window, sample_copy, settle, wait
 
-ROOT = Path(__file__).resolve().parents[1]
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--model", help="microaneurysm detector folder (default: the version in use)")
 p.add_argument("--out", default=str(ROOT / "docs" / "find_microaneurysms.png"))
 a = p.parse_args()
-tmp = Path(tempfile.mkdtemp())
-image = tmp / "IDRiD_22.jpg"
-shutil.copy(ROOT / "napari_retina" / "samples" / "IDRiD_22.jpg", image)
-
-viewer = napari.Viewer(title="napari-retina")
-viewer.window._qt_window.resize(1500, 950)
-widget = LesionAnnotator(viewer, ma_model_dir=a.model)
-viewer.window.add_dock_widget(widget, name="Lesion annotator")
-widget.open_path(image)
-app = QApplication.instance()
-
-
-def wait(cond, seconds=300):
-    end = time.monotonic() + seconds
-    while not cond():
-        app.processEvents()
-        time.sleep(0.01)
-        if time.monotonic() > end:
-            raise SystemExit(f"timed out after {seconds} s")
-
-
-def settle(n=50):
-    for _ in range(n):
-        app.processEvents()
-        time.sleep(0.02)
+image = sample_copy()
+viewer, widget, app = annotator_window(image, ma_model_dir=a.model)
 
 
 wait(lambda: widget.opened is not None and widget.ellipses_layer is not None)
@@ -65,7 +36,7 @@ finder.finished.connect(done.append)
 t0 = time.monotonic()
 finder.find_button.click()
 busy = ("tile", "segmenting", "loading", "cancelling")
-wait(lambda: done or (not finder.running and finder.status.text() and not finder.status.text().startswith(busy)))
+wait(lambda: done or (not finder.running and finder.status.text() and not finder.status.text().startswith(busy)), 300)
 if not done:
     raise SystemExit(f"no detector: {finder.status.text()}")
 seconds = time.monotonic() - t0

@@ -13,24 +13,17 @@ measured (pixels inside the cluster ellipse against the sample's own EX mask).
 """
 
 import argparse
-import shutil
-import sys
-import tempfile
-import time
 from pathlib import Path
 
-import napari
 import numpy as np
 from PIL import Image
-from qtpy.QtWidgets import QApplication
 
 from napari_retina.coarse import simulate_coarse_ellipses
 from napari_retina.io.ellipses import Ellipse, ellipse_to_corners, rasterize_ellipse
 from napari_retina.io.masks import read_mask
 from napari_retina.sample_data import idrid_sample_masks
-from napari_retina.widgets.annotator import LesionAnnotator
+from _window import ROOT, annotator_window, sample_copy, settle, wait
 
-ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = Ellipse("EX", (2146.0, 1270.0), (324.0, 193.0), 0.0)
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -39,31 +32,8 @@ p.add_argument("--exudates", help="exudate model folder (default: the shipped on
 p.add_argument("--out-dir", default=str(ROOT / "docs"))
 a = p.parse_args()
 out_dir = Path(a.out_dir)
-tmp = Path(tempfile.mkdtemp())
-image = tmp / "IDRiD_22.jpg"
-shutil.copy(ROOT / "napari_retina" / "samples" / "IDRiD_22.jpg", image)
-
-viewer = napari.Viewer(title="napari-retina")
-viewer.window._qt_window.resize(1500, 950)
-widget = LesionAnnotator(viewer, model_dir=a.refiner, exudate_model_dir=a.exudates)
-viewer.window.add_dock_widget(widget, name="Lesion annotator")
-widget.open_path(image)
-app = QApplication.instance()
-
-
-def wait(cond, seconds=120):
-    end = time.monotonic() + seconds
-    while not cond():
-        app.processEvents()
-        time.sleep(0.01)
-        if time.monotonic() > end:
-            raise SystemExit(f"timed out after {seconds} s")
-
-
-def settle(n=50):
-    for _ in range(n):
-        app.processEvents()
-        time.sleep(0.02)
+image = sample_copy()
+viewer, widget, app = annotator_window(image, model_dir=a.refiner, exudate_model_dir=a.exudates)
 
 
 wait(lambda: widget.ellipses_layer is not None and widget.refinement.refiner is not None)

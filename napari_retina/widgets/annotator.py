@@ -11,6 +11,8 @@ never waits on a disk write or an image decode.
 
 from __future__ import annotations
 
+import functools
+
 import getpass
 import time
 import weakref
@@ -637,7 +639,7 @@ class LesionAnnotator(QWidget):
             if rewrite:
                 shapes.features = feats
             colours = np.asarray(shapes.edge_color)
-            want = np.array([QColor(lesion(str(c)).colour).getRgbF() for c in feats["lesion"]]).reshape(-1, 4)
+            want = np.array([_edge_rgba(str(c)) for c in feats["lesion"]]).reshape(-1, 4)
             if colours.shape != want.shape or not np.allclose(colours, want, atol=2e-3):
                 shapes.edge_color = want
         finally:
@@ -1161,6 +1163,12 @@ class LesionAnnotator(QWidget):
             show_error(f"saving on close failed: {e}")
         self._writer.shutdown(wait=True)
         super().closeEvent(event)
+
+
+@functools.lru_cache(maxsize=None)
+def _edge_rgba(code: str) -> tuple[float, float, float, float]:
+    """An ellipse's edge colour: its lesion's, as napari's RGBA floats (one per lesion, not per shape)."""
+    return QColor(lesion(code).colour).getRgbF()
 
 
 def _user() -> str:

@@ -298,6 +298,9 @@ def test_the_three_networks_assemble_into_one_detector_that_segments_and_evaluat
     fcn = load_model(bare)
     assert fcn.prn is None
     np.testing.assert_array_equal(fcn.probability(rgb), fcn.maps(rgb)["geometric"])
+    only = fcn.maps(rgb, rows=())  # detection computes its own fusion only, the same numbers
+    assert set(only) == {"geometric", "refined"}
+    np.testing.assert_array_equal(only["refined"], fcn.maps(rgb)["refined"])
     # a PRN trained against that detector's own false positives: mined once per run, recorded in the card
     prn = tmp_path / "prn-hard"
     assert main(["ma-prn", "--out", str(prn), "--widths", "4", "8", "8", "16", "--healthy-per-image", "10",

@@ -340,11 +340,13 @@ class MicroaneurysmDetector:
         return VARIANTS if self.prn is not None else VARIANTS[:-1]
 
     def maps(self, rgb: np.ndarray, fov: np.ndarray | None = None, progress=None, cancelled=None,
-             preview=None, refine: bool = True) -> dict[str, np.ndarray]:
+             preview=None, refine: bool = True, rows: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         """Every stage's full-size map: the paper's Table 2 rows (`VARIANTS`), from one pass of each network.
 
         The fused maps are recalibrated by `fused_logit_offset` (config.json; `shift_logits`).
-        `refine=False` stops before the PRN: no "refined" map, but the "enhanced" photograph."""
+        `refine=False` stops before the PRN: no "refined" map, but the "enhanced" photograph.
+        `rows`: only these of the HGN and fusion rows (the detector's own fusion always; each
+        row is a pass over 12 megapixels, which detection alone does not need)."""
         from ..fundus import field_of_view_mask
 
         if fov is None:
@@ -367,8 +369,9 @@ class MicroaneurysmDetector:
         half = self.hgns[1].probability(enhanced, fov, progress=stage_progress(counts[0]), cancelled=cancelled)
         # every row on the fused map's recalibrated scale (the order of pixels, hence AUPR, is each
         # map's own; the raw maps crowd near 1, where the 8-bit levels of the scores cannot tell them apart)
-        out = {"hgn_1x": shift_logits(full, self.logit_offset), "hgn_0.5x": shift_logits(half, self.logit_offset),
-               **{m: shift_logits(fuse_maps(full, half, m), self.logit_offset) for m in FUSIONS}}
+        wanted = set(VARIANTS[:-1] if rows is None else rows) | {self.fusion}
+        make = {"hgn_1x": lambda: full, "hgn_0.5x": lambda: half, **{m: (lambda m=m: fuse_maps(full, half, m)) for m in FUSIONS}}
+        out = {name: shift_logits(f(), self.logit_offset) for name, f in make.items() if name in wanted}
         if not refine:
             return {**out, "enhanced": enhanced}  # what the PRN would see, for the caller to refine
         fused = out[self.fusion]
@@ -388,7 +391,7 @@ class MicroaneurysmDetector:
 
     def probability(self, rgb, fov=None, progress=None, cancelled=None, preview=None, on_block=None,
                     block: int = 512) -> np.ndarray:
-        prob = self.maps(rgb, fov, progress=progress, cancelled=cancelled, preview=preview)["refined"]
+        prob = self.maps(rgb, fov, progress=progress, cancelled=cancelled, preview=preview, rows=())["refined"]
         if on_block is not None:  # the map is final only once the PRN has run: every block at the end
             h, w = prob.shape
             for r0 in range(0, h, block):

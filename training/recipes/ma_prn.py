@@ -144,7 +144,7 @@ class HardNegatives:
     def __call__(self, stem: str, rgb: np.ndarray, fov: np.ndarray, ma: np.ndarray) -> np.ndarray:
         if stem not in self.found:
             d = self.detector
-            fused = d.maps(rgb, fov, refine=False)[d.fusion]
+            fused = d.maps(rgb, fov, refine=False, rows=())[d.fusion]
             centres = hard_negative_centres(fused, d.candidate_threshold, fov, ma, self.clearance, self.limit)
             self.found[stem] = centres.tolist()
             self.say(f"  {stem}: {len(centres)} hard negatives")

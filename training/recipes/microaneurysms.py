@@ -94,7 +94,7 @@ def calibrate_and_threshold(detector, data: Path, names: list[str], say=print) -
         if gt is None:
             continue  # no label here
         fov = field_of_view_mask(rgb)
-        out = detector.maps(rgb, fov, refine=False)
+        out = detector.maps(rgb, fov, refine=False, rows=())
         fused = out[detector.fusion]
         p = np.clip(fused[fov], 1e-7, 1 - 1e-7).astype(np.float64)
         logit = np.log(p) - np.log1p(-p)

@@ -257,7 +257,7 @@ def test_ma_prn_recipe_trains_on_triplets_refreshes_its_sampler_and_writes_a_sco
     assert len([e for e in log if e.get("event") == "epoch"]) == 2
 
 
-def test_the_three_networks_assemble_into_one_detector_that_segments_and_evaluates(ma_folder, tmp_path):
+def test_the_three_networks_assemble_into_one_detector_that_segments_and_evaluates(ma_folder, tmp_path, monkeypatch):
     import json
     import subprocess
     import sys
@@ -302,9 +302,17 @@ def test_the_three_networks_assemble_into_one_detector_that_segments_and_evaluat
     assert set(only) == {"geometric", "refined"}
     np.testing.assert_array_equal(only["refined"], fcn.maps(rgb)["refined"])
     # a PRN trained against that detector's own false positives: mined once per run, recorded in the card
+    # (the untrained detector's recalibrated map stays below 0.5: its candidates are taken at its 99th
+    # percentile instead, through the same mining)
+    from training.recipes import ma_prn
+
+    mine = ma_prn.hard_negative_centres
+    monkeypatch.setattr(ma_prn, "hard_negative_centres", lambda fused, t, fov, ma, c, k: mine(
+        fused, float(np.quantile(fused[fov], 0.99)), fov, ma, c, k))
     prn = tmp_path / "prn-hard"
     assert main(["ma-prn", "--out", str(prn), "--widths", "4", "8", "8", "16", "--healthy-per-image", "10",
-                 "--refresh-size", "5", "--hard-negatives", str(bare), "--hard-per-image", "3", *common]) == 0
+                 "--refresh-size", "5", "--hard-negatives", str(bare), "--hard-per-image", "3", "--clearance", "3",
+                 *common]) == 0
     mined = json.loads((prn / "run" / "hard_negatives.json").read_text())
     assert sorted(mined["centres"]) == ["IDRiD_01", "IDRiD_02", "IDRiD_03"]  # training and validation images
     assert all(len(c) <= 3 for c in mined["centres"].values())
@@ -312,6 +320,10 @@ def test_the_three_networks_assemble_into_one_detector_that_segments_and_evaluat
     assert hard["detector"] == json.loads((bare / "config.json").read_text())["version"]
     assert hard["training"] + hard["validation"] == sum(len(c) for c in mined["centres"].values())
     assert "Hard negatives: the candidate lesions of detector" in (prn / "card.md").read_text()
+    log = [json.loads(line) for line in (prn / "run" / "log.jsonl").read_text().splitlines()]
+    epochs = [e for e in log if e.get("event") == "epoch"]
+    assert hard["training"] > 0 and hard["validation"] > 0
+    assert 0 <= epochs[-1]["val_aupr_hard"] <= 1 and "against the hard negatives alone" in (prn / "card.md").read_text()
     # the refinement changes only candidate pixels of the fused map
     same = maps["refined"] == maps["geometric"]
     assert same[maps["geometric"] < config["candidate_threshold"]].all()

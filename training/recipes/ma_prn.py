@@ -314,6 +314,9 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
     train_set = TripletPatches(train_imgs, sampler, a.samples_per_epoch, augment=True, seed=a.seed)
     val_pos = [im.patch(c) for im in val_imgs for c in im.lesion_centres]
     val_neg = [im.patch(c) for im in val_imgs for c in im.healthy_px]
+    # which of them are hard negatives (each image's last `n_hard`): scored apart as well
+    val_hard = np.concatenate([np.arange(len(im.healthy_px)) >= len(im.healthy_px) - im.n_hard for im in val_imgs]
+                              ) if val_imgs else np.zeros(0, bool)
     if not val_pos:
         raise DataError("no microaneurysms in the validation images' masks")
     say(f"{len(train_imgs)} training images ({len(train_set.lesions)} microaneurysm pixels, {len(train_set.healthy)} "
@@ -349,11 +352,17 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
     def val_fn(model, _val, device) -> dict:
         p = score_patches(model, val_pos + val_neg, device)
         y = np.r_[np.ones(len(val_pos), bool), np.zeros(len(val_neg), bool)]
-        pr = PixelPR()
-        pr.add(np.round(p * 255).astype(np.uint8), y)
-        aupr = pr.aupr()
-        return {"aupr": 0.0 if np.isnan(aupr) else aupr, "sensitivity_at_half": float((p[y] >= 0.5).mean()),
-                "specificity_at_half": float((p[~y] < 0.5).mean())}
+        def aupr_of(keep):
+            pr = PixelPR()
+            pr.add(np.round(p[keep] * 255).astype(np.uint8), y[keep])
+            v = pr.aupr()
+            return 0.0 if np.isnan(v) else v
+
+        out = {"aupr": aupr_of(np.ones(len(p), bool)), "sensitivity_at_half": float((p[y] >= 0.5).mean()),
+               "specificity_at_half": float((p[~y] < 0.5).mean())}
+        if val_hard.any():  # microaneurysms against the detector's false positives alone: the PRN's real task
+            out["aupr_hard"] = aupr_of(np.r_[np.ones(len(val_pos), bool), val_hard])
+        return out
 
     def refresh(trainer, metrics):
         """Selective sampling: score part of the healthy pool; its loss becomes its drawing weight."""
@@ -395,6 +404,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
                 "device": str(trainer.device),
                 "loss": "cosine triplet (margin %g) + cross-entropy" % a.margin if a.loss == "triplet" else "cross-entropy",
                 "val_patch_aupr": round(float(metrics.get("val_aupr", float("nan"))), 4),
+                "val_patch_aupr_hard": round(float(metrics["val_aupr_hard"]), 4) if "val_aupr_hard" in metrics else None,
                 "selective_sampling": f"refreshed every {a.refresh_every} epochs, {a.refresh_size} healthy patches",
                 "hard_negatives": info["hard_negatives"],
                 "early_stopping_patience": a.patience,
@@ -408,6 +418,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
         hard_line = ("none (random healthy locations only)" if h is None else
                      f"the candidate lesions of detector {h['detector']} that touch no microaneurysm, at most "
                      f"{h['per_image']} per image: {h['training']} in the training pool, {h['validation']} in validation")
+        hard_val = "" if t["val_patch_aupr_hard"] is None else f"; against the hard negatives alone {t['val_patch_aupr_hard']:.3f}"
         card = f"""# Microaneurysm patch-wise refinement network {config['version']}
 
 Scores 129 x 129 patches of the contrast-enhanced photograph: P(the centre pixel is a
@@ -418,7 +429,7 @@ parameters) trained from scratch by napari-retina {__version__} with {t['loss']}
 - Triplets: {a.samples_per_epoch} per epoch, batch {a.batch_size}, Adam lr {a.lr}; negatives by selective sampling ({t['selective_sampling']})
 - Epochs: {t['epochs']}, {t['minutes']:.0f} min on {t['device']} ({platform.machine()}, torch {info['torch']})
 - Hard negatives: {hard_line}
-- Validation: patch-level AUPR {t['val_patch_aupr']:.3f} (every microaneurysm of the validation images against their healthy locations{' and hard negatives' if hard else ''}); patience {a.patience}
+- Validation: patch-level AUPR {t['val_patch_aupr']:.3f} (every microaneurysm of the validation images against their healthy locations{' and hard negatives' if hard else ''}){hard_val}; patience {a.patience}
 - Command: `{t['command']}`
 
 Validation images (held out by image): {', '.join(config['validation_images'])}

@@ -76,7 +76,9 @@ class LesionFinder(QGroupBox):
         self.threshold_slider = QSlider(Qt.Orientation.Horizontal)
         self.threshold_slider.setRange(5, 95)
         self.threshold_slider.setValue(50)
-        self.threshold_label = QLabel("threshold 0.50")
+        # until a run (or the grader) sets it, the model's own threshold applies: say so, not a number
+        self.threshold_label = QLabel("threshold: model's")
+        self.threshold_label.setToolTip("the model's own threshold until you move the slider")
         self.threshold_slider.valueChanged.connect(self._on_threshold)
         self.accept_button = QPushButton("Accept all")
         self.accept_button.setToolTip("keep every remaining candidate as the grader's own pixels")

@@ -370,8 +370,11 @@ class MicroaneurysmDetector:
         # every row on the fused map's recalibrated scale (the order of pixels, hence AUPR, is each
         # map's own; the raw maps crowd near 1, where the 8-bit levels of the scores cannot tell them apart)
         wanted = set(VARIANTS[:-1] if rows is None else rows) | {self.fusion}
-        make = {"hgn_1x": lambda: full, "hgn_0.5x": lambda: half, **{m: (lambda m=m: fuse_maps(full, half, m)) for m in FUSIONS}}
-        out = {name: shift_logits(f(), self.logit_offset) for name, f in make.items() if name in wanted}
+        out = {}
+        for name in VARIANTS[:-1]:
+            if name in wanted:
+                raw = full if name == "hgn_1x" else half if name == "hgn_0.5x" else fuse_maps(full, half, name)
+                out[name] = shift_logits(raw, self.logit_offset)
         if not refine:
             return {**out, "enhanced": enhanced}  # what the PRN would see, for the caller to refine
         fused = out[self.fusion]

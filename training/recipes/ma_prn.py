@@ -126,12 +126,11 @@ class HardNegatives:
     """Mines a detector's false-positive candidates per image, once per run (cached in the run folder)."""
 
     def __init__(self, detector_dir: str, cache: Path, clearance: int, limit: int, write: bool = True, say=None):
-        from napari_retina.models.registry import check_model_folder, load_model
+        from napari_retina.models.registry import load_model
 
-        config = check_model_folder(detector_dir, expect="microaneurysms")
-        self.detector = load_model(detector_dir, expect="microaneurysms")
-        self.key = {"detector": str(detector_dir), "sha256": config.get("weights_sha256"), "clearance": clearance,
-                    "limit": limit}
+        self.detector = load_model(detector_dir, expect="microaneurysms")  # checked (and hashed) once, here
+        self.key = {"detector": str(detector_dir), "sha256": self.detector.config.get("weights_sha256"),
+                    "clearance": clearance, "limit": limit}
         self.version = self.detector.version
         self.clearance, self.limit, self.cache, self.write = clearance, limit, Path(cache), write
         self.say = say or (lambda *x: None)

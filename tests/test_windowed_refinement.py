@@ -94,3 +94,28 @@ def test_large_thin_and_tiny_ellipses_all_give_maps_inside_their_ellipse():
         # the box holds the whole ellipse (clipped to the image)
         full = rasterize_ellipse(e, rgb.shape[:2])
         assert full[r0:r1, c0:c1].sum() == full.sum()
+
+
+def test_the_window_grid_leaves_the_stated_margin_with_as_few_windows_as_possible():
+    from napari_retina.models.patches import ellipse_half_extent, window_overlap
+
+    rng = np.random.default_rng(7)
+    for context in (16, 32):
+        geom = PatchGeometry(window_context=context)
+        stride = geom.size - window_overlap(geom)
+        for _ in range(200):
+            a = rng.uniform(100, 900)
+            e = Ellipse("HE", (2000.0, 1400.0), (a, a * rng.uniform(0.1, 1.0)), rng.uniform(-90, 90))
+            plan = window_plan(e, geom)
+            hx, hy = ellipse_half_extent(e)
+            for length, half in ((plan.shape[1], hx), (plan.shape[0], hy)):
+                span = 2 * half / geom.max_scale  # the bounding box in network pixels
+                assert (length - span) / 2 >= context - 1e-6  # at least the stated margin on each side
+                assert (length - stride - span) / 2 < context or length == geom.size  # one window fewer would not do
+            # the grid is centred on the ellipse
+            centre = plan.m @ np.array([*e.center_xy, 1.0])
+            np.testing.assert_allclose(centre, [(plan.shape[1] - 1) / 2, (plan.shape[0] - 1) / 2], atol=1e-6)
+    # the exudate cluster of the sample: a 16-pixel margin fits it in 2 windows where 32 needs 4
+    cluster = Ellipse("EX", (2146.0, 1270.0), (324.0, 193.0), 0.0)
+    assert len(window_plan(cluster, PatchGeometry(window_context=16)).origins) == 2
+    assert len(window_plan(cluster, PatchGeometry(window_context=32)).origins) == 4

@@ -58,7 +58,7 @@ def main() -> int:
                        "--loss", loss, "--scale", str(a.scale), "--samples-per-epoch", str(a.samples_per_epoch),
                        "--device", a.device, "--patience", "1000", "--val-images", *a.val_images]
                 cmd += ["--minutes", str(a.minutes)] if a.minutes else ["--epochs", str(a.epochs)]
-                if a.resume and (model / "run").is_dir():
+                if a.resume and (model / "run" / "checkpoints" / "last.pt").is_file():  # a run cut before its first epoch starts over
                     cmd.append("--resume")
                 run(cmd)
                 run([py, "-m", "napari_retina.cli", "evaluate", "ex", "--data", a.data, "--model", str(model),

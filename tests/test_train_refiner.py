@@ -123,6 +123,21 @@ def test_baseline_variant_and_named_validation_images(lesion_folder, tmp_path):
     assert config["validation_images"] == ["IDRiD_02.jpg"]
 
 
+def test_validation_at_several_reductions_follows_their_mean(lesion_folder, tmp_path):
+    out = tmp_path / "model"
+    assert training_main(["refiner", "--data", str(lesion_folder), "--out", str(out), "--epochs", "1",
+                          "--val-reduction", "1.0", "2.0", *TINY]) == 0
+    t = json.loads((out / "config.json").read_text())["training"]
+    assert t["val_reduction"] == [1.0, 2.0]
+    # the monitored figure is the mean of the two reductions' averages, at one threshold
+    assert t["val_image_iou"] == pytest.approx((t["val_image_iou_r1"] + t["val_image_iou_r2"]) / 2, abs=0.02)
+    card = (out / "card.md").read_text()
+    assert "reductions 1.0, 2.0, each figure the mean over them" in card
+    assert f"| average at reduction 2 | {t['val_image_iou_r2']:.1f} |" in card
+    epoch = [e for e in _events(out / "run" / "log.jsonl") if e["event"] == "epoch"][0]
+    assert {"val_iou_r1", "val_iou_r2"} <= set(epoch)
+
+
 @pytest.mark.parametrize(
     "args, words",
     [
@@ -145,5 +160,9 @@ def test_missing_budget_and_bad_folder_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         training_main(["refiner", "--data", str(tmp_path), "--out", str(tmp_path / "m")])
     assert e.value.code == 2 and "--epochs" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        training_main(["refiner", "--data", str(tmp_path), "--out", str(tmp_path / "m"), "--epochs", "1",
+                       "--val-reduction", "1.0", "0.5"])
+    assert e.value.code == 2 and "--val-reduction factors must be >= 1.0" in capsys.readouterr().err
     rc = training_main(["refiner", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m"), "--epochs", "1"])
     assert rc == 2 and "not a folder" in capsys.readouterr().err

@@ -76,11 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=int, default=256, help="patch side in pixels (multiple of 8)")
     p.add_argument("--reduction", type=float, nargs="+", default=[1.0, 1.5, 2.0],
                    help="reduction factors of the simulated training ellipses, one set per factor "
-                        "(default 1.0 1.5 2.0: graders circle groups of lesions too; validation uses 1.0)")
+                        "(default 1.0 1.5 2.0: graders circle groups of lesions too; validation: --val-reduction)")
     p.add_argument("--max-scale", type=float, default=2.0,
                    help="largest full-resolution pixels per network pixel: larger ellipses are trained and "
                         "refined window by window at this scale (default 2.0)")
-    p.add_argument("--val-reduction", type=float, default=1.0, help="reduction of the validation ellipses")
+    p.add_argument("--val-reduction", type=float, nargs="+", default=[1.0],
+                   help="reduction(s) of the validation ellipses (default 1.0); with several, early stopping and "
+                        "the threshold follow the mean of their image-level averages, e.g. 1.0 2.0 for graders "
+                        "who also circle groups of lesions")
     p.add_argument("--base-channels", type=int, default=16)
     add_run_args(p, init="start from this model folder's weights (fine-tuning)", batch_size=8, lr=1e-4,
                  lr_help="Adam learning rate (paper: 1e-4)", samples=2000, samples_help="training patches per epoch",
@@ -97,8 +100,10 @@ def _validate_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error(f"--patch-size must be a multiple of 8 and at least 32, not {a.patch_size}")
     if not 0 < a.val_fraction < 1:
         p.error(f"--val-fraction must be between 0 and 1, not {a.val_fraction}")
-    if any(r < 1.0 for r in a.reduction):
+    if any(not r >= 1.0 for r in a.reduction):
         p.error("--reduction factors must be >= 1.0")
+    if any(not r >= 1.0 for r in a.val_reduction):
+        p.error("--val-reduction factors must be >= 1.0")
     if a.samples_per_epoch < 1:
         p.error("--samples-per-epoch must be at least 1")
     if not a.max_scale > 0:
@@ -115,40 +120,67 @@ class ValImage:
     rgb: np.ndarray
     masks: dict  # lesion -> bool mask
     ellipses: dict  # lesion -> [Ellipse]
+    reduction: float = 1.0  # the reduction the ellipses were simulated at
 
 
-def validation_images(images, reduction: float, seed: int) -> list[ValImage]:
-    """The split's images with their ellipses, simulated once (as `evaluate refine` does: seed + k)."""
+def validation_images(images, reduction, seed: int) -> list[ValImage]:
+    """The split's images with their ellipses, simulated once (as `evaluate refine` does: seed + k).
+
+    `reduction`: one factor or several; with several, each image appears once per factor (the
+    photograph and masks shared, not copied).
+    """
     from napari_retina.coarse import simulate_coarse_ellipses
 
     out = []
-    for k, img in enumerate(images):
-        ells = {c: simulate_coarse_ellipses(m, c, reduction=reduction, seed=seed + k) for c, m in img.masks.items()}
-        out.append(ValImage(img.stem, img.rgb, img.masks, ells))
+    for r in [reduction] if np.isscalar(reduction) else reduction:
+        for k, img in enumerate(images):
+            ells = {c: simulate_coarse_ellipses(m, c, reduction=r, seed=seed + k) for c, m in img.masks.items()}
+            out.append(ValImage(img.stem, img.rgb, img.masks, ells, float(r)))
     return out
 
 
-def image_level_table(refiner, val_images: list[ValImage], thresholds=THRESHOLDS, superpixels=None) -> dict:
-    """Image-level IoU (%) per lesion at each threshold: the figure `evaluate refine` prints.
+def reduction_tables(refiner, val_images: list[ValImage], thresholds=THRESHOLDS, superpixels=None) -> dict:
+    """{reduction: {lesion: image-level IoU (%) at each threshold}}: the figures `evaluate refine` prints.
 
     Each image's probability map is computed once and thresholded at every candidate; the
     IoU rule is `metrics.image_level_iou` (an image counts where the lesion or a prediction is).
     """
     from napari_retina.metrics import image_level_iou
 
-    pairs = {c: [[] for _ in thresholds] for c in REFINER_LESIONS}
+    pairs: dict[float, dict] = {}
     for v in val_images:
+        per = pairs.setdefault(v.reduction, {c: [[] for _ in thresholds] for c in REFINER_LESIONS})
         for code, ells in v.ellipses.items():
             if not ells:
                 continue
             prob = refiner.refine_probability(v.rgb, ells, superpixels=superpixels)
             for j, t in enumerate(thresholds):
-                pairs[code][j].append((prob >= t, v.masks[code]))
-    table = {}
-    for code, per_t in pairs.items():
-        if per_t[0]:
-            table[code] = [100.0 * image_level_iou(p)[0] for p in per_t]
-    return table
+                per[code][j].append((prob >= t, v.masks[code]))
+    return {
+        r: {code: [100.0 * image_level_iou(p)[0] for p in per_t] for code, per_t in per.items() if per_t[0]}
+        for r, per in pairs.items()
+    }
+
+
+def mean_table(tables: dict) -> dict:
+    """Per lesion and threshold, the mean over the reductions (a lesion missing at one is left out there)."""
+    codes = [c for c in REFINER_LESIONS if any(c in t for t in tables.values())]
+    return {c: list(np.mean([t[c] for t in tables.values() if c in t], axis=0)) for c in codes}
+
+
+def image_level_table(refiner, val_images: list[ValImage], thresholds=THRESHOLDS, superpixels=None) -> dict:
+    """Image-level IoU (%) per lesion at each threshold, averaged over the validation reductions."""
+    return mean_table(reduction_tables(refiner, val_images, thresholds, superpixels))
+
+
+def validation_figures(refiner, val_images: list[ValImage], thresholds=THRESHOLDS, superpixels=None) -> dict:
+    """`best_threshold` of the reduction-averaged table, plus each reduction's average there (`iou_r<R>`)."""
+    tables = reduction_tables(refiner, val_images, thresholds, superpixels)
+    out = best_threshold(mean_table(tables), thresholds)
+    if len(tables) > 1:
+        k = list(thresholds).index(out["threshold"])
+        out.update({f"iou_r{r:g}": float(np.mean([v[k] for v in t.values()])) for r, t in sorted(tables.items())})
+    return out
 
 
 def best_threshold(table: dict, thresholds=THRESHOLDS) -> dict:
@@ -169,7 +201,7 @@ def make_val_fn(val_images: list[ValImage], config_of, thresholds=THRESHOLDS):
         # a fresh refiner each epoch: its TorchScript traces hold this epoch's weights
         refiner = EllipseRefiner.from_network(model, config_of(), device=str(device), superpixels=False)
         try:
-            return best_threshold(image_level_table(refiner, val_images, thresholds, superpixels=False), thresholds)
+            return validation_figures(refiner, val_images, thresholds, superpixels=False)
         finally:
             model.train()  # the trainer restores the mode too; be explicit since from_network sets eval
 
@@ -184,7 +216,7 @@ def superpixel_choice(net, config: dict, val_images: list[ValImage], device, pla
     from napari_retina.models.refiner import EllipseRefiner
 
     refiner = EllipseRefiner.from_network(net, config, device=str(device), superpixels=True)
-    sp = best_threshold(image_level_table(refiner, val_images, superpixels=True))
+    sp = validation_figures(refiner, val_images, superpixels=True)
     # compared as the card shows them (2 decimals): the plain figure comes rounded from config.json
     chosen = sp if round(sp["iou"], 2) > round(plain["iou"], 2) else plain
     return {
@@ -193,7 +225,14 @@ def superpixel_choice(net, config: dict, val_images: list[ValImage], device, pla
         "val_image_iou_plain": round(float(plain["iou"]), 2),
         "val_image_iou_superpixels": round(float(sp["iou"]), 2),
         **{f"val_image_iou_{c}": round(float(chosen[f'iou_{c}']), 2) for c in REFINER_LESIONS if f"iou_{c}" in chosen},
+        **{f"val_image_iou_{k[4:]}": round(float(v), 2) for k, v in chosen.items() if k.startswith("iou_r")},
     }
+
+
+def _reductions_text(val_reduction) -> str:
+    if np.isscalar(val_reduction):
+        return f"reduction {val_reduction}"
+    return f"reductions {', '.join(str(r) for r in val_reduction)}, each figure the mean over them"
 
 
 def render_card(config: dict, info: dict) -> str:
@@ -213,6 +252,10 @@ def render_card(config: dict, info: dict) -> str:
         if info.get("init") else "- Parent model: none (trained from scratch)\n"
     )
     geom = config["geometry"]
+    per_reduction = "".join(
+        f"| average at reduction {k[len('val_image_iou_r'):]} | {v:.1f} |\n"
+        for k, v in t.items() if k.startswith("val_image_iou_r")
+    )
     return f"""# Ellipse refinement model ({info['variant']}) {config['version']}
 
 Turns a coarse ellipse around a lesion (MA, SE, EX, HE) into a pixel mask:
@@ -231,13 +274,13 @@ on a truncated U-Net, trained by napari-retina {__version__}.
 - Early stopping: on the image-level validation average below, patience {t['early_stopping_patience']} epochs
 - Command: `{t['command']}`
 
-## Validation (image-level IoU %, coarse ellipses at reduction {t['val_reduction']}, threshold {config['threshold']:.2f})
+## Validation (image-level IoU %, coarse ellipses at {_reductions_text(t['val_reduction'])}, threshold {config['threshold']:.2f})
 
 | Lesion | IoU |
 |---|---|
 {figures}
 | average | {t.get('val_image_iou', float('nan')):.1f} |
-
+{per_reduction}
 The same figure as `napari-retina evaluate refine --data DIR --model THIS_FOLDER --split val`.
 
 Superpixel-guided weighting at inference: {sp_line}
@@ -275,6 +318,7 @@ def model_config(net, info: dict, geom, metrics: dict, trainer, choice: dict | N
             "val_reduction": info["val_reduction"],
             "val_image_iou": round(float(metrics.get("val_iou", float("nan"))), 2),
             **{f"val_image_iou_{c}": round(float(metrics[f"val_iou_{c}"]), 2) for c in REFINER_LESIONS if f"val_iou_{c}" in metrics},
+            **{f"val_image_iou_{k[8:]}": round(float(v), 2) for k, v in metrics.items() if k.startswith("val_iou_r")},
             **{k: v for k, v in choice.items() if k.startswith("val_")},
             "early_stopping_patience": info["patience"],
             "command": info["command"],
@@ -393,7 +437,8 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
         "train_count": len(train_imgs),
         "validation_images": [r.image.name for r in val_recs],
         "reduction": a.reduction,
-        "val_reduction": a.val_reduction,
+        # one factor stays a number, as in earlier model folders
+        "val_reduction": a.val_reduction[0] if len(a.val_reduction) == 1 else a.val_reduction,
         "seed": a.seed,
         "samples_per_epoch": a.samples_per_epoch,
         "batch_size": a.batch_size,

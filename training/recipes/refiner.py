@@ -252,6 +252,12 @@ def render_card(config: dict, info: dict) -> str:
         if info.get("init") else "- Parent model: none (trained from scratch)\n"
     )
     geom = config["geometry"]
+    same = (
+        "The same figure as `napari-retina evaluate refine --data DIR --model THIS_FOLDER --split val`."
+        if np.isscalar(t["val_reduction"]) else
+        "Each reduction's average is the figure `napari-retina evaluate refine --data DIR --model THIS_FOLDER "
+        "--split val` prints for it under `by_reduction`."
+    )
     per_reduction = "".join(
         f"| average at reduction {k[len('val_image_iou_r'):]} | {v:.1f} |\n"
         for k, v in t.items() if k.startswith("val_image_iou_r")
@@ -281,7 +287,7 @@ on a truncated U-Net, trained by napari-retina {__version__}.
 {figures}
 | average | {t.get('val_image_iou', float('nan')):.1f} |
 {per_reduction}
-The same figure as `napari-retina evaluate refine --data DIR --model THIS_FOLDER --split val`.
+{same}
 
 Superpixel-guided weighting at inference: {sp_line}
 

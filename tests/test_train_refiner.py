@@ -156,6 +156,25 @@ def test_bad_input_is_one_line_and_exit_code_2(lesion_folder, tmp_path, capsys, 
     assert not (tmp_path / "m" / "weights.safetensors").exists()
 
 
+def test_a_second_training_into_the_same_folder_stops_with_one_line(lesion_folder, tmp_path, capsys):
+    from filelock import FileLock
+
+    out = tmp_path / "model"
+    (out / "run").mkdir(parents=True)
+    held = FileLock(str(out / "run" / ".lock"))
+    held.acquire()  # as a run still finishing its epoch holds it
+    try:
+        rc = training_main(["refiner", "--data", str(lesion_folder), "--out", str(out), "--epochs", "1", *TINY])
+    finally:
+        held.release()
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "being trained by another process" in err
+    assert not (out / "weights.safetensors").exists() and not (out / "run" / "log.jsonl").exists()
+    # once the other run has ended, the same command trains
+    assert training_main(["refiner", "--data", str(lesion_folder), "--out", str(out), "--epochs", "1", *TINY]) == 0
+    assert (out / "weights.safetensors").is_file()
+
+
 def test_missing_budget_and_bad_folder_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         training_main(["refiner", "--data", str(tmp_path), "--out", str(tmp_path / "m")])

@@ -112,7 +112,9 @@ def recipe_main(name: str, build_parser: Callable, validate: Callable, run: Call
         p.error("--scheduler cosine needs --epochs")
     if not getattr(a, "quiet", False):
         print(f"training {name}: " + json.dumps({k: v for k, v in vars(a).items()}, default=str), flush=True)
+    lock = None
     try:
+        lock = run_lock(a)
         return run(a, argv)
     except (RetinaInputError, DataError, OSError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -121,3 +123,32 @@ def recipe_main(name: str, build_parser: Callable, validate: Callable, run: Call
     except KeyboardInterrupt:
         print(f"training {name}: interrupted; resume with --resume", file=sys.stderr)
         return 130
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run_lock(a):
+    """Hold the run folder for this process: a second training into the same folder (one still
+    finishing its epoch after a Ctrl-C, or the same command twice) would interleave checkpoints,
+    log and model folder, so it stops with one line instead. An OS file lock (filelock, which
+    torch itself requires) goes with the process, so a killed run leaves nothing to clean up.
+    Only the main process of a torchrun holds it; recipes without a run folder take none."""
+    from pathlib import Path
+
+    from filelock import FileLock, Timeout
+
+    from ..trainer import is_main_process
+
+    if not hasattr(a, "run_dir") or getattr(a, "out", None) is None or not is_main_process():
+        return None
+    run_dir = Path(a.run_dir) if a.run_dir else Path(a.out) / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(run_dir / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RetinaInputError(
+            f"{a.out} is being trained by another process (it holds {run_dir / '.lock'}); "
+            "wait for it to end or give another --out") from None
+    return lock

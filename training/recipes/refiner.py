@@ -123,16 +123,13 @@ class ValImage:
     reduction: float = 1.0  # the reduction the ellipses were simulated at
 
 
-def validation_images(images, reduction, seed: int) -> list[ValImage]:
-    """The split's images with their ellipses, simulated once (as `evaluate refine` does: seed + k).
-
-    `reduction`: one factor or several; with several, each image appears once per factor (the
-    photograph and masks shared, not copied).
-    """
+def validation_images(images, reductions, seed: int) -> list[ValImage]:
+    """The split's images with their ellipses, simulated once (as `evaluate refine` does: seed + k),
+    once per reduction factor (the photograph and masks shared, not copied)."""
     from napari_retina.coarse import simulate_coarse_ellipses
 
     out = []
-    for r in [reduction] if np.isscalar(reduction) else reduction:
+    for r in reductions:
         for k, img in enumerate(images):
             ells = {c: simulate_coarse_ellipses(m, c, reduction=r, seed=seed + k) for c, m in img.masks.items()}
             out.append(ValImage(img.stem, img.rgb, img.masks, ells, float(r)))
@@ -166,11 +163,6 @@ def mean_table(tables: dict) -> dict:
     """Per lesion and threshold, the mean over the reductions (a lesion missing at one is left out there)."""
     codes = [c for c in REFINER_LESIONS if any(c in t for t in tables.values())]
     return {c: list(np.mean([t[c] for t in tables.values() if c in t], axis=0)) for c in codes}
-
-
-def image_level_table(refiner, val_images: list[ValImage], thresholds=THRESHOLDS, superpixels=None) -> dict:
-    """Image-level IoU (%) per lesion at each threshold, averaged over the validation reductions."""
-    return mean_table(reduction_tables(refiner, val_images, thresholds, superpixels))
 
 
 def validation_figures(refiner, val_images: list[ValImage], thresholds=THRESHOLDS, superpixels=None) -> dict:
@@ -229,12 +221,6 @@ def superpixel_choice(net, config: dict, val_images: list[ValImage], device, pla
     }
 
 
-def _reductions_text(val_reduction) -> str:
-    if np.isscalar(val_reduction):
-        return f"reduction {val_reduction}"
-    return f"reductions {', '.join(str(r) for r in val_reduction)}, each figure the mean over them"
-
-
 def render_card(config: dict, info: dict) -> str:
     t = config["training"]
     val = config["validation_images"]
@@ -252,11 +238,13 @@ def render_card(config: dict, info: dict) -> str:
         if info.get("init") else "- Parent model: none (trained from scratch)\n"
     )
     geom = config["geometry"]
+    several = isinstance(t["val_reduction"], list)  # one factor is kept as a number, as in older folders
+    reductions = (f"reductions {', '.join(str(r) for r in t['val_reduction'])}, each figure the mean over them"
+                  if several else f"reduction {t['val_reduction']}")
     same = (
-        "The same figure as `napari-retina evaluate refine --data DIR --model THIS_FOLDER --split val`."
-        if np.isscalar(t["val_reduction"]) else
         "Each reduction's average is the figure `napari-retina evaluate refine --data DIR --model THIS_FOLDER "
-        "--split val` prints for it under `by_reduction`."
+        "--split val` prints for it under `by_reduction`." if several else
+        "The same figure as `napari-retina evaluate refine --data DIR --model THIS_FOLDER --split val`."
     )
     per_reduction = "".join(
         f"| average at reduction {k[len('val_image_iou_r'):]} | {v:.1f} |\n"
@@ -280,7 +268,7 @@ on a truncated U-Net, trained by napari-retina {__version__}.
 - Early stopping: on the image-level validation average below, patience {t['early_stopping_patience']} epochs
 - Command: `{t['command']}`
 
-## Validation (image-level IoU %, coarse ellipses at {_reductions_text(t['val_reduction'])}, threshold {config['threshold']:.2f})
+## Validation (image-level IoU %, coarse ellipses at {reductions}, threshold {config['threshold']:.2f})
 
 | Lesion | IoU |
 |---|---|

@@ -183,5 +183,7 @@ def test_missing_budget_and_bad_folder_exit_2(tmp_path, capsys):
         training_main(["refiner", "--data", str(tmp_path), "--out", str(tmp_path / "m"), "--epochs", "1",
                        "--val-reduction", "1.0", "0.5"])
     assert e.value.code == 2 and "--val-reduction factors must be >= 1.0" in capsys.readouterr().err
-    rc = training_main(["refiner", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m"), "--epochs", "1"])
+    rc = training_main(["refiner", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m" / "new"),
+                        "--epochs", "1"])
     assert rc == 2 and "not a folder" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()  # a run that stopped before writing leaves no folder behind

@@ -126,6 +126,34 @@ def recipe_main(name: str, build_parser: Callable, validate: Callable, run: Call
     finally:
         if lock is not None:
             lock.release()
+            lock.tidy()
+
+
+class _RunLock:
+    """A FileLock on the run folder that knows which folders it made, so that `tidy` can take
+    them away again if the run wrote nothing into them."""
+
+    def __init__(self, path: str, created: list):
+        from filelock import FileLock
+
+        self._lock, self._path, self._created = FileLock(path), path, created
+
+    def acquire(self, timeout: float) -> None:
+        self._lock.acquire(timeout=timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def tidy(self) -> None:
+        import os
+
+        for d in self._created:
+            left = {q.name for q in d.iterdir()} if d.is_dir() else set()
+            if d == self._created[0] and left == {".lock"}:
+                os.remove(self._path)
+            elif left:
+                return
+            os.rmdir(d)
 
 
 def run_lock(a):
@@ -133,21 +161,24 @@ def run_lock(a):
     finishing its epoch after a Ctrl-C, or the same command twice) would interleave checkpoints,
     log and model folder, so it stops with one line instead. An OS file lock (filelock, which
     torch itself requires) goes with the process, so a killed run leaves nothing to clean up.
-    Only the main process of a torchrun holds it; recipes without a run folder take none."""
+    Only the main process of a torchrun holds it; recipes without a run folder take none.
+    A run that stops before writing anything (bad data, a typo in --out) leaves no folder behind."""
     from pathlib import Path
 
-    from filelock import FileLock, Timeout
+    from filelock import Timeout
 
     from ..trainer import is_main_process
 
     if not hasattr(a, "run_dir") or getattr(a, "out", None) is None or not is_main_process():
         return None
     run_dir = Path(a.run_dir) if a.run_dir else Path(a.out) / "run"
+    created = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # deepest first
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(run_dir / ".lock"))
+    lock = _RunLock(str(run_dir / ".lock"), created)
     try:
         lock.acquire(timeout=0)
     except Timeout:
+        lock.tidy()
         raise RetinaInputError(
             f"{a.out} is being trained by another process (it holds {run_dir / '.lock'}); "
             "wait for it to end or give another --out") from None

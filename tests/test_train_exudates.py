@@ -81,9 +81,18 @@ def test_the_recipe_writes_a_model_folder_that_segments(ex_folder, tmp_path, cap
     out = tmp_path / "model"
     rc = main(["--data", str(ex_folder), "--out", str(out), "--epochs", "2", "--samples-per-epoch", "8",
                "--batch-size", "4", "--patch-size", "32", "--scale", "1.0", "--base-channels", "4", "--depth", "2",
-               "--val-images", "IDRiD_03.png", "--device", "cpu", "--quiet"])
+               "--val-images", "IDRiD_03.png", "--device", "cpu", "--ema", "0.9", "--quiet"])
     assert rc == 0
     config = json.loads((out / "config.json").read_text())
+    # with --ema the folder holds the averaged weights of the best epoch, and says so
+    from napari_retina.models.folder import load_state_dict
+    from training.trainer import load_checkpoint
+
+    best = load_checkpoint(out / "run" / "checkpoints" / "best.pt")
+    shipped = load_state_dict(out)
+    assert all(torch.equal(shipped[k], best["ema"][f"module.{k}"]) for k in shipped)
+    assert not all(torch.equal(shipped[k], best["model"][k]) for k in shipped)
+    assert config["training"]["ema_decay"] == 0.9 and "EMA, decay 0.9" in (out / "card.md").read_text()
     assert config["model"] == "exudates" and config["validation_images"] == ["IDRiD_03.png"]
     assert 0 < config["threshold"] < 1 and config["training"]["epochs"] >= 1
     card = (out / "card.md").read_text()

@@ -227,6 +227,46 @@ def test_bad_arguments_are_training_errors(tmp_path):
         Trainer(tiny_net(), loss_fn, ThresholdSet(8, 1), None, tmp_path, epochs=1)
 
 
+def test_weight_averaging_is_validated_and_follows_the_ema_formula(tmp_path):
+    decay = 0.6
+    raw_seen, validated = [], []
+
+    def forward(model, batch):
+        if model.training:  # the weights each training step starts from
+            raw_seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return model(batch["image"])
+
+    def val_fn(model, val_set, device):
+        validated.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return {"loss": 0.0}
+
+    trainer = make_trainer(tmp_path, epochs=1, ema_decay=decay, forward_fn=forward, val_fn=val_fn)
+    trainer.fit()
+    # weights after steps 1..4: what steps 2..4 started from, then the final ones
+    after = raw_seen[1:] + [{k: v.detach().clone() for k, v in trainer.module.state_dict().items()}]
+    assert len(after) == 4
+    expected = dict(after[0])  # the first update copies
+    for w in after[1:]:
+        expected = {k: decay * expected[k] + (1 - decay) * w[k] for k in w}
+    for k, v in expected.items():
+        torch.testing.assert_close(validated[0][k], v, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(trainer.eval_module.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+    assert not same_weights(validated[0], after[-1])  # the raw weights are not what was validated
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert same_weights(ckpt["model"], after[-1]) and ckpt["ema"]["n_averaged"].item() == 4
+
+
+def test_weight_averaging_resumes_as_an_uninterrupted_run(tmp_path):
+    make_trainer(tmp_path / "a", epochs=2, ema_decay=0.9).fit()
+    make_trainer(tmp_path / "a", model=tiny_net(seed=99), epochs=3, ema_decay=0.9).fit(resume=True)
+    straight = make_trainer(tmp_path / "b", epochs=3, ema_decay=0.9)
+    straight.fit()
+    resumed = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")["ema"]
+    assert same_weights(resumed, straight.ema.state_dict())
+    with pytest.raises(TrainingError, match="between 0 and 1"):
+        make_trainer(tmp_path / "c", ema_decay=1.0)
+
+
 def test_gradient_clipping_limits_the_update(tmp_path):
     # Adam divides by sqrt(v) + 1e-8: gradients clipped far below 1e-8 barely move the weights
     start = tiny_net().state_dict()

@@ -12,6 +12,12 @@ Output folder (`out_dir`):
     checkpoints/last.pt    everything needed to resume, written atomically every epoch
     checkpoints/best.pt    the same for the epoch with the best monitored metric
 
+Weight averaging (`ema_decay`): an exponential moving average of the weights (torch's
+AveragedModel) is updated after every optimiser step; validation, best.pt's choice and the
+recipes' exports (`Trainer.eval_module`) use the averaged weights, training goes on with the
+raw ones (both are in the checkpoints). It steadies a model whose validation swings from epoch
+to epoch at small batches.
+
 Multi-GPU: `torchrun --nproc_per_node=N -m training <model> ...` sets WORLD_SIZE,
 RANK and LOCAL_RANK; the Trainer then joins the process group (NCCL on CUDA,
 Gloo on CPU), wraps the model in DistributedDataParallel, shards the training
@@ -335,14 +341,18 @@ def load_checkpoint(
 # ---- batches and the log --------------------------------------------------------------------------------
 
 
-def to_device(batch: Any, device: torch.device) -> Any:
-    """Move every tensor of a (nested) dict/list/tuple batch to `device`; other values stay."""
+def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
+    """Move every tensor of a (nested) dict/list/tuple batch to `device`; other values stay.
+    `channels_last`: image-shaped (4-D) tensors also go to that memory layout."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
+        batch = batch.to(device, non_blocking=True)
+        if channels_last and batch.ndim == 4:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch
     if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device, channels_last) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
+        return type(batch)(to_device(v, device, channels_last) for v in batch)
     return batch
 
 
@@ -467,6 +477,7 @@ class Trainer:
         on_epoch_end_every_rank: Iterable[EpochHook] = (),
         deterministic: bool = False,
         find_unused_parameters: bool = False,
+        ema_decay: float | None = None,
         info: dict | None = None,
         verbose: bool = True,
     ):
@@ -482,6 +493,8 @@ class Trainer:
             raise TrainingError(f"learning rate must be positive, not {lr}")
         if mode not in ("min", "max"):
             raise TrainingError(f"mode must be 'min' or 'max', not {mode!r}")
+        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+            raise TrainingError(f"the weight-averaging decay must lie between 0 and 1, not {ema_decay}")
         if len(train_set) == 0:
             raise TrainingError("the training set is empty")
         if val_set is not None and len(val_set) == 0:
@@ -516,6 +529,12 @@ class Trainer:
         self.device = device
 
         model = model.to(device)
+        # On CPU, oneDNN runs convolutions channels-last about 1.3x faster in training (U-Net,
+        # batch 8 of 256 px, one core: 3.3 -> 2.6 s a step; twice as fast in inference), so the
+        # model and image batches go to that layout there. Only the memory layout changes.
+        self.channels_last = device.type == "cpu"
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         if self.distributed:
             model = nn.parallel.DistributedDataParallel(
                 model,
@@ -523,6 +542,13 @@ class Trainer:
                 find_unused_parameters=find_unused_parameters,
             )
         self.model = model
+        self.ema_decay = ema_decay
+        self.ema = None
+        if ema_decay is not None:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            # buffers (batch-norm statistics) are averaged too, so the averaged model is whole
+            self.ema = AveragedModel(unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
         if optimizer not in OPTIMIZERS or scheduler not in SCHEDULERS:
             raise TrainingError(f"optimizer one of {OPTIMIZERS}, scheduler one of {SCHEDULERS}; "
                                 f"not {optimizer!r}, {scheduler!r}")
@@ -562,6 +588,11 @@ class Trainer:
     def module(self) -> nn.Module:
         """The plain model (inside DDP)."""
         return unwrap(self.model)
+
+    @property
+    def eval_module(self) -> nn.Module:
+        """The weights to validate and export: the averaged ones with `ema_decay`, else the model's."""
+        return self.ema.module if self.ema is not None else self.module
 
     @property
     def log_path(self) -> Path:
@@ -685,7 +716,7 @@ class Trainer:
         i = 0
         t0 = time.monotonic()
         for i, batch in enumerate(loader, 1):
-            batch = to_device(batch, self.device)
+            batch = to_device(batch, self.device, self.channels_last)
             n = batch_len(batch)
             with self._autocast():
                 outputs = self.forward_fn(model, batch)
@@ -697,6 +728,8 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update_parameters(self.module)
             self.step += 1
 
             # accumulate on the device: a .item() every step would stall the GPU
@@ -734,7 +767,7 @@ class Trainer:
         """Validation metrics ("val_..." names), computed by rank 0 and shared with the others."""
         metrics: dict = {}
         if self.is_main and (self.val_fn is not None or self.val_set is not None):
-            model = self.module
+            model = self.eval_module
             was_training = model.training
             model.eval()
             with torch.no_grad():
@@ -750,7 +783,7 @@ class Trainer:
     def _val_loss(self, model: nn.Module) -> float:
         total, count = 0.0, 0
         for batch in self._make_val_loader():
-            batch = to_device(batch, self.device)
+            batch = to_device(batch, self.device, self.channels_last)
             n = batch_len(batch)
             with self._autocast():
                 loss = self.loss_fn(self.forward_fn(model, batch), batch)
@@ -762,6 +795,7 @@ class Trainer:
         return {
             "format": CHECKPOINT_FORMAT,
             "model": self.module.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -798,6 +832,11 @@ class Trainer:
         )
         if self.distributed:
             seed_everything(_derived_seed(self.seed, ckpt["epoch"], self.rank) % 2**32, self.deterministic)
+        if self.ema is not None:
+            if ckpt.get("ema"):
+                self.ema.load_state_dict(ckpt["ema"])
+            else:  # a run without averaging continued with it: the average starts from here
+                self.ema.update_parameters(self.module)
         self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
         # a best value of another metric means nothing for this one
         same_metric = ckpt.get("monitor") == self.monitor and ckpt.get("mode") == self.mode

@@ -45,11 +45,15 @@ def add_optimisation_args(p) -> None:
     g.add_argument("--scheduler", choices=SCHEDULERS, default="plateau",
                    help="plateau: halve the rate when validation stalls; cosine: anneal over --epochs (default %(default)s)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="(default %(default)s)")
+    g.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                   help="validate and export an exponential moving average of the weights with this decay per "
+                        "step (e.g. 0.99: about the last 100 steps); steadies validation at small batches")
 
 
 def optimisation_kwargs(a) -> dict:
     """What `add_optimisation_args` parsed, as Trainer keyword arguments."""
-    return {"optimizer": a.optimizer, "scheduler": a.scheduler, "weight_decay": a.weight_decay}
+    return {"optimizer": a.optimizer, "scheduler": a.scheduler, "weight_decay": a.weight_decay,
+            "ema_decay": getattr(a, "ema", None)}
 
 
 def say_end(say: Callable, summary: dict, out, figure: str) -> None:

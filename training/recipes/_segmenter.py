@@ -173,6 +173,7 @@ def model_config(net, info: dict, metrics: dict, trainer) -> dict:
             "minutes": round(float(parent.get("minutes", 0.0)) + minutes_here, 1),
             "device": str(trainer.device),
             "loss": info["loss"],
+            "ema_decay": info.get("ema_decay"),
             "val_aupr_working_scale": round(float(metrics.get("val_aupr", float("nan"))), 4),
             "val_f1_working_scale": round(float(metrics.get("val_f1", float("nan"))), 4),
             "early_stopping_patience": info["patience"],
@@ -185,6 +186,8 @@ def model_config(net, info: dict, metrics: dict, trainer) -> dict:
 
 def render_card(config: dict, info: dict) -> str:
     t = config["training"]
+    ema = (f",\n  the weights averaged over steps (EMA, decay {info['ema_decay']}): the averaged weights are validated and shipped"
+           if info.get("ema_decay") else "")
     rim = (f" No candidates within {config['rim_margin']} of the field of view's width\nof the dark surround "
            "(the aperture's bright edge; `rim_margin` in config.json).") if config.get("rim_margin") else ""
     if config["model"] == "ma-hgn":
@@ -204,7 +207,7 @@ tiled over the field of view.{rim}
 
 - Data: {', '.join(info['data'])} ({info['train_count']} training images, {len(config['validation_images'])} validation images)
 - Patches: {info['patch_size']} px at scale {config['input_scale']}, half centred on lesion pixels; {info['samples_per_epoch']} per epoch,
-  batch {info['batch_size']}, {info.get('optimizer', 'Adam')} lr {info['lr']}
+  batch {info['batch_size']}, {info.get('optimizer', 'Adam')} lr {info['lr']}{ema}
 - Epochs: {t['epochs']} (best epoch {t['best_epoch']}), {t['minutes']:.0f} min on {t['device']} ({platform.machine()}, torch {info['torch']})
 - Early stopping: pooled pixel AUPR on the validation images, patience {t['early_stopping_patience']} epochs
 - Parent model: {t['parent'] or 'none (trained from scratch)'}
@@ -316,6 +319,7 @@ def run(a: argparse.Namespace, argv: list[str], spec: Spec) -> int:
         "samples_per_epoch": a.samples_per_epoch,
         "batch_size": a.batch_size,
         "lr": a.lr,
+        "ema_decay": a.ema,
         "optimizer": {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}.get(a.optimizer, a.optimizer),
         "patience": a.patience,
         "init": a.init,
@@ -327,8 +331,8 @@ def run(a: argparse.Namespace, argv: list[str], spec: Spec) -> int:
     def export(trainer, metrics):
         if not metrics["is_best"]:
             return
-        state = {k: v.detach().cpu() for k, v in trainer.module.state_dict().items()}
-        config = model_config(trainer.module, info, metrics, trainer)
+        state = {k: v.detach().cpu() for k, v in trainer.eval_module.state_dict().items()}
+        config = model_config(trainer.eval_module, info, metrics, trainer)
         write_model_folder(out, state, config, render_card(config, info))
 
     trainer = Trainer(

@@ -388,7 +388,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
     def export(trainer, metrics):
         if not metrics["is_best"]:
             return
-        state = {k: v.detach().cpu() for k, v in trainer.module.state_dict().items()}
+        state = {k: v.detach().cpu() for k, v in trainer.eval_module.state_dict().items()}
         prev = info["parent_training"] or {}
         config = {
             "model": "ma-prn",

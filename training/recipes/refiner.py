@@ -223,6 +223,8 @@ def superpixel_choice(net, config: dict, val_images: list[ValImage], device, pla
 
 def render_card(config: dict, info: dict) -> str:
     t = config["training"]
+    ema = (f",\n  the weights averaged over steps (EMA, decay {info['ema_decay']}): the averaged weights are validated and shipped"
+           if info.get("ema_decay") else "")
     val = config["validation_images"]
     figures = "\n".join(f"| {c} | {t.get(f'val_image_iou_{c}', float('nan')):.1f} |" for c in REFINER_LESIONS)
     sp = t.get("val_image_iou_superpixels")
@@ -261,7 +263,7 @@ on a truncated U-Net, trained by napari-retina {__version__}.
 - Data: {', '.join(info['data'])} ({info['train_count']} training images, {len(val)} validation images)
 - Coarse ellipses: simulated from the fine masks at reductions {', '.join(str(r) for r in info['reduction'])}, seed {info['seed']}
 - Patches: {geom['size']}x{geom['size']}, at most {geom['max_scale']} full-resolution pixels per network pixel (larger
-  ellipses: windows at that scale), {info['samples_per_epoch']} per epoch, batch {info['batch_size']}, Adam lr {info['lr']},
+  ellipses: windows at that scale), {info['samples_per_epoch']} per epoch, batch {info['batch_size']}, Adam lr {info['lr']},{ema}
   gradient norm clipped at {info['grad_clip'] or 'off'}
 {history}- Epochs: {t['epochs']} in all (best epoch {t['best_epoch']}), training time {t['minutes']:.0f} min in all ({t['minutes'] / 60:.1f} h)
 - Device: {t['device']} ({platform.machine()}, torch {info['torch']})
@@ -310,6 +312,7 @@ def model_config(net, info: dict, geom, metrics: dict, trainer, choice: dict | N
             "minutes": round(float(parent.get("minutes", 0.0)) + minutes_here, 1),
             "device": str(trainer.device),
             "val_reduction": info["val_reduction"],
+            "ema_decay": info.get("ema_decay"),
             "val_image_iou": round(float(metrics.get("val_iou", float("nan"))), 2),
             **{f"val_image_iou_{c}": round(float(metrics[f"val_iou_{c}"]), 2) for c in REFINER_LESIONS if f"val_iou_{c}" in metrics},
             **{f"val_image_iou_{k[8:]}": round(float(v), 2) for k, v in metrics.items() if k.startswith("val_iou_r")},
@@ -330,7 +333,7 @@ def export_model(trainer, metrics: dict, out: Path, info: dict, geom) -> None:
     """Write the model folder from the trainer's current weights (called on each best epoch)."""
     from napari_retina.models.folder import write_model_folder
 
-    net = trainer.module
+    net = trainer.eval_module
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     config = model_config(net, info, geom, metrics, trainer)
     write_model_folder(out, state, config, render_card(config, info))
@@ -437,6 +440,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
         "samples_per_epoch": a.samples_per_epoch,
         "batch_size": a.batch_size,
         "lr": a.lr,
+        "ema_decay": a.ema,
         "grad_clip": a.grad_clip,
         "patience": a.patience,
         "init": a.init,

@@ -267,6 +267,18 @@ def test_weight_averaging_resumes_as_an_uninterrupted_run(tmp_path):
         make_trainer(tmp_path / "c", ema_decay=1.0)
 
 
+def test_channels_last_on_cpu_except_for_strided_pointwise_convolutions(tmp_path):
+    plain = make_trainer(tmp_path / "a", epochs=1)
+    assert plain.channels_last and plain.module[0].weight.is_contiguous(memory_format=torch.channels_last)
+    # a residual shortcut (1x1, stride 2) on 8 channels: its channels-last backward crashes torch 2.13 on CPU
+    torch.manual_seed(0)
+    shortcut = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 1, stride=2), nn.Upsample(scale_factor=2),
+                             nn.Conv2d(8, 1, 1))
+    trainer = make_trainer(tmp_path / "b", model=shortcut, epochs=1)
+    assert not trainer.channels_last
+    assert trainer.fit()["epochs"] == 1
+
+
 def test_gradient_clipping_limits_the_update(tmp_path):
     # Adam divides by sqrt(v) + 1e-8: gradients clipped far below 1e-8 barely move the weights
     start = tiny_net().state_dict()

@@ -341,6 +341,14 @@ def load_checkpoint(
 # ---- batches and the log --------------------------------------------------------------------------------
 
 
+def _has_strided_pointwise_conv(model: nn.Module) -> bool:
+    """Whether `model` has a 1x1 convolution with a stride (a residual network's downsampling
+    shortcut). torch 2.13's CPU backward of one in channels-last memory writes out of bounds (a
+    segfault or "free(): invalid next size" with 3 or 8 input channels), so such models train
+    in the default layout; their inference (forward only) is unaffected."""
+    return any(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1) for m in model.modules())
+
+
 def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
     """Move every tensor of a (nested) dict/list/tuple batch to `device`; other values stay.
     `channels_last`: image-shaped (4-D) tensors also go to that memory layout."""
@@ -532,7 +540,7 @@ class Trainer:
         # On CPU, oneDNN runs convolutions channels-last about 1.3x faster in training (U-Net,
         # batch 8 of 256 px, one core: 3.3 -> 2.6 s a step; twice as fast in inference), so the
         # model and image batches go to that layout there. Only the memory layout changes.
-        self.channels_last = device.type == "cpu"
+        self.channels_last = device.type == "cpu" and not _has_strided_pointwise_conv(model)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if self.distributed:

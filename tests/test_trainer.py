@@ -363,13 +363,16 @@ def test_select_device_specs():
 def test_amp_policy():
     assert amp_policy("cuda", True) == {"enabled": True, "dtype": torch.bfloat16, "use_scaler": False}
     assert amp_policy("cuda", False) == {"enabled": True, "dtype": torch.float16, "use_scaler": True}
+    assert amp_policy("cpu", True) == {"enabled": True, "dtype": torch.bfloat16, "use_scaler": False}
+    assert amp_policy("cpu", False) == {"enabled": False, "dtype": None, "use_scaler": False}
     for bf16 in (True, False):
-        assert amp_policy("cpu", bf16) == {"enabled": False, "dtype": None, "use_scaler": False}
         assert amp_policy("cuda", bf16, enabled=False)["enabled"] is False
+        assert amp_policy("cpu", bf16, enabled=False)["enabled"] is False
+        assert amp_policy("mps", bf16)["enabled"] is False
 
 
-def test_amp_settings_on_cpu_do_nothing():
-    autocast, scaler = amp_settings(torch.device("cpu"))
+def test_amp_settings_on_a_cpu_without_native_bfloat16_do_nothing():
+    autocast, scaler = amp_settings(torch.device("cpu"), bf16_supported=False)
     with autocast():
         assert not torch.is_autocast_enabled("cpu")
         y = nn.Linear(4, 4)(torch.ones(1, 4))
@@ -377,6 +380,32 @@ def test_amp_settings_on_cpu_do_nothing():
     assert not scaler.is_enabled()
     loss = y.sum()
     assert scaler.scale(loss) is loss  # a disabled scaler passes the loss through
+
+
+def test_bfloat16_training_on_cpu_keeps_weights_and_loss_in_float32(tmp_path):
+    seen = []
+
+    def forward(model, batch):
+        out = model(batch["image"])
+        seen.append(out.dtype)
+        return out
+
+    def loss(outputs, batch):
+        seen.append(outputs.dtype)
+        return loss_fn(outputs, batch)
+
+    trainer = Trainer(tiny_net(), loss, ThresholdSet(32, 1), ThresholdSet(16, 2), tmp_path, device="cpu", epochs=2,
+                      lr=3e-2, verbose=False, forward_fn=forward)
+    if not trainer.amp["enabled"]:
+        pytest.skip("this CPU has no native bfloat16")
+    trainer.fit()
+    assert seen[0] == torch.bfloat16 and seen[1] == torch.float32  # the network in bfloat16, the loss in float32
+    assert all(p.dtype == torch.float32 for p in trainer.module.parameters())
+    val = [e["val_loss"] for e in epoch_events(tmp_path)]
+    assert val[-1] < val[0]
+    off = Trainer(tiny_net(), loss_fn, ThresholdSet(32, 1), None, tmp_path / "off", device="cpu", epochs=1,
+                  monitor="train_loss", amp=False, verbose=False)
+    assert not off.amp["enabled"]
 
 
 def test_amp_settings_for_cuda_decide_without_touching_the_gpu():

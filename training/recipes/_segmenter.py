@@ -46,7 +46,7 @@ import numpy as np
 from napari_retina import __version__
 from napari_retina.io.errors import RetinaInputError
 
-from ._main import add_optimisation_args, add_run_args, optimisation_kwargs, say_end
+from ._main import add_optimisation_args, add_run_args, optimisation_kwargs, precision, say_end
 from ..data import (
     DataError, SegmentationPatches, describe_labels, gather_records, load_scaled, parents_held_out, split_by_image,
     write_split,
@@ -172,6 +172,7 @@ def model_config(net, info: dict, metrics: dict, trainer) -> dict:
             "best_epoch": int(parent.get("epochs", 0)) + epochs_here,
             "minutes": round(float(parent.get("minutes", 0.0)) + minutes_here, 1),
             "device": str(trainer.device),
+            "precision": precision(trainer),
             "loss": info["loss"],
             "ema_decay": info.get("ema_decay"),
             "val_aupr_working_scale": round(float(metrics.get("val_aupr", float("nan"))), 4),
@@ -208,7 +209,7 @@ tiled over the field of view.{rim}
 - Data: {', '.join(info['data'])} ({info['train_count']} training images, {len(config['validation_images'])} validation images)
 - Patches: {info['patch_size']} px at scale {config['input_scale']}, half centred on lesion pixels; {info['samples_per_epoch']} per epoch,
   batch {info['batch_size']}, {info.get('optimizer', 'Adam')} lr {info['lr']}{ema}
-- Epochs: {t['epochs']} (best epoch {t['best_epoch']}), {t['minutes']:.0f} min on {t['device']} ({platform.machine()}, torch {info['torch']})
+- Epochs: {t['epochs']} (best epoch {t['best_epoch']}), {t['minutes']:.0f} min on {t['device']} ({platform.machine()}, torch {info['torch']}){' in ' + t['precision'] if t.get('precision') else ''}
 - Early stopping: pooled pixel AUPR on the validation images, patience {t['early_stopping_patience']} epochs
 - Parent model: {t['parent'] or 'none (trained from scratch)'}
 - Command: `{t['command']}`

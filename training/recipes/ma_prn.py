@@ -49,7 +49,7 @@ import numpy as np
 from napari_retina import __version__
 from napari_retina.io.errors import RetinaInputError
 
-from ._main import add_optimisation_args, add_run_args, optimisation_kwargs, say_end
+from ._main import add_optimisation_args, add_run_args, optimisation_kwargs, precision, say_end
 from ..data import DataError, describe_labels, gather_records, parents_held_out, split_by_image, write_split
 
 LESION = "MA"
@@ -401,6 +401,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
                 "epochs": int(prev.get("epochs", 0)) + int(metrics["epoch"]),
                 "minutes": round(float(prev.get("minutes", 0.0)) + trainer.training_seconds / 60, 1),
                 "device": str(trainer.device),
+                "precision": precision(trainer),
                 "loss": "cosine triplet (margin %g) + cross-entropy" % a.margin if a.loss == "triplet" else "cross-entropy",
                 "val_patch_aupr": round(float(metrics.get("val_aupr", float("nan"))), 4),
                 "val_patch_aupr_hard": round(float(metrics["val_aupr_hard"]), 4) if "val_aupr_hard" in metrics else None,
@@ -426,7 +427,7 @@ parameters) trained from scratch by napari-retina {__version__} with {t['loss']}
 
 - Data: {', '.join(info['data'])} ({info['train_count']} training images, {len(config['validation_images'])} validation images)
 - Triplets: {a.samples_per_epoch} per epoch, batch {a.batch_size}, Adam lr {a.lr}; negatives by selective sampling ({t['selective_sampling']})
-- Epochs: {t['epochs']}, {t['minutes']:.0f} min on {t['device']} ({platform.machine()}, torch {info['torch']})
+- Epochs: {t['epochs']}, {t['minutes']:.0f} min on {t['device']} ({platform.machine()}, torch {info['torch']}){', ' + t['precision'] if t.get('precision') else ''}
 - Hard negatives: {hard_line}
 - Validation: patch-level AUPR {t['val_patch_aupr']:.3f} (every microaneurysm of the validation images against their healthy locations{' and hard negatives' if hard else ''}){hard_val}; patience {a.patience}
 - Command: `{t['command']}`

@@ -39,7 +39,7 @@ import numpy as np
 from napari_retina import __version__
 from napari_retina.io.errors import RetinaInputError
 
-from ._main import add_optimisation_args, add_run_args, optimisation_kwargs
+from ._main import add_optimisation_args, add_run_args, optimisation_kwargs, precision
 from ..data import (
     REFINER_LESIONS,
     DataError,
@@ -266,7 +266,7 @@ on a truncated U-Net, trained by napari-retina {__version__}.
   ellipses: windows at that scale), {info['samples_per_epoch']} per epoch, batch {info['batch_size']}, Adam lr {info['lr']},{ema}
   gradient norm clipped at {info['grad_clip'] or 'off'}
 {history}- Epochs: {t['epochs']} in all (best epoch {t['best_epoch']}), training time {t['minutes']:.0f} min in all ({t['minutes'] / 60:.1f} h)
-- Device: {t['device']} ({platform.machine()}, torch {info['torch']})
+- Device: {t['device']} ({platform.machine()}, torch {info['torch']}){', ' + t['precision'] if t.get('precision') else ''}
 - Early stopping: on the image-level validation average below, patience {t['early_stopping_patience']} epochs
 - Command: `{t['command']}`
 
@@ -311,6 +311,7 @@ def model_config(net, info: dict, geom, metrics: dict, trainer, choice: dict | N
             "epochs_this_run": epochs_here,
             "minutes": round(float(parent.get("minutes", 0.0)) + minutes_here, 1),
             "device": str(trainer.device),
+            "precision": precision(trainer),
             "val_reduction": info["val_reduction"],
             "ema_decay": info.get("ema_decay"),
             "val_image_iou": round(float(metrics.get("val_iou", float("nan"))), 2),

@@ -51,6 +51,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from napari_retina.io.atomic import atomic_write
 from napari_retina.io.errors import RetinaInputError
+from napari_retina.models.precision import bf16_native  # one probe for training and inference
 
 __all__ = [
     "TrainingError",
@@ -204,29 +205,6 @@ def amp_policy(device_type: str, bf16_supported: bool, enabled: bool = True) -> 
     if enabled and device_type == "cpu" and bf16_supported:
         return {"enabled": True, "dtype": torch.bfloat16, "use_scaler": False}
     return {"enabled": False, "dtype": None, "use_scaler": False}
-
-
-def _cpu_bf16_native() -> bool:
-    try:  # torch's own CPU feature probes (private, hence the fallback)
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:
-        return False
-
-
-def bf16_native(device: torch.device | str) -> bool:
-    """Whether `device` computes bfloat16 natively (a recent GPU; a CPU with AVX512-BF16 or AMX)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return _cuda_bf16_supported()
-    return device.type == "cpu" and _cpu_bf16_native()
-
-
-def _cuda_bf16_supported() -> bool:
-    try:
-        # emulated bfloat16 (pre-Ampere GPUs) is slower than float16: count only native support
-        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
-    except TypeError:  # torch without the including_emulation argument
-        return bool(torch.cuda.is_bf16_supported())
 
 
 def amp_settings(

@@ -243,10 +243,12 @@ class PatchScorer:
         (training validates and refreshes its sampling with this)."""
         import torch
 
+        from .precision import inference_precision
+
         was = self.net.training
         self.net.eval()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), inference_precision(self.device):
                 x = torch.from_numpy(prn_input(patches)).to(self.device)
                 x = x.contiguous(memory_format=torch.channels_last)  # as for the tiles (tiling.torch_predictor)
                 return torch.sigmoid(self.net(x)).float().cpu().numpy().reshape(-1)

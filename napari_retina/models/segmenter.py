@@ -185,6 +185,7 @@ class LesionSegmenter:
         values the returned map has there, so a caller can use the map while it is made.
         """
         from ..fundus import field_of_view_mask
+        from .precision import inference_precision
         from .tiling import predict_tiled, torch_predictor
 
         h, w = rgb.shape[:2]
@@ -201,11 +202,12 @@ class LesionSegmenter:
 
         out_fov = inside_rim(fov, self.rim_margin)  # where the map may be non-zero
         blocks = _BlockFeed(on_block, block, (h, w), x.shape[1:], out_fov, small_fov) if on_block is not None else None
-        small = predict_tiled(
-            torch_predictor(self.net, self.device), x, tile, min(self.overlap, tile // 2), fov=small_fov,
-            batch=self.batch, stride_multiple=self.stride_multiple, progress=progress, cancelled=cancelled,
-            partial=partial if (preview is not None or blocks is not None) else None,
-        )[0]
+        with inference_precision(self.device):  # bfloat16 where the processor computes it natively
+            small = predict_tiled(
+                torch_predictor(self.net, self.device), x, tile, min(self.overlap, tile // 2), fov=small_fov,
+                batch=self.batch, stride_multiple=self.stride_multiple, progress=progress, cancelled=cancelled,
+                partial=partial if (preview is not None or blocks is not None) else None,
+            )[0]
         return _full_size(small, out_fov)
 
     def segment(

@@ -66,14 +66,17 @@ def main() -> int:
                     quiet=True)  # the JSON goes to --out
             r = json.loads(scored.read_text())
             cfg = json.loads((model / "config.json").read_text())
-            rows.append((backbone, loss, cfg["training"]["epochs"], cfg["training"]["minutes"], r))
+            rows.append((backbone, loss, cfg["training"]["epochs"], cfg["training"]["minutes"],
+                         cfg["training"].get("precision", "float32"), r))
     budget = f"{a.minutes} min" if a.minutes else f"{a.epochs} epochs"
     print(f"\nhard-exudate ablation, validation images ({len(a.val_images)}), full resolution; budget per run: {budget}")
-    print("| backbone | loss | epochs | minutes | AUPR | F1 | IoU | lesion sensitivity | s / image |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for backbone, loss, ep, mins, r in rows:
-        print(f"| {backbone} | {loss} | {ep} | {mins:.0f} | {r['aupr']:.3f} | {r['f1']:.3f} | {r['iou']:.3f} | "
-              f"{r['lesion_level']['lesion_sensitivity']:.3f} | {r['seconds_per_image']:.1f} |")
+    print("| backbone | loss | epochs | minutes | precision | AUPR | F1 | IoU | lesion sensitivity | FP lesions / image "
+          "| FROC score |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for backbone, loss, ep, mins, prec, r in rows:
+        lv = r["lesion_level"]
+        print(f"| {backbone} | {loss} | {ep} | {mins:.0f} | {prec} | {r['aupr']:.3f} | {r['f1']:.3f} | {r['iou']:.3f} | "
+              f"{lv['lesion_sensitivity']:.3f} | {lv['fp_per_image']:.0f} | {r['froc_score']:.3f} |")
     print(f"\nmachine: {platform.machine()}, command: .venv/bin/python benchmarks/exudate_ablation.py " + " ".join(sys.argv[1:]))
     return 0
 

@@ -70,7 +70,7 @@ def main() -> int:
                          cfg["training"].get("precision", "float32"), r))
     budget = f"{a.minutes} min" if a.minutes else f"{a.epochs} epochs"
     print(f"\nhard-exudate ablation, validation images ({len(a.val_images)}), full resolution; budget per run: {budget}")
-    print("| backbone | loss | epochs | minutes | precision | AUPR | F1 | IoU | lesion sensitivity | FP lesions / image "
+    print("| backbone | loss | best epoch | minutes to it | precision | AUPR | F1 | IoU | lesion sensitivity | FP lesions / image "
           "| FROC score |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for backbone, loss, ep, mins, prec, r in rows:

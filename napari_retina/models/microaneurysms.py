@@ -251,7 +251,7 @@ class PatchScorer:
             with torch.inference_mode(), inference_precision(self.device):
                 x = torch.from_numpy(prn_input(patches)).to(self.device)
                 x = x.contiguous(memory_format=torch.channels_last)  # as for the tiles (tiling.torch_predictor)
-                return torch.sigmoid(self.net(x)).float().cpu().numpy().reshape(-1)
+                return torch.sigmoid(self.net(x).float()).cpu().numpy().reshape(-1)  # float32 even under autocast
         finally:
             self.net.train(was)
 

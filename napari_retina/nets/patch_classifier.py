@@ -75,5 +75,7 @@ class PatchClassifier(nn.Module):
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected (N, {self.in_channels}, H, W) patches, got shape {tuple(x.shape)}")
         emb = self.pool(self.stages(self.stem(x))).flatten(1)
-        logits = self.head(emb).squeeze(1)
+        with torch.autocast(device_type=emb.device.type, enabled=False):  # the head in float32 under autocast
+            emb = emb.float()
+            logits = self.head(emb).squeeze(1)
         return (logits, emb) if return_embedding else logits

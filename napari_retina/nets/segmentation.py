@@ -398,7 +398,11 @@ class SegmentationNet(nn.Module):
         """(logits (N, 1, H, W), features (N, feature_channels, H, W)): the map the classifier reads."""
         self._check_input(x)
         features = self.body(x)
-        return self.classifier(features), features
+        # under bfloat16 autocast the body runs in bfloat16; the 1x1 classifier (cheap) runs in
+        # float32, so that logits (and probabilities near 0 and 1) keep float32's resolution
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            logits = self.classifier(features.float())
+        return logits, features
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
         """Logits, or (logits, features) with `return_features` (what training calls through DDP's wrapper)."""

@@ -1,7 +1,7 @@
 """Training throughput of every model on this machine, over a fixed number of steps, extrapolated.
 
     .venv/bin/python benchmarks/train_throughput.py --data ../shared/data/idrid-train [--steps 20] [--device cpu|cuda]
-        [--models refiner exudates ma-hgn ma-prn]
+        [--models refiner exudates ma-hgn ma-prn] [--no-amp]
 
 Runs `python -m training <model>` for one epoch of `--steps` x batch samples on the real data
 (validation on two held-out images only), reads the trainer's `samples_per_s` from the run's
@@ -38,6 +38,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--device", default="cpu")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--no-amp", action="store_true", help="float32 even where the device computes bfloat16 natively")
     a = p.parse_args()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     rows = []
@@ -46,7 +47,7 @@ def main() -> int:
         out = Path(tempfile.mkdtemp()) / model
         cmd = [sys.executable, "-m", "training", model, "--data", a.data, "--out", str(out), "--epochs", "1",
                "--samples-per-epoch", str(a.steps * batch), "--batch-size", str(batch), "--device", a.device,
-               "--val-images", *VAL, "--quiet", *extra]
+               "--val-images", *VAL, "--quiet", *extra, *(["--no-amp"] if a.no_amp else [])]
         r = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if r.returncode != 0:
             print(f"{model}: failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}", file=sys.stderr)
@@ -64,7 +65,9 @@ def main() -> int:
         except (OSError, ValueError, KeyError):
             shipped, shipped_epochs = "none shipped", None
         per_epoch = default_samples / sps / 60
-        rows.append((model, epoch.get("device", a.device), sps, per_epoch, shipped,
+        amp = [e for e in log if e.get("event") == "start"][-1].get("amp")
+        precision = f"{amp} mixed precision" if amp else "float32"
+        rows.append((model, f"{epoch.get('device', a.device)}, {precision}", sps, per_epoch, shipped,
                      f"{per_epoch * shipped_epochs:.0f} min" if shipped_epochs else "-"))
     print(f"\ntraining throughput, {a.steps} steps per model, {a.device}")
     print("| model | device | samples / s | min per default epoch (training only) | version in use | its epochs at this speed |")

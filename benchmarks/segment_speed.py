@@ -10,7 +10,8 @@ default size when no model folder is given. Prints each run, the median, the mac
 the command. Targets on 2 CPU cores: exudates at most 20 s (aim 10 s); microaneurysms (`--lesion
 MA`: contrast enhancement, two HGNs at full and half scale, fusion, the PRN on every candidate
 region; untrained, the map has many candidates, so the PRN's share is an upper bound) at most
-30 s (aim 15 s). Pause other work on the machine while measuring.
+30 s (aim 15 s). Pause other work on the machine while measuring. The networks run in
+bfloat16 where the CPU computes it natively; NAPARI_RETINA_FLOAT32=1 times float32.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def main() -> int:
 
     from napari_retina.fundus import field_of_view_mask
     from napari_retina.io.images import read_fundus
+    from napari_retina.models.precision import FLOAT32_ENV, inference_dtype
     from napari_retina.models.registry import load_model
     from napari_retina.sample_data import idrid_sample_path
 
@@ -86,6 +88,7 @@ def main() -> int:
         "model": seg.description,
         "backbone": seg.config["net"]["backbone"] if "net" in seg.config else seg.config["hgn_full"]["net"]["backbone"],
         "input_scale": seg.scale,
+        "precision": inference_dtype(getattr(seg, "device", "cpu")) + (f" ({FLOAT32_ENV}=1)" if os.environ.get(FLOAT32_ENV) else ""),
         "median_s": round(float(np.median(times)), 2),
         "runs_s": [round(t, 2) for t in times],
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",

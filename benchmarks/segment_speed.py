@@ -43,7 +43,7 @@ def main() -> int:
 
     from napari_retina.fundus import field_of_view_mask
     from napari_retina.io.images import read_fundus
-    from napari_retina.models.precision import FLOAT32_ENV, inference_dtype
+    from napari_retina.models.precision import inference_dtype
     from napari_retina.models.registry import load_model
     from napari_retina.sample_data import idrid_sample_path
 
@@ -88,7 +88,7 @@ def main() -> int:
         "model": seg.description,
         "backbone": seg.config["net"]["backbone"] if "net" in seg.config else seg.config["hgn_full"]["net"]["backbone"],
         "input_scale": seg.scale,
-        "precision": inference_dtype(getattr(seg, "device", "cpu")) + (f" ({FLOAT32_ENV}=1)" if os.environ.get(FLOAT32_ENV) else ""),
+        "precision": inference_dtype(getattr(seg, "device", "cpu")),
         "median_s": round(float(np.median(times)), 2),
         "runs_s": [round(t, 2) for t in times],
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",

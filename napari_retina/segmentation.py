@@ -367,8 +367,11 @@ def evaluate_segmenter(
 
 
 def _document(data, segmenter, split, score: SegmentationScore, left_out, seconds) -> dict:
+    from .models.precision import inference_dtype
+
     r = score.result()
     return {"model": segmenter.description, "lesion": segmenter.lesion, "data": str(data), "split": split,
+            "precision": inference_dtype(getattr(segmenter, "device", "cpu")),
             "images": len(score.per_image), "left_out": left_out, **r,
             "seconds_per_image": float(np.mean(seconds)) if seconds else math.nan}
 

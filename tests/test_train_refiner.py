@@ -187,3 +187,9 @@ def test_missing_budget_and_bad_folder_exit_2(tmp_path, capsys):
                         "--epochs", "1"])
     assert rc == 2 and "not a folder" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()  # a run that stopped before writing leaves no folder behind
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    rc = training_main(["refiner", "--data", str(tmp_path / "nowhere"), "--out", str(kept), "--epochs", "1"])
+    assert rc == 2 and "not a folder" in capsys.readouterr().err
+    assert sorted(q.name for q in kept.iterdir()) == ["notes.txt"]  # an existing --out keeps what it held

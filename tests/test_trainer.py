@@ -265,6 +265,18 @@ def test_weight_averaging_resumes_as_an_uninterrupted_run(tmp_path):
     assert same_weights(resumed, straight.ema.state_dict())
     with pytest.raises(TrainingError, match="between 0 and 1"):
         make_trainer(tmp_path / "c", ema_decay=1.0)
+    # a run without averaging, continued with it: the average starts from the weights it resumes
+    make_trainer(tmp_path / "d", epochs=1).fit()
+    raw = load_checkpoint(tmp_path / "d" / "checkpoints" / "last.pt")["model"]
+    seen = []
+
+    def val_fn(model, val_set, device):
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return {"loss": 0.0}
+
+    resumed = make_trainer(tmp_path / "d", model=tiny_net(seed=5), epochs=2, ema_decay=0.999999, val_fn=val_fn)
+    resumed.fit(resume=True)
+    assert all((seen[0][k] - raw[k]).abs().max() < 1e-4 for k in raw)  # decay ~1: still the resumed weights
 
 
 def test_channels_last_on_cpu_except_for_strided_pointwise_convolutions(tmp_path):
@@ -382,7 +394,11 @@ def test_amp_settings_on_a_cpu_without_native_bfloat16_do_nothing():
     assert scaler.scale(loss) is loss  # a disabled scaler passes the loss through
 
 
-def test_bfloat16_training_on_cpu_keeps_weights_and_loss_in_float32(tmp_path):
+def test_bfloat16_training_on_cpu_keeps_weights_and_loss_in_float32(tmp_path, monkeypatch):
+    import training.trainer as trainer_module
+
+    # emulated where the CPU has no bfloat16 instructions: the same arithmetic, only slower
+    monkeypatch.setattr(trainer_module, "bf16_native", lambda device: True)
     seen = []
 
     def forward(model, batch):
@@ -396,8 +412,7 @@ def test_bfloat16_training_on_cpu_keeps_weights_and_loss_in_float32(tmp_path):
 
     trainer = Trainer(tiny_net(), loss, ThresholdSet(32, 1), ThresholdSet(16, 2), tmp_path, device="cpu", epochs=2,
                       lr=3e-2, verbose=False, forward_fn=forward)
-    if not trainer.amp["enabled"]:
-        pytest.skip("this CPU has no native bfloat16")
+    assert trainer.amp["enabled"]
     trainer.fit()
     assert seen[0] == torch.bfloat16 and seen[1] == torch.float32  # the network in bfloat16, the loss in float32
     assert all(p.dtype == torch.float32 for p in trainer.module.parameters())

@@ -440,7 +440,9 @@ class Trainer:
 
     `loss_fn(outputs, batch) -> scalar tensor`, with `outputs = forward_fn(model, batch)`
     (default `model(batch["image"])`). `val_fn(model, val_set, device) -> {name: value}`
-    is called under no_grad with the plain (unwrapped) model in eval mode and no autocast;
+    is called under no_grad with the plain (unwrapped) model (the averaged one with `ema_decay`)
+    in eval mode, outside the training autocast (a `val_fn` that runs the network as the plugin
+    does, e.g. the PRN's PatchScorer, computes in the plugin's inference precision);
     its names are logged with a "val_" prefix (added if missing). Without `val_fn`, the
     validation metric is the mean `loss_fn` over `val_set` ("val_loss"). `monitor` names
     the logged metric that drives the LR schedule and best.pt ("train_loss" works too).

@@ -138,11 +138,10 @@ def recipe_main(name: str, build_parser: Callable, validate: Callable, run: Call
     finally:
         if lock is not None:
             lock.release()
-            lock.tidy()
 
 
 class _RunLock:
-    """A FileLock on the run folder that knows which folders it made, so that `tidy` can take
+    """A FileLock on the run folder that knows which folders it made, so that releasing it takes
     them away again if the run wrote nothing into them."""
 
     def __init__(self, path: str, created: list):
@@ -154,18 +153,22 @@ class _RunLock:
         self._lock.acquire(timeout=timeout)
 
     def release(self) -> None:
-        self._lock.release()
-
-    def tidy(self) -> None:
         import os
 
-        for d in self._created:
-            left = {q.name for q in d.iterdir()} if d.is_dir() else set()
-            if d == self._created[0] and left == {".lock"}:
+        created = self._created
+        try:  # decided while the lock is still held, so no other run can have started here
+            if not created or {q.name for q in created[0].iterdir()} != {".lock"}:
+                created = []
+            else:
                 os.remove(self._path)
-            elif left:
-                return
-            os.rmdir(d)
+        except OSError:
+            created = []
+        self._lock.release()
+        for d in created:  # deepest first; rmdir takes only empty folders
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
 
 
 def run_lock(a):
@@ -189,8 +192,7 @@ def run_lock(a):
     lock = _RunLock(str(run_dir / ".lock"), created)
     try:
         lock.acquire(timeout=0)
-    except Timeout:
-        lock.tidy()
+    except Timeout:  # the folder is another run's: leave it as it is
         raise RetinaInputError(
             f"{a.out} is being trained by another process (it holds {run_dir / '.lock'}); "
             "wait for it to end or give another --out") from None

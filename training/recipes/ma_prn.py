@@ -378,6 +378,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
         "validation_images": [r.image.name for r in val_recs],
         "train_count": len(train_imgs),
         "command": "python -m training ma-prn " + shlex.join(argv),
+        "ema_decay": a.ema,
         "parent_training": dict(parent.get("training", {})) if parent else None,
         "torch": torch.__version__,
         "hard_negatives": None if hard is None else {
@@ -402,6 +403,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
                 "minutes": round(float(prev.get("minutes", 0.0)) + trainer.training_seconds / 60, 1),
                 "device": str(trainer.device),
                 "precision": precision(trainer),
+                "ema_decay": info["ema_decay"],
                 "loss": "cosine triplet (margin %g) + cross-entropy" % a.margin if a.loss == "triplet" else "cross-entropy",
                 "val_patch_aupr": round(float(metrics.get("val_aupr", float("nan"))), 4),
                 "val_patch_aupr_hard": round(float(metrics["val_aupr_hard"]), 4) if "val_aupr_hard" in metrics else None,
@@ -426,7 +428,7 @@ microaneurysm). A slim residual network (widths {'-'.join(map(str, a.widths))}, 
 parameters) trained from scratch by napari-retina {__version__} with {t['loss']}.
 
 - Data: {', '.join(info['data'])} ({info['train_count']} training images, {len(config['validation_images'])} validation images)
-- Triplets: {a.samples_per_epoch} per epoch, batch {a.batch_size}, Adam lr {a.lr}; negatives by selective sampling ({t['selective_sampling']})
+- Triplets: {a.samples_per_epoch} per epoch, batch {a.batch_size}, Adam lr {a.lr}{'; weights averaged over steps (EMA, decay ' + str(a.ema) + '), the averaged ones validated and shipped' if a.ema else ''}; negatives by selective sampling ({t['selective_sampling']})
 - Epochs: {t['epochs']}, {t['minutes']:.0f} min on {t['device']} ({platform.machine()}, torch {info['torch']}){', ' + t['precision'] if t.get('precision') else ''}
 - Hard negatives: {hard_line}
 - Validation: patch-level AUPR {t['val_patch_aupr']:.3f} (every microaneurysm of the validation images against their healthy locations{' and hard negatives' if hard else ''}){hard_val}; patience {a.patience}

@@ -63,6 +63,18 @@ def test_network_input_is_standardised_inside_the_field_of_view_only():
     assert not x[:, ~small].any()
 
 
+def test_network_input_statistics_stay_exact_over_a_full_size_photograph():
+    # 12 megapixels as a full-scale network sees them: a float32 running sum drifts by percents here
+    rng = np.random.default_rng(0)
+    rgb = np.clip(rng.normal((162, 89, 23), (28, 23, 11), (2848, 4288, 3)), 0, 255).astype(np.uint8)
+    fov = np.ones(rgb.shape[:2], bool)
+    fov[:, :300] = False
+    x, small = network_input(rgb, fov, 1.0)
+    inside = x[:, small].astype(np.float64)
+    np.testing.assert_allclose(inside.mean(axis=1), 0.0, atol=1e-3)
+    np.testing.assert_allclose(inside.std(axis=1), 1.0, atol=1e-3)
+
+
 def test_the_map_is_full_size_zero_outside_the_field_of_view_and_tiled_like_one_pass(model_dir):
     seg = load_model(model_dir)
     rgb = fundus_rgb(4)

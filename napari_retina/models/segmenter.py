@@ -63,12 +63,18 @@ def network_input(rgb: np.ndarray, fov: np.ndarray, scale: float, preprocess: st
         small_fov = cv2.resize(fov.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
     else:
         small, small_fov = rgb, fov.astype(bool)
-    x = small.astype(np.float32)
-    inside = x[small_fov] if small_fov.any() else x.reshape(-1, 3)
-    mean, std = inside.mean(axis=0), inside.std(axis=0)
-    x = (x - mean) / np.maximum(std, 1.0)
-    x[~small_fov] = 0.0
-    return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=dtype), small_fov
+    # OpenCV's masked statistics: one pass in float64, no copy of the field of view's pixels (a
+    # float32 NumPy mean over axis 0 of 9 megapixels drifted by 4 % of the red channel's mean
+    # and took seconds); then each channel standardised as its own contiguous plane
+    mean, std = cv2.meanStdDev(small, mask=small_fov.astype(np.uint8) if small_fov.any() else None)
+    mean, std = mean.ravel(), np.maximum(std.ravel(), 1.0)
+    x = np.empty((small.shape[2], *small.shape[:2]), np.float32)
+    outside = ~small_fov
+    for c, plane in enumerate(cv2.split(small)):
+        np.subtract(plane, np.float32(mean[c]), out=x[c], dtype=np.float32)
+        x[c] *= np.float32(1.0 / std[c])
+        x[c][outside] = 0.0
+    return x if x.dtype == dtype else x.astype(dtype), small_fov
 
 
 def probability_to_uint8(prob: np.ndarray) -> np.ndarray:

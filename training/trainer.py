@@ -59,7 +59,6 @@ __all__ = [
     "seed_everything",
     "amp_policy",
     "amp_settings",
-    "bf16_native",
     "world_size",
     "rank",
     "is_main_process",

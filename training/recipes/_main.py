@@ -59,6 +59,12 @@ def optimisation_kwargs(a) -> dict:
             "ema_decay": getattr(a, "ema", None), "amp": not getattr(a, "no_amp", False)}
 
 
+def ema_text(decay) -> str:
+    """The card's words for `--ema` (empty without it), to follow the learning rate."""
+    return (f",\n  the weights averaged over steps (EMA, decay {decay}): the averaged weights are validated and shipped"
+            if decay else "")
+
+
 def precision(trainer) -> str:
     """The arithmetic a run trained in, for config.json and the card."""
     return f"{str(trainer.amp['dtype']).replace('torch.', '')} mixed precision" if trainer.amp["enabled"] else "float32"

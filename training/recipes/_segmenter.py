@@ -46,7 +46,7 @@ import numpy as np
 from napari_retina import __version__
 from napari_retina.io.errors import RetinaInputError
 
-from ._main import add_optimisation_args, add_run_args, optimisation_kwargs, precision, say_end
+from ._main import add_optimisation_args, add_run_args, ema_text, optimisation_kwargs, precision, say_end
 from ..data import (
     DataError, SegmentationPatches, describe_labels, gather_records, load_scaled, parents_held_out, split_by_image,
     write_split,
@@ -187,8 +187,7 @@ def model_config(net, info: dict, metrics: dict, trainer) -> dict:
 
 def render_card(config: dict, info: dict) -> str:
     t = config["training"]
-    ema = (f",\n  the weights averaged over steps (EMA, decay {info['ema_decay']}): the averaged weights are validated and shipped"
-           if info.get("ema_decay") else "")
+    ema = ema_text(info.get("ema_decay"))
     rim = (f" No candidates within {config['rim_margin']} of the field of view's width\nof the dark surround "
            "(the aperture's bright edge; `rim_margin` in config.json).") if config.get("rim_margin") else ""
     if config["model"] == "ma-hgn":

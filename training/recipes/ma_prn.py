@@ -49,7 +49,7 @@ import numpy as np
 from napari_retina import __version__
 from napari_retina.io.errors import RetinaInputError
 
-from ._main import add_optimisation_args, add_run_args, optimisation_kwargs, precision, say_end
+from ._main import add_optimisation_args, add_run_args, ema_text, optimisation_kwargs, precision, say_end
 from ..data import DataError, describe_labels, gather_records, parents_held_out, split_by_image, write_split
 
 LESION = "MA"
@@ -428,7 +428,7 @@ microaneurysm). A slim residual network (widths {'-'.join(map(str, a.widths))}, 
 parameters) trained from scratch by napari-retina {__version__} with {t['loss']}.
 
 - Data: {', '.join(info['data'])} ({info['train_count']} training images, {len(config['validation_images'])} validation images)
-- Triplets: {a.samples_per_epoch} per epoch, batch {a.batch_size}, Adam lr {a.lr}{'; weights averaged over steps (EMA, decay ' + str(a.ema) + '), the averaged ones validated and shipped' if a.ema else ''}; negatives by selective sampling ({t['selective_sampling']})
+- Triplets: {a.samples_per_epoch} per epoch, batch {a.batch_size}, Adam lr {a.lr}{ema_text(a.ema)}; negatives by selective sampling ({t['selective_sampling']})
 - Epochs: {t['epochs']}, {t['minutes']:.0f} min on {t['device']} ({platform.machine()}, torch {info['torch']}){', ' + t['precision'] if t.get('precision') else ''}
 - Hard negatives: {hard_line}
 - Validation: patch-level AUPR {t['val_patch_aupr']:.3f} (every microaneurysm of the validation images against their healthy locations{' and hard negatives' if hard else ''}){hard_val}; patience {a.patience}

@@ -39,7 +39,7 @@ import numpy as np
 from napari_retina import __version__
 from napari_retina.io.errors import RetinaInputError
 
-from ._main import add_optimisation_args, add_run_args, optimisation_kwargs, precision
+from ._main import add_optimisation_args, add_run_args, ema_text, optimisation_kwargs, precision
 from ..data import (
     REFINER_LESIONS,
     DataError,
@@ -223,8 +223,7 @@ def superpixel_choice(net, config: dict, val_images: list[ValImage], device, pla
 
 def render_card(config: dict, info: dict) -> str:
     t = config["training"]
-    ema = (f",\n  the weights averaged over steps (EMA, decay {info['ema_decay']}): the averaged weights are validated and shipped"
-           if info.get("ema_decay") else "")
+    ema = ema_text(info.get("ema_decay"))
     val = config["validation_images"]
     figures = "\n".join(f"| {c} | {t.get(f'val_image_iou_{c}', float('nan')):.1f} |" for c in REFINER_LESIONS)
     sp = t.get("val_image_iou_superpixels")

@@ -162,6 +162,15 @@ class RunProposals:
         return changes
 
 
+def candidate_floor(segmenter, threshold: float | None = None) -> float:
+    """Where a candidate region of `segmenter`'s map ends: the model's own floor if it has one,
+    else half the threshold (`threshold`, or the model's own when None)."""
+    floor = getattr(segmenter, "candidate_floor", None)
+    if floor is not None:
+        return float(floor)
+    return float(segmenter.threshold if threshold is None else threshold) / 2
+
+
 def propose_candidates(
     record: PixelRecord,
     lesion: str,
@@ -170,6 +179,7 @@ def propose_candidates(
     description: dict,
     floor: float | None = None,
     margin: int = 2,
+    components: tuple[float, np.ndarray, int] | None = None,
 ) -> tuple[list[PixelChange], int]:
     """Put a map into `record` as one proposal per candidate lesion (microaneurysms); (changes, proposed).
 
@@ -179,6 +189,8 @@ def propose_candidates(
     model's earlier unaccepted candidates of this lesion are withdrawn first; a candidate is
     left out when it touches the grader's own pixels (accepted or painted: never touched) or
     holds the centre of a candidate the grader rejected (a rerun never brings it back).
+    `components`: (floor, labels, count) of `metrics.label_lesions(prob >= floor)` computed
+    beforehand (off the GUI thread), used when its floor is this call's.
     """
     from scipy import ndimage
 
@@ -192,7 +204,10 @@ def propose_candidates(
             erased_before[p.slices] |= p.erased
     changes = [c for c in record.withdraw_where(model=model, candidate=True) if c is not None]
     floor = float(threshold) / 2 if floor is None else float(floor)
-    labels, n = label_lesions(prob >= floor)
+    if components is not None and components[0] == floor:
+        labels, n = components[1], components[2]
+    else:
+        labels, n = label_lesions(prob >= floor)
     if n == 0:
         return changes, 0
     hand = record.hand(lesion)
@@ -240,7 +255,7 @@ def segment_into_project(image_record, segmenter, project_root=None, grader: str
     ann.provenance.setdefault("models", {})[segmenter.kind] = segmenter.description
     if getattr(segmenter, "proposes", "blocks") == "candidates":
         propose_candidates(ann.record, seg.lesion, seg.prob, seg.threshold, desc,
-                           floor=getattr(segmenter, "candidate_floor", None))
+                           floor=candidate_floor(segmenter, seg.threshold))
     else:
         propose_map(ann.record, seg.lesion, seg.prob, seg.threshold, desc)
     writer = ProjectWriter(opened.project_dir, opened.record.image, opened.rgb, ann.masks, grader=grader)

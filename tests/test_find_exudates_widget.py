@@ -47,7 +47,10 @@ def _median_of_proposals(finder):
     return float(np.median(vals))
 
 
-def test_find_fills_overlay_and_proposals_and_never_touches_hand_pixels(annotator, qtbot):
+def test_find_fills_overlay_and_proposals_and_never_touches_hand_pixels(annotator, qtbot, monkeypatch):
+    from napari_retina.widgets import segment
+
+    monkeypatch.setattr(segment, "PREVIEW_EVERY_S", 0.0)  # every batch of tiles (a real photograph: every 0.5 s)
     viewer, widget = annotator
     hand = blob_mask(EX_BLOBS)  # IDRiD_01_EX.tif: the grader's mask
     layer = widget.lesion_layer("EX")
@@ -209,3 +212,41 @@ def test_cancel_mid_run_withdraws_what_the_run_proposed_and_gives_back_the_earli
     assert len(finder.proposals()) == len(ids_before)
     # what is shown is what the record holds, and it is saved as such
     np.testing.assert_array_equal(layer.data != 0, widget.opened.annotation.masks["EX"])
+
+
+def test_one_napari_progress_bar_follows_the_tiles_and_its_animation_turns_slower_during_the_run(
+        annotator, qtbot, monkeypatch):
+    import weakref
+
+    from napari._qt.widgets.qt_progress_bar import QtLabeledProgressBar
+    from qtpy.QtWidgets import QLabel
+
+    from napari_retina.widgets import segment
+
+    monkeypatch.setattr(segment, "PROGRESS_EVERY_S", 0.0)
+    viewer, widget = annotator
+    finder = widget.exudate_finder
+    window = weakref.ref(viewer.window._qt_window)  # a slot holding the window would outlive the viewer
+
+    def speeds():
+        return [lab.movie().speed() for lab in window().findChildren(QLabel) if lab.movie() is not None]
+
+    def bars():  # napari's bars of this run: (value, maximum)
+        return [(b.qt_progress_bar.value(), b.qt_progress_bar.maximum()) for b in window().findChildren(QtLabeledProgressBar)
+                if "exudates" in b.description_label.text()]
+
+    before = speeds()
+    assert before and max(before) > segment.ACTIVITY_SPEED_PERCENT  # napari's "in progress" animation
+    during = []
+    def look(done, total):
+        during.append((done, total, speeds(), bars()))
+
+    finder._signals.tile.connect(look)  # after the finder's own slot
+    _find(widget, qtbot)
+    finder._signals.tile.disconnect(look)
+    assert len(during) > 3
+    for done, total, sp, shown in during:
+        assert max(sp) <= segment.ACTIVITY_SPEED_PERCENT
+        assert shown == [(done, total)]  # one bar, at the tile just done
+    qtbot.waitUntil(lambda: not finder.running, timeout=5000)
+    assert speeds() == before

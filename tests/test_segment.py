@@ -253,6 +253,25 @@ def test_blocks_of_the_map_arrive_while_it_is_made_with_their_final_values(model
     assert len(tiles_after) >= 2
 
 
+def test_previews_follow_the_map_tile_by_tile_and_at_most_as_often_as_asked(tmp_path):
+    from napari_retina.models.segmenter import probability_to_uint8
+
+    seg = load_model(_segmenter_folder(tmp_path / "full", scale=1.0))
+    seg.batch = 1
+    rgb = fundus_rgb(4)
+    shots, batches = [], []
+    prob = seg.probability(rgb, preview=lambda m: shots.append(m.copy()), progress=lambda k, n: batches.append(k))
+    assert len(shots) == len(batches) > 3  # one per batch of tiles
+    filled = [int((m > 0).sum()) for m in shots]
+    assert filled == sorted(filled) and filled[0] < filled[-1]
+    # the last one is the whole map converted (inside the field of view: outside, the map is set to 0 at the end)
+    inside = prob > 0
+    np.testing.assert_array_equal(shots[-1][inside], probability_to_uint8(prob)[inside])
+    few = []
+    seg.probability(rgb, preview=lambda m: few.append(1), preview_every=3600.0)
+    assert few == [1]  # the first tile's, then none within the hour
+
+
 def test_a_run_proposes_block_by_block_finishes_like_propose_map_and_rolls_back_to_what_it_found():
     from napari_retina.proposals import PixelRecord
     from napari_retina.segmentation import RunProposals, propose_map

@@ -203,14 +203,32 @@ def test_partial_marks_final_only_pixels_no_window_to_come_will_change():
     fov = disc(64, 96, (32, 48), 40)
     seen = []
     out = predict_tiled(correlate, image, 32, 16, fov=fov, batch=2,
-                        partial=lambda o, final: seen.append((o.copy(), final.copy())))
+                        partial=lambda o, final, box: seen.append((o.copy(), final.copy(), box)))
     assert len(seen) == 8  # one call per batch (15 windows)
-    finals = [f for _, f in seen]
+    finals = [f for _, f, _ in seen]
     for a, b in zip(finals, finals[1:]):
         assert (b >= a).all()  # once final, always final
     assert finals[0].sum() < finals[-2].sum() < finals[-1].sum() == 64 * 96
-    for o, final in seen:  # a final value is the value the finished map has
+    for o, final, _ in seen:  # a final value is the value the finished map has
         np.testing.assert_array_equal(o[0][final & fov], out[0][final & fov])
     # and a pixel not yet final did change afterwards somewhere (the flag is not trivially True)
-    o, final = seen[2]
+    o, final, _ = seen[2]
     assert not np.allclose(o[0][~final & fov], out[0][~final & fov])
+
+
+def test_partial_box_holds_every_pixel_the_batch_changed_and_no_more_than_its_windows():
+    image = random_image(64, 96)
+    fov = disc(64, 96, (32, 48), 40)
+    seen = []
+    predict_tiled(correlate, image, 32, 16, fov=fov, batch=2,
+                  partial=lambda o, final, box: seen.append((o[0].copy(), box)))
+    before = np.zeros((64, 96), np.float32)
+    boxes = []
+    for o, (r0, r1, c0, c1) in seen:
+        inside = np.zeros((64, 96), bool)
+        inside[r0:r1, c0:c1] = True
+        assert not (o != before)[~inside].any()  # nothing changed outside the box
+        assert (o != before)[inside].any()
+        boxes.append((r1 - r0) * (c1 - c0))
+        before = o
+    assert max(boxes) < 64 * 96  # two 32-px windows of a batch, not the whole map

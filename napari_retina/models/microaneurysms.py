@@ -342,7 +342,8 @@ class MicroaneurysmDetector:
         return VARIANTS if self.prn is not None else VARIANTS[:-1]
 
     def maps(self, rgb: np.ndarray, fov: np.ndarray | None = None, progress=None, cancelled=None,
-             preview=None, refine: bool = True, rows: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+             preview=None, refine: bool = True, rows: tuple[str, ...] | None = None,
+             preview_every: float = 0.0) -> dict[str, np.ndarray]:
         """Every stage's full-size map: the paper's Table 2 rows (`VARIANTS`), from one pass of each network.
 
         The fused maps are recalibrated by `fused_logit_offset` (config.json; `shift_logits`).
@@ -367,7 +368,7 @@ class MicroaneurysmDetector:
                 size = (max(1, round(w * OVERLAY_SCALE)), max(1, round(h * OVERLAY_SCALE)))
                 preview(shift_logits(cv2.resize(m, size, interpolation=cv2.INTER_AREA), self.logit_offset))
         full = self.hgns[0].probability(enhanced, fov, progress=stage_progress(0), cancelled=cancelled,
-                                        preview=small_preview)
+                                        preview=small_preview, preview_every=preview_every)
         half = self.hgns[1].probability(enhanced, fov, progress=stage_progress(counts[0]), cancelled=cancelled)
         # every row on the fused map's recalibrated scale (the order of pixels, hence AUPR, is each
         # map's own; the raw maps crowd near 1, where the 8-bit levels of the scores cannot tell them apart)
@@ -395,8 +396,9 @@ class MicroaneurysmDetector:
         return out
 
     def probability(self, rgb, fov=None, progress=None, cancelled=None, preview=None, on_block=None,
-                    block: int = 512) -> np.ndarray:
-        prob = self.maps(rgb, fov, progress=progress, cancelled=cancelled, preview=preview, rows=())["refined"]
+                    block: int = 512, preview_every: float = 0.0) -> np.ndarray:
+        prob = self.maps(rgb, fov, progress=progress, cancelled=cancelled, preview=preview, rows=(),
+                         preview_every=preview_every)["refined"]
         if on_block is not None:  # the map is final only once the PRN has run: every block at the end
             h, w = prob.shape
             for r0 in range(0, h, block):
@@ -405,14 +407,15 @@ class MicroaneurysmDetector:
                     on_block(box, prob[box[0] : box[1], box[2] : box[3]].copy())
         return prob
 
-    def segment(self, rgb, fov=None, progress=None, cancelled=None, preview=None, on_block=None, block: int = 512):
+    def segment(self, rgb, fov=None, progress=None, cancelled=None, preview=None, on_block=None, block: int = 512,
+                preview_every: float = 0.0):
         import time
 
         from .segmenter import Segmentation
 
         t0 = time.perf_counter()
         prob = self.probability(rgb, fov, progress=progress, cancelled=cancelled, preview=preview,
-                                on_block=on_block, block=block)
+                                on_block=on_block, block=block, preview_every=preview_every)
         return Segmentation(self.lesion, prob, self.threshold, time.perf_counter() - t0)
 
 

@@ -180,12 +180,15 @@ class LesionSegmenter:
         preview: Optional[Callable[[np.ndarray], None]] = None,
         on_block: Optional[Callable[[tuple[int, int, int, int], np.ndarray], None]] = None,
         block: int = 512,
+        preview_every: float = 0.0,
     ) -> np.ndarray:
         """Full-size float32 lesion probability (0 outside the field of view).
 
         `progress(done, total)` is called per batch of tiles; `cancelled()` is checked between
         them and stops the run with `tiling.TilingCancelled`; `preview(map)` receives the map at
-        the working scale as uint8 (0-255) as it fills, tile by tile. `on_block(box, prob)`
+        the working scale as uint8 (0-255) as it fills, tile by tile, at most once per
+        `preview_every` seconds (one array, updated in place: copy what you keep; only the
+        tiles' pixels are converted each time, not the whole map). `on_block(box, prob)`
         receives each `block` x `block` full-resolution block (box = r0, r1, c0, c1, on the
         grid from (0, 0)) as soon as no tile still to run can change it, with exactly the
         values the returned map has there, so a caller can use the map while it is made.
@@ -200,9 +203,17 @@ class LesionSegmenter:
         x, small_fov = network_input(rgb, fov, self.scale, self.preprocess)
         tile = min(self.tile, _round_up(max(x.shape[1:]), self.stride_multiple))
 
-        def partial(out: np.ndarray, final: np.ndarray) -> None:
+        shown = np.zeros(x.shape[1:], np.uint8) if preview is not None else None  # = probability_to_uint8(out[0])
+        last_preview = [float("-inf")]
+
+        def partial(out: np.ndarray, final: np.ndarray, box: tuple[int, int, int, int]) -> None:
             if preview is not None:
-                preview(probability_to_uint8(out[0]))
+                r0, r1, c0, c1 = box  # the only pixels this batch changed
+                shown[r0:r1, c0:c1] = probability_to_uint8(out[0, r0:r1, c0:c1])
+                now = time.monotonic()
+                if now - last_preview[0] >= preview_every:
+                    last_preview[0] = now
+                    preview(shown)
             if blocks is not None:
                 blocks.update(out[0], final)
 
@@ -218,11 +229,11 @@ class LesionSegmenter:
 
     def segment(
         self, rgb: np.ndarray, fov: np.ndarray | None = None, progress=None, cancelled=None, preview=None,
-        on_block=None, block: int = 512,
+        on_block=None, block: int = 512, preview_every: float = 0.0,
     ) -> Segmentation:
         t0 = time.perf_counter()
         prob = self.probability(rgb, fov, progress=progress, cancelled=cancelled, preview=preview,
-                                on_block=on_block, block=block)
+                                on_block=on_block, block=block, preview_every=preview_every)
         return Segmentation(self.lesion, prob, self.threshold, time.perf_counter() - t0)
 
 

@@ -134,7 +134,7 @@ def predict_tiled(
     stride_multiple: int = 1,
     progress: Optional[Callable[[int, int], None]] = None,
     cancelled: Optional[Callable[[], bool]] = None,
-    partial: Optional[Callable[[np.ndarray], None]] = None,
+    partial: Optional[Callable[[np.ndarray, np.ndarray, tuple[int, int, int, int]], None]] = None,
     dtype=np.float32,
 ) -> np.ndarray:
     """Run `predict` over a whole normalised image (C, H, W) window by window; returns (out_channels, H, W).
@@ -144,9 +144,11 @@ def predict_tiled(
     `fov` are 0. At most `batch` windows are in memory at once, plus the one output array.
     `progress(done, total)` is called after each batch (windows done, windows to run);
     `cancelled()` is asked before each batch and, when True, `TilingCancelled` is raised.
-    `partial(out, final)` sees the map as blended so far after each batch, and a bool (H, W)
+    `partial(out, final, box)` sees the map as blended so far after each batch, a bool (H, W)
     array that is True where no window still to come covers the pixel (its value is final,
-    save that pixels outside `fov` become 0 at the end): read them, do not keep them.
+    save that pixels outside `fov` become 0 at the end), and the box (r0, r1, c0, c1) that
+    holds every pixel this batch changed, so a caller can follow the map at the cost of
+    the tiles, not of the whole image: read them, do not keep them.
     """
     image = np.asarray(image)
     if image.ndim != 3:
@@ -184,7 +186,9 @@ def predict_tiled(
             if pending is not None:
                 pending[y : y + th, x : x + tw] -= 1
         if partial is not None:
-            partial(out, pending == 0)
+            box = (min(y for y, _ in chunk), min(h, max(y for y, _ in chunk) + tile),
+                   min(x for _, x in chunk), min(w, max(x for _, x in chunk) + tile))
+            partial(out, pending == 0, box)
         if progress is not None:
             progress(start + len(chunk), total)
     if fov is not None:

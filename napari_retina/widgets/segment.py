@@ -28,7 +28,57 @@ if TYPE_CHECKING:
     from .annotator import LesionAnnotator
 
 ROLE = "probability"
+# the overlay follows the map at most this often while the model runs: each update uploads the
+# whole overlay to the graphics card on the GUI thread (150-250 ms under Xvfb's software GL)
+PREVIEW_EVERY_S = 0.5
+# the progress bar and status line follow the tiles at most this often: with a software OpenGL
+# (no graphics card, remote desktops) every repaint of the window recomposes the canvas, about
+# 0.2 CPU-s each, which the model would otherwise lose on every tile
+PROGRESS_EVERY_S = 0.25
 NAMES = {"EX": "exudates", "MA": "microaneurysms"}  # lesion -> what the button says and the model kind
+
+
+# napari's "in progress" animation turns at 33 frames a second while any progress bar is open;
+# under a software OpenGL (Mesa llvmpipe: remote desktops, virtual machines without a GPU)
+# every frame recomposes the whole window, which took 0.6 of the 2 cores from the model and
+# doubled "Find microaneurysms" (30 -> 16 s, benchmarks/find_responsiveness.py). During a
+# run it turns at a fifth of that speed; the progress bar and the tile count still move.
+ACTIVITY_SPEED_PERCENT = 20
+
+
+def _slow_activity_animations(viewer, percent: int) -> list:
+    """Slow napari's running activity animations to `percent` of their speed; returns
+    [(movie, speed before)] for `_restore_animations`. Nothing happens where napari's window
+    is not the one described (no Qt window, a napari without the animation)."""
+    window = getattr(getattr(viewer, "window", None), "_qt_window", None)
+    if window is None:
+        return []
+    slowed = []
+    for label in window.findChildren(QLabel):
+        movie = label.movie()
+        if movie is not None and movie.speed() > percent:
+            slowed.append((movie, movie.speed()))
+            movie.setSpeed(percent)
+    return slowed
+
+
+def _restore_animations(slowed: list) -> None:
+    for movie, speed in slowed:
+        try:
+            movie.setSpeed(speed)
+        except RuntimeError:  # its label was deleted meanwhile
+            pass
+
+
+def _overlay_map(prob_u8: np.ndarray, scale: float) -> np.ndarray:
+    """The overlay of a full-size uint8 map: at the model's working scale (a quarter of the memory at 0.5)."""
+    if scale == 1.0:
+        return prob_u8
+    import cv2
+
+    h, w = prob_u8.shape
+    small = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(prob_u8, small, interpolation=cv2.INTER_AREA)
 
 
 class _Progress(QObject):
@@ -62,6 +112,8 @@ class LesionFinder(QGroupBox):
         self._signals.block.connect(self._on_block)
         self._scale = 1.0
         self._run = None  # segmentation.RunProposals of the run in progress
+        self._last_tile_shown = 0.0  # time.monotonic() of the last progress shown
+        self._slowed = []  # napari's animations slowed for the run in progress
         self._generation = 0  # +1 whenever another model version is selected
         self._run_generation = 0
 
@@ -111,9 +163,11 @@ class LesionFinder(QGroupBox):
         signals = self._signals
 
         from .. import segmentation
+        from ..metrics import label_lesions
 
         self._run = None
         self._block = block = segmentation.BLOCK  # one block size for the worker and the record
+        threshold = self.threshold  # None: the model's own
 
         @thread_worker(ignore_errors=True)  # errors (and a cancel) are reported by _failed, not re-raised
         def run():
@@ -125,8 +179,14 @@ class LesionFinder(QGroupBox):
             result = seg.segment(rgb, fov, progress=signals.tile.emit, cancelled=lambda: self._cancel,
                                  preview=lambda m: signals.preview.emit((rgb, m.copy())),
                                  on_block=(lambda box, sub: signals.block.emit((rgb, box, sub))) if blocks else None,
-                                 block=block)
-            return rgb, seg, result
+                                 block=block, preview_every=PREVIEW_EVERY_S)
+            # what takes more than a few milliseconds over 12 megapixels is done here, not on the GUI thread
+            overlay = _overlay_map(result.prob_uint8, seg.scale)
+            components = None
+            if not blocks:  # candidates: their connected regions at the floor the run started with
+                floor = segmentation.candidate_floor(seg, threshold)
+                components = (floor, *label_lesions(result.prob >= floor))
+            return rgb, seg, result, overlay, components
 
         self._worker = run()
         self._worker._rgb = rgb  # the image this run belongs to
@@ -135,6 +195,12 @@ class LesionFinder(QGroupBox):
         self._worker.finished.connect(self._ended)
         overlay = self.overlay_layer()  # given back if the run is cancelled or fails
         self._overlay_before = None if overlay is None else (overlay.data, tuple(overlay.scale), tuple(overlay.translate))
+        from napari.utils import progress
+
+        # made here, before the worker can send a tile: napari processes pending events while it
+        # makes a progress bar, so made on the first tile, the next tiles' signals made more bars
+        self._pbar = progress(total=0, desc=f"finding {NAMES.get(self.code, self.code)}")  # 0: until the tiles are known
+        self._slowed = _slow_activity_animations(self.ann_widget.viewer, ACTIVITY_SPEED_PERCENT)
         self.find_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.status.setText("loading the model..." if segmenter is None else "segmenting...")
@@ -167,12 +233,15 @@ class LesionFinder(QGroupBox):
         return op is not None and op.rgb is rgb and not self._cancel
 
     def _on_tile(self, done: int, total: int) -> None:
-        from napari.utils import progress
+        import time
 
-        if self._pbar is None:
-            self._pbar = progress(total=total, desc=f"finding {NAMES.get(self.code, self.code)}")
-        self._pbar.n = done
-        self._pbar.refresh()
+        now = time.monotonic()
+        if self._pbar is None or (done < total and now - self._last_tile_shown < PROGRESS_EVERY_S):
+            return
+        self._last_tile_shown = now
+        if self._pbar.total != total:
+            self._pbar.total = total
+        self._pbar.update(done - self._pbar.n)  # update() moves napari's bar (setting .n does not)
         self.status.setText(f"tile {done} of {total}")
 
     def _on_started(self, payload) -> None:
@@ -219,6 +288,8 @@ class LesionFinder(QGroupBox):
         if self._pbar is not None:
             self._pbar.close()
             self._pbar = None
+        _restore_animations(self._slowed)
+        self._slowed = []
         self.find_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
 
@@ -239,7 +310,7 @@ class LesionFinder(QGroupBox):
     def _done(self, payload) -> None:
         from ..segmentation import RunProposals
 
-        rgb, seg, result = payload
+        rgb, seg, result, overlay, components = payload
         self._keep(seg)
         op = self.ann_widget.opened
         if op is None or op.rgb is not rgb:
@@ -252,22 +323,15 @@ class LesionFinder(QGroupBox):
             return
         if self.threshold is None:
             self.set_threshold_value(seg.threshold)
-        h, w = result.prob.shape
-        if self._scale != 1.0:  # the overlay stays at the working scale: a quarter of the memory
-            import cv2
-
-            small = (max(1, round(w * self._scale)), max(1, round(h * self._scale)))
-            self._show_overlay(cv2.resize(result.prob_uint8, small, interpolation=cv2.INTER_AREA), 1.0 / self._scale)
-        else:
-            self._show_overlay(result.prob_uint8, 1.0)
+        self._show_overlay(overlay, 1.0 / seg.scale)
         op.annotation.provenance.setdefault("models", {})[seg.kind] = seg.description
         run, self._run = self._run, None
         desc = {"kind": "model", **seg.description}
         if getattr(seg, "proposes", "blocks") == "candidates":
-            from ..segmentation import propose_candidates
+            from ..segmentation import candidate_floor, propose_candidates
 
             changes, n = propose_candidates(op.annotation.record, self.code, result.prob, self.threshold, desc,
-                                            floor=getattr(seg, "candidate_floor", None))
+                                            floor=candidate_floor(seg, self.threshold), components=components)
             self.ann_widget.show_changes(changes)
             self.ann_widget._edited()
             self.status.setText(f"{n} candidates ({result.seconds:.1f} s); review them, or accept all")

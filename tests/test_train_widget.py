@@ -52,9 +52,12 @@ def test_train_in_a_separate_process_watch_the_plot_and_swap_the_new_version_in(
     shipped = current_model_dir("exudates")
     qtbot.mouseClick(train.start_button, Qt.MouseButton.LeftButton)
     assert train.process is not None and not train.start_button.isEnabled()
+    bar = []  # napari's progress bar: the values it was given, epoch by epoch
+    train._pbar.events.value.connect(lambda e: bar.append(e.value))
     qtbot.wait(300)
     assert ann.opened is not None  # the GUI is not blocked while the training process runs
     qtbot.waitUntil(lambda: train.process is None, timeout=180000)
+    assert bar and bar[-1] == 2 and bar == sorted(bar)
     xs, ys = train.loss_curve.getData()
     assert list(xs) == [1, 2] and np.isfinite(ys).all()  # the live plot: one point per epoch
     assert len(train.val_curve.getData()[0]) == 2

@@ -23,6 +23,7 @@ from qtpy.QtCore import QObject, Qt, Signal
 from qtpy.QtWidgets import QGridLayout, QGroupBox, QLabel, QPushButton, QSlider
 
 from ..lesions import lesion as lesion_info
+from .activity import ACTIVITY_SPEED_PERCENT, restore_animations, slow_activity_animations
 
 if TYPE_CHECKING:
     from .annotator import LesionAnnotator
@@ -36,38 +37,6 @@ PREVIEW_EVERY_S = 0.5
 # 0.2 CPU-s each, which the model would otherwise lose on every tile
 PROGRESS_EVERY_S = 0.25
 NAMES = {"EX": "exudates", "MA": "microaneurysms"}  # lesion -> what the button says and the model kind
-
-
-# napari's "in progress" animation turns at 33 frames a second while any progress bar is open;
-# under a software OpenGL (Mesa llvmpipe: remote desktops, virtual machines without a GPU)
-# every frame recomposes the whole window, which took 0.6 of the 2 cores from the model and
-# doubled "Find microaneurysms" (30 -> 16 s, benchmarks/find_responsiveness.py). During a
-# run it turns at a fifth of that speed; the progress bar and the tile count still move.
-ACTIVITY_SPEED_PERCENT = 20
-
-
-def _slow_activity_animations(viewer, percent: int) -> list:
-    """Slow napari's running activity animations to `percent` of their speed; returns
-    [(movie, speed before)] for `_restore_animations`. Nothing happens where napari's window
-    is not the one described (no Qt window, a napari without the animation)."""
-    window = getattr(getattr(viewer, "window", None), "_qt_window", None)
-    if window is None:
-        return []
-    slowed = []
-    for label in window.findChildren(QLabel):
-        movie = label.movie()
-        if movie is not None and movie.speed() > percent:
-            slowed.append((movie, movie.speed()))
-            movie.setSpeed(percent)
-    return slowed
-
-
-def _restore_animations(slowed: list) -> None:
-    for movie, speed in slowed:
-        try:
-            movie.setSpeed(speed)
-        except RuntimeError:  # its label was deleted meanwhile
-            pass
 
 
 def _overlay_map(prob_u8: np.ndarray, scale: float) -> np.ndarray:
@@ -200,7 +169,7 @@ class LesionFinder(QGroupBox):
         # made here, before the worker can send a tile: napari processes pending events while it
         # makes a progress bar, so made on the first tile, the next tiles' signals made more bars
         self._pbar = progress(total=0, desc=f"finding {NAMES.get(self.code, self.code)}")  # 0: until the tiles are known
-        self._slowed = _slow_activity_animations(self.ann_widget.viewer, ACTIVITY_SPEED_PERCENT)
+        self._slowed = slow_activity_animations(self.ann_widget.viewer, ACTIVITY_SPEED_PERCENT)
         self.find_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.status.setText("loading the model..." if segmenter is None else "segmenting...")
@@ -288,7 +257,7 @@ class LesionFinder(QGroupBox):
         if self._pbar is not None:
             self._pbar.close()
             self._pbar = None
-        _restore_animations(self._slowed)
+        restore_animations(self._slowed)
         self._slowed = []
         self.find_button.setEnabled(True)
         self.cancel_button.setEnabled(False)

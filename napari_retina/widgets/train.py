@@ -30,6 +30,8 @@ from qtpy.QtWidgets import (
     QPushButton, QSpinBox, QVBoxLayout, QWidget,
 )
 
+from .activity import restore_animations, slow_activity_animations
+
 # what the form offers: label -> (recipe, model kind, fixed recipe options)
 MODELS = {
     "ellipse refiner": ("refiner", "refiner", []),
@@ -90,6 +92,7 @@ class TrainWidget(QWidget):
         self.events: list[dict] = []
         self._offset = 0
         self._pbar = None
+        self._slowed = []  # napari's animations slowed while training runs
         self._started_at = 0.0
         self._cancelled = False
         self._queue: list[str] = []  # models still to train in this run, one after the other
@@ -551,6 +554,13 @@ class TrainWidget(QWidget):
         self.start_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.status.setText("starting: " + " ".join(["python"] + args))
+        if self._pbar is None:
+            from napari.utils import progress
+
+            # made here, not in poll(): napari processes pending events while it makes a bar, and
+            # a poll arriving then would make a second one. 0: until the log gives the epochs
+            self._pbar = progress(total=0, desc=f"training {self.kind}")
+            self._slowed = slow_activity_animations(self.viewer)  # for hours it would slow the training
         self._poll.start()
 
     def cancel(self) -> None:
@@ -582,13 +592,11 @@ class TrainWidget(QWidget):
             vals = [float(e.get(monitor, float("nan"))) for e in epochs]
             scale = 100.0 if monitor == "val_iou" else 1.0
             self.val_curve.setData(xs, [v / scale for v in vals])
-        from napari.utils import progress
-
-        if self._pbar is None:
-            self._pbar = progress(total=max(1, total - first + 1), desc=f"training {self.kind}")
         done = len(epochs)
-        self._pbar.n = min(done, self._pbar.total)
-        self._pbar.refresh()
+        if self._pbar is not None:
+            if self._pbar.total != max(1, total - first + 1):
+                self._pbar.total = max(1, total - first + 1)
+            self._pbar.update(min(done, self._pbar.total) - self._pbar.n)  # update() moves napari's bar (setting .n does not)
         last = epochs[-1] if epochs else None
         step = next((e for e in reversed(self.events) if e.get("event") == "step"), None)
         parts = [f"device {start.get('device', '?')}"]
@@ -613,6 +621,8 @@ class TrainWidget(QWidget):
         if self._pbar is not None:
             self._pbar.close()
             self._pbar = None
+        restore_animations(self._slowed)
+        self._slowed = []
         self.start_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
         self._refresh_versions()

@@ -35,16 +35,23 @@ def annotator_window(image: Path, **widget_kwargs):
 
 
 def wait(cond, seconds: float = 120) -> None:
-    """Run the event loop until `cond()` holds; exit the script if it does not within `seconds`."""
-    from qtpy.QtWidgets import QApplication
+    """Run the event loop until `cond()` holds; exit the script if it does not within `seconds`.
 
-    app = QApplication.instance()
+    A real event loop, as napari runs: processEvents() alone never runs Qt's deferred deletes
+    (a closed progress bar would stay, and napari's activity animation with it)."""
+    from qtpy.QtCore import QEventLoop, QTimer
+
+    if cond():
+        return
     end = time.monotonic() + seconds
-    while not cond():
-        app.processEvents()
-        time.sleep(0.01)
-        if time.monotonic() > end:
-            raise SystemExit(f"timed out after {seconds} s")
+    loop, check = QEventLoop(), QTimer()
+    check.setInterval(10)
+    check.timeout.connect(lambda: loop.quit() if cond() or time.monotonic() > end else None)
+    check.start()
+    loop.exec()
+    check.stop()
+    if not cond():
+        raise SystemExit(f"timed out after {seconds} s")
 
 
 def settle(n: int = 50) -> None:

@@ -58,7 +58,9 @@ def test_find_fills_overlay_and_proposals_and_never_touches_hand_pixels(annotato
     previews = []
     widget.exudate_finder._signals.preview.connect(
         lambda pl: previews.append(int((pl[1] > 0).sum())))
+    viewer.layers.selection.active = layer  # the grader works on the EX layer
     finder = _find(widget, qtbot)
+    assert viewer.layers.selection.active is layer  # still: the eraser works on it at once, not on the overlay
     # the overlay filled tile by tile: more of the map with each preview
     filled = previews
     assert len(filled) > 3 and filled == sorted(filled) and filled[0] < filled[-1]

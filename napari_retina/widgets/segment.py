@@ -332,7 +332,9 @@ class LesionFinder(QGroupBox):
             layer.scale, layer.translate = (scale, scale), (shift, shift)
             layer.data = prob_u8
             return
-        self.ann_widget.viewer.add_image(
+        viewer = self.ann_widget.viewer
+        active = viewer.layers.selection.active  # napari selects a new layer: the grader's stays selected
+        viewer.add_image(
             prob_u8, name=f"{self.code} probability", colormap="magma", contrast_limits=(0, 255),
             scale=(scale, scale), translate=(shift, shift),
             opacity=0.5, blending="additive", visible=True,
@@ -341,8 +343,9 @@ class LesionFinder(QGroupBox):
         )
         lesion_layer = self.ann_widget.lesion_layer(self.code)
         if lesion_layer is not None:  # the mask stays on top of the overlay
-            viewer = self.ann_widget.viewer
             viewer.layers.move(viewer.layers.index(lesion_layer), len(viewer.layers))
+        if active is not None and active in viewer.layers:  # e.g. the eraser works on the lesion layer at once
+            viewer.layers.selection.active = active
 
     def proposals(self):
         op = self.ann_widget.opened

@@ -224,6 +224,7 @@ def test_one_napari_progress_bar_follows_the_tiles_and_its_animation_turns_slowe
     from qtpy.QtWidgets import QLabel
 
     from napari_retina.widgets import segment
+    from napari_retina.widgets.activity import ACTIVITY_SPEED_PERCENT
 
     monkeypatch.setattr(segment, "PROGRESS_EVERY_S", 0.0)
     viewer, widget = annotator
@@ -238,7 +239,7 @@ def test_one_napari_progress_bar_follows_the_tiles_and_its_animation_turns_slowe
                 if "exudates" in b.description_label.text()]
 
     before = speeds()
-    assert before and max(before) > segment.ACTIVITY_SPEED_PERCENT  # napari's "in progress" animation
+    assert before and max(before) > ACTIVITY_SPEED_PERCENT  # napari's "in progress" animation
     during = []
     def look(done, total):
         during.append((done, total, speeds(), bars()))
@@ -248,7 +249,49 @@ def test_one_napari_progress_bar_follows_the_tiles_and_its_animation_turns_slowe
     finder._signals.tile.disconnect(look)
     assert len(during) > 3
     for done, total, sp, shown in during:
-        assert max(sp) <= segment.ACTIVITY_SPEED_PERCENT
+        assert max(sp) <= ACTIVITY_SPEED_PERCENT
         assert shown == [(done, total)]  # one bar, at the tile just done
     qtbot.waitUntil(lambda: not finder.running, timeout=5000)
     assert speeds() == before
+
+
+def test_the_runs_last_word_stays_in_the_status_line_when_the_gui_lags_behind_the_tiles(annotator, qtbot):
+    import time
+
+    viewer, widget = annotator
+    finder = widget.exudate_finder
+
+    def lag(done, total):  # a GUI thread busy elsewhere: the run's end arrives while a tile is shown
+        if done < total:
+            time.sleep(0.05)
+
+    finder._signals.tile.connect(lag)
+    _find(widget, qtbot)
+    qtbot.waitUntil(lambda: not finder.running, timeout=5000)
+    qtbot.wait(100)
+    finder._signals.tile.disconnect(lag)
+    assert "blocks with candidates" in finder.status.text(), finder.status.text()
+    assert finder._pbar is None
+
+
+def test_overlapping_runs_keep_napari_animation_slow_until_the_last_one_ends(annotator):
+    import weakref
+
+    from qtpy.QtWidgets import QLabel
+
+    from napari_retina.widgets.activity import ACTIVITY_SPEED_PERCENT, SlowAnimations
+
+    viewer, widget = annotator
+    window = weakref.ref(viewer.window._qt_window)
+
+    def speed():
+        return max(lab.movie().speed() for lab in window().findChildren(QLabel) if lab.movie() is not None)
+
+    before = speed()
+    first, second = SlowAnimations(viewer), SlowAnimations(viewer)
+    assert speed() == ACTIVITY_SPEED_PERCENT < before
+    first.release()
+    first.release()  # twice: no effect
+    assert speed() == ACTIVITY_SPEED_PERCENT  # the second run still goes on
+    second.release()
+    assert speed() == before

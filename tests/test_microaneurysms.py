@@ -263,6 +263,7 @@ def test_the_three_networks_assemble_into_one_detector_that_segments_and_evaluat
     import sys
 
     from conftest import fundus_rgb
+    from napari_retina.fundus import field_of_view_mask as fov_of
     from napari_retina.models.microaneurysms import MicroaneurysmDetector, VARIANTS
     from napari_retina.models.registry import load_model
     from training.__main__ import main
@@ -290,6 +291,18 @@ def test_the_three_networks_assemble_into_one_detector_that_segments_and_evaluat
     offset = config["fused_logit_offset"]
     assert isinstance(offset, float)
     raw = [shift_logits(maps[k], -offset) for k in ("hgn_1x", "hgn_0.5x")]  # every row on that scale
+    # the overlay's preview while the full-scale network runs: 0-255, the recalibrated map at the overlay's scale
+    import cv2
+
+    from napari_retina.models.microaneurysms import OVERLAY_SCALE
+
+    shots = []
+    det.maps(rgb, preview=lambda m: shots.append(m.copy()), rows=())
+    assert shots and shots[-1].dtype == np.uint8
+    small = cv2.resize(maps["hgn_1x"], shots[-1].shape[::-1], interpolation=cv2.INTER_AREA) * 255
+    inside = cv2.resize(fov_of(rgb).astype(np.uint8), shots[-1].shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
+    assert shots[-1].shape == tuple(round(s * OVERLAY_SCALE) for s in rgb.shape[:2])
+    assert abs(float(shots[-1][inside].mean()) - float(small[inside].mean())) < 3  # 8-bit levels
     np.testing.assert_allclose(maps["geometric"], shift_logits(np.sqrt(raw[0] * raw[1]), offset), atol=1e-5)
     # without a PRN (the paper's "FCN" rows) the fused map is the detector's output
     bare = tmp_path / "bare"

@@ -253,3 +253,15 @@ def test_closing_the_dock_while_it_asks_the_recipe_for_its_options_is_harmless(m
     viewer.window.remove_dock_widget(train)
     train.deleteLater()
     qtbot.waitUntil(lambda: not describing(), timeout=30000)  # it finishes and is cleaned up, no crash
+
+
+def test_a_training_process_that_cannot_start_ends_the_run_and_its_progress_bar(docks, qtbot, monkeypatch):
+    import sys
+
+    viewer, ann, train = docks
+    _form(train, epochs=2)
+    monkeypatch.setattr(sys, "executable", str(train.data_edit.text()) + "/no-python-here")
+    train.start()
+    qtbot.waitUntil(lambda: train.process is None, timeout=10000)
+    assert train._pbar is None and train._slowed is None and train.start_button.isEnabled()
+    assert "without a model" in train.status.text()

@@ -363,10 +363,13 @@ class MicroaneurysmDetector:
 
         small_preview = None
         if preview is not None:
-            def small_preview(m):  # the full-scale network's map as it fills, at the overlay's scale
+            from .segmenter import probability_to_uint8
+
+            def small_preview(m):  # the full-scale network's map as it fills, at the overlay's scale, 0-255
                 h, w = m.shape
                 size = (max(1, round(w * OVERLAY_SCALE)), max(1, round(h * OVERLAY_SCALE)))
-                preview(shift_logits(cv2.resize(m, size, interpolation=cv2.INTER_AREA), self.logit_offset))
+                small = cv2.resize(m, size, interpolation=cv2.INTER_AREA).astype(np.float32) * np.float32(1 / 255)
+                preview(probability_to_uint8(shift_logits(small, self.logit_offset)))
         full = self.hgns[0].probability(enhanced, fov, progress=stage_progress(0), cancelled=cancelled,
                                         preview=small_preview, preview_every=preview_every)
         half = self.hgns[1].probability(enhanced, fov, progress=stage_progress(counts[0]), cancelled=cancelled)

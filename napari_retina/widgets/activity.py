@@ -15,26 +15,37 @@ from qtpy.QtWidgets import QLabel
 
 ACTIVITY_SPEED_PERCENT = 20
 
-
-def slow_activity_animations(viewer, percent: int = ACTIVITY_SPEED_PERCENT) -> list:
-    """Slow the animations in napari's window to `percent` of their speed; returns
-    [(movie, speed before)] for `restore_animations`. Nothing happens where napari's window
-    is not the one described (no Qt window, a napari without the animation)."""
-    window = getattr(getattr(viewer, "window", None), "_qt_window", None)
-    if window is None:
-        return []
-    slowed = []
-    for label in window.findChildren(QLabel):
-        movie = label.movie()
-        if movie is not None and movie.speed() > percent:
-            slowed.append((movie, movie.speed()))
-            movie.setSpeed(percent)
-    return slowed
+# runs may overlap (Find exudates, then Find microaneurysms, a training beside them): the
+# animations stay slow until the last of them ends, and then get back the speed they had
+_holders: set[int] = set()
+_saved: list = []  # (movie, speed before)
 
 
-def restore_animations(slowed: list) -> None:
-    for movie, speed in slowed:
-        try:
-            movie.setSpeed(speed)
-        except RuntimeError:  # its label was deleted meanwhile
-            pass
+class SlowAnimations:
+    """Held while one run goes on: `release()` (idempotent) when it ends."""
+
+    def __init__(self, viewer, percent: int = ACTIVITY_SPEED_PERCENT):
+        self._released = False
+        _holders.add(id(self))
+        window = getattr(getattr(viewer, "window", None), "_qt_window", None)
+        if window is None:  # not napari's Qt window as described: nothing to slow
+            return
+        for label in window.findChildren(QLabel):
+            movie = label.movie()
+            if movie is not None and movie.speed() > percent:
+                _saved.append((movie, movie.speed()))
+                movie.setSpeed(percent)
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        _holders.discard(id(self))
+        if _holders:
+            return
+        while _saved:
+            movie, speed = _saved.pop()
+            try:
+                movie.setSpeed(speed)
+            except RuntimeError:  # its label was deleted meanwhile
+                pass

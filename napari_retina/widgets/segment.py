@@ -2,7 +2,8 @@
 
 The segmenter runs in a worker thread, tile by tile, with napari's progress bar and a
 cancel button; the GUI never waits. Its map becomes (1) a probability overlay (an Image
-layer, role "probability") that fills as tiles finish and (2) block proposals in the
+layer, role "probability") that fills as tiles finish (redrawn at most every
+`PREVIEW_EVERY_S`) and (2) block proposals in the
 lesion's pixel record (`segmentation.RunProposals`), each 512-px block proposed as soon as
 no tile still to run can change it, so candidates appear while the model runs. The
 threshold slider moves them live, "Accept all" keeps them as the grader's pixels, the grader
@@ -23,7 +24,7 @@ from qtpy.QtCore import QObject, Qt, Signal
 from qtpy.QtWidgets import QGridLayout, QGroupBox, QLabel, QPushButton, QSlider
 
 from ..lesions import lesion as lesion_info
-from .activity import ACTIVITY_SPEED_PERCENT, restore_animations, slow_activity_animations
+from .activity import SlowAnimations
 
 if TYPE_CHECKING:
     from .annotator import LesionAnnotator
@@ -82,7 +83,7 @@ class LesionFinder(QGroupBox):
         self._scale = 1.0
         self._run = None  # segmentation.RunProposals of the run in progress
         self._last_tile_shown = 0.0  # time.monotonic() of the last progress shown
-        self._slowed = []  # napari's animations slowed for the run in progress
+        self._slowed = None  # activity.SlowAnimations held while a run goes on
         self._generation = 0  # +1 whenever another model version is selected
         self._run_generation = 0
 
@@ -169,7 +170,7 @@ class LesionFinder(QGroupBox):
         # made here, before the worker can send a tile: napari processes pending events while it
         # makes a progress bar, so made on the first tile, the next tiles' signals made more bars
         self._pbar = progress(total=0, desc=f"finding {NAMES.get(self.code, self.code)}")  # 0: until the tiles are known
-        self._slowed = slow_activity_animations(self.ann_widget.viewer, ACTIVITY_SPEED_PERCENT)
+        self._slowed = SlowAnimations(self.ann_widget.viewer)
         self.find_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.status.setText("loading the model..." if segmenter is None else "segmenting...")
@@ -208,10 +209,13 @@ class LesionFinder(QGroupBox):
         if self._pbar is None or (done < total and now - self._last_tile_shown < PROGRESS_EVERY_S):
             return
         self._last_tile_shown = now
-        if self._pbar.total != total:
-            self._pbar.total = total
-        self._pbar.update(done - self._pbar.n)  # update() moves napari's bar (setting .n does not)
         self.status.setText(f"tile {done} of {total}")
+        # last: napari's bar processes pending events while it moves, the run's end among them
+        # (whose status line must not be overwritten by this tile's)
+        pbar = self._pbar
+        if pbar.total != total:
+            pbar.total = total
+        pbar.update(done - pbar.n)  # update() moves napari's bar (setting .n does not)
 
     def _on_started(self, payload) -> None:
         from ..segmentation import RunProposals
@@ -229,7 +233,7 @@ class LesionFinder(QGroupBox):
         self.status.setText("segmenting...")
 
     def _on_preview(self, payload) -> None:
-        """The overlay fills tile by tile while the model runs (at the working scale, scaled up)."""
+        """The overlay fills while the model runs, at most every PREVIEW_EVERY_S (at the working scale, scaled up)."""
         rgb, data = payload
         if self._current(rgb):
             self._show_overlay(data, 1.0 / self._scale)
@@ -257,8 +261,9 @@ class LesionFinder(QGroupBox):
         if self._pbar is not None:
             self._pbar.close()
             self._pbar = None
-        restore_animations(self._slowed)
-        self._slowed = []
+        if self._slowed is not None:
+            self._slowed.release()
+            self._slowed = None
         self.find_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
 

@@ -30,7 +30,7 @@ from qtpy.QtWidgets import (
     QPushButton, QSpinBox, QVBoxLayout, QWidget,
 )
 
-from .activity import restore_animations, slow_activity_animations
+from .activity import SlowAnimations
 
 # what the form offers: label -> (recipe, model kind, fixed recipe options)
 MODELS = {
@@ -92,7 +92,7 @@ class TrainWidget(QWidget):
         self.events: list[dict] = []
         self._offset = 0
         self._pbar = None
-        self._slowed = []  # napari's animations slowed while training runs
+        self._slowed = None  # activity.SlowAnimations held while training runs
         self._started_at = 0.0
         self._cancelled = False
         self._queue: list[str] = []  # models still to train in this run, one after the other
@@ -547,20 +547,24 @@ class TrainWidget(QWidget):
         proc.setProcessChannelMode(QProcess.ProcessChannelMode.MergedChannels)
         proc.readyReadStandardOutput.connect(self._on_output)
         proc.finished.connect(self._on_finished)
+        # a process that never starts sends no finished(): end the run the same way (bar closed, buttons back)
+        proc.errorOccurred.connect(lambda err: self._on_finished(-1) if (
+            err == QProcess.ProcessError.FailedToStart and self.process is proc) else None)
         self._output = ""
         self.process = proc
+        if self._pbar is None:
+            from napari.utils import progress
+
+            # made before the process starts: napari processes pending events while it makes a
+            # bar, and the process's end must find it. 0: until the log gives the epochs
+            self._pbar = progress(total=0, desc=f"training {self.kind}")
+        if self._slowed is None:
+            self._slowed = SlowAnimations(self.viewer)  # for hours it would slow the training
         self._started_at = time.monotonic()
         proc.start(sys.executable, args)
         self.start_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.status.setText("starting: " + " ".join(["python"] + args))
-        if self._pbar is None:
-            from napari.utils import progress
-
-            # made here, not in poll(): napari processes pending events while it makes a bar, and
-            # a poll arriving then would make a second one. 0: until the log gives the epochs
-            self._pbar = progress(total=0, desc=f"training {self.kind}")
-            self._slowed = slow_activity_animations(self.viewer)  # for hours it would slow the training
         self._poll.start()
 
     def cancel(self) -> None:
@@ -593,10 +597,6 @@ class TrainWidget(QWidget):
             scale = 100.0 if monitor == "val_iou" else 1.0
             self.val_curve.setData(xs, [v / scale for v in vals])
         done = len(epochs)
-        if self._pbar is not None:
-            if self._pbar.total != max(1, total - first + 1):
-                self._pbar.total = max(1, total - first + 1)
-            self._pbar.update(min(done, self._pbar.total) - self._pbar.n)  # update() moves napari's bar (setting .n does not)
         last = epochs[-1] if epochs else None
         step = next((e for e in reversed(self.events) if e.get("event") == "step"), None)
         parts = [f"device {start.get('device', '?')}"]
@@ -610,6 +610,12 @@ class TrainWidget(QWidget):
         elif step:
             parts += [f"epoch {step['epoch']}: batch {step['batch']} of {step['batches']}"]
         self.status.setText(", ".join(parts))
+        # last: napari's bar processes pending events while it moves, the process's end among them
+        pbar = self._pbar
+        if pbar is not None:
+            if pbar.total != max(1, total - first + 1):
+                pbar.total = max(1, total - first + 1)
+            pbar.update(min(done, pbar.total) - pbar.n)  # update() moves napari's bar (setting .n does not)
 
     def _on_finished(self, code: int, _status=None) -> None:
         self.poll()
@@ -621,8 +627,9 @@ class TrainWidget(QWidget):
         if self._pbar is not None:
             self._pbar.close()
             self._pbar = None
-        restore_animations(self._slowed)
-        self._slowed = []
+        if self._slowed is not None:
+            self._slowed.release()
+            self._slowed = None
         self.start_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
         self._refresh_versions()

@@ -235,8 +235,9 @@ def test_running_the_segmenter_again_keeps_what_the_grader_rejected():
     np.testing.assert_array_equal(record.masks["EX"], want)
 
 
-def test_blocks_of_the_map_arrive_while_it_is_made_with_their_final_values(model_dir):
-    seg = load_model(model_dir)
+@pytest.mark.parametrize("scale", [0.5, 1.0, 0.3])  # an integer upscale (2, 1: from each block's footprint) or not
+def test_blocks_of_the_map_arrive_while_it_is_made_with_their_final_values(scale, tmp_path):
+    seg = load_model(_segmenter_folder(tmp_path / "m", scale=scale))
     seg.batch = 1
     rgb = fundus_rgb(4)
     events = []

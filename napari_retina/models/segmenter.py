@@ -271,6 +271,11 @@ class _BlockFeed:
         self.emit, self.fov, self.small_fov = emit, fov, small_fov
         h, w = full
         sh, sw = small
+        # an integer upscale (half scale of an even-sized photograph: 2): a block's values come from
+        # resizing its own footprint, the same numbers as the whole map's resize at a fraction of
+        # the cost (the whole map took 0.1-0.2 s per update); otherwise the whole map is resized
+        self.k = h // sh if (h % sh == 0 and w % sw == 0 and h // sh == w // sw) else None
+        self.small_shape = small
         self.todo = []
         for r0 in range(0, h, block):
             for c0 in range(0, w, block):
@@ -287,10 +292,29 @@ class _BlockFeed:
         if not ready:
             return
         self.todo = [t for t in self.todo if t not in ready]
-        masked = np.where(self.small_fov, small, 0.0).astype(np.float32)  # as predict_tiled ends
-        prob = _full_size(masked, self.fov)
+        if self.k is None:
+            masked = np.where(self.small_fov, small, 0.0).astype(np.float32)  # as predict_tiled ends
+            prob = _full_size(masked, self.fov)
+            for box, _ in ready:
+                self.emit(box, prob[box[0] : box[1], box[2] : box[3]].copy())
+            return
         for box, _ in ready:
-            self.emit(box, prob[box[0] : box[1], box[2] : box[3]].copy())
+            self.emit(box, self._block_values(small, box))
+
+    def _block_values(self, small: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+        """`_full_size` of the whole map, cut to `box`, computed from the box's footprint alone (integer
+        upscale k: output pixel x reads input x / k - (k - 1) / 2k and its neighbour, so a footprint
+        one pixel wider on each side, resized by exactly k, holds the same values k pixels in)."""
+        k, (sh, sw) = self.k, self.small_shape
+        r0, r1, c0, c1 = box
+        sr0, sr1 = max(0, r0 // k - 1), min(sh, -(-r1 // k) + 1)
+        sc0, sc1 = max(0, c0 // k - 1), min(sw, -(-c1 // k) + 1)
+        crop = np.where(self.small_fov[sr0:sr1, sc0:sc1], small[sr0:sr1, sc0:sc1], 0.0).astype(np.float32)
+        if k > 1:
+            crop = cv2.resize(crop, ((sc1 - sc0) * k, (sr1 - sr0) * k), interpolation=cv2.INTER_LINEAR)
+        out = np.array(crop[r0 - k * sr0 : r1 - k * sr0, c0 - k * sc0 : c1 - k * sc0], np.float32)
+        out[~self.fov[r0:r1, c0:c1]] = 0.0
+        return np.clip(out, 0.0, 1.0, out=out)
 
 
 def _round_up(n: int, m: int) -> int:

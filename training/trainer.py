@@ -268,6 +268,31 @@ def _init_distributed(device: torch.device) -> tuple[torch.device, bool]:
     return device, True
 
 
+_exits = 0  # fits ended in this process (all ranks run the same fits, so the same count)
+
+
+def _leave_together() -> None:
+    """Return only once every rank has got here (through the group's key-value store, not Gloo).
+
+    Gloo can fail a rank that is still finishing a barrier when a peer that finished it first
+    tears its connections down (pytorch/gloo#155, "Barrier followed by context destruction
+    causes some participants to fail"; seen here, rarely, as a SIGABRT of one of two CPU
+    ranks). Counting the ranks in the store once each has left the barrier means
+    no rank closes a connection while another still waits on it. torch.distributed has no
+    public call for the default group's store; where that private one is missing, this is
+    skipped and the barrier alone remains.
+    """
+    global _exits
+    get_store = getattr(torch.distributed.distributed_c10d, "_get_default_store", None)
+    if get_store is None:
+        return
+    _exits += 1
+    store, key = get_store(), f"napari-retina/left-barrier/{_exits}"
+    if store.add(key, 1) == torch.distributed.get_world_size():
+        store.set(key + "/all", "1")
+    store.wait([key + "/all"])
+
+
 # ---- models and checkpoints -------------------------------------------------------------------------------
 
 
@@ -889,6 +914,7 @@ class Trainer:
                 # others finish: wait for it, so no rank tears down Gloo's connections under
                 # a peer (seen as a SIGABRT of the rank that left first)
                 torch.distributed.barrier()
+                _leave_together()
         except BaseException as e:
             self._event("error", message=f"{type(e).__name__}: {e}".splitlines()[0])
             raise

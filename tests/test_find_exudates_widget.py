@@ -295,3 +295,25 @@ def test_overlapping_runs_keep_napari_animation_slow_until_the_last_one_ends(ann
     assert speed() == ACTIVITY_SPEED_PERCENT  # the second run still goes on
     second.release()
     assert speed() == before
+
+
+def test_a_run_has_every_core_and_gives_torch_back_its_setting(annotator, qtbot, ex_model, monkeypatch):
+    import os
+
+    from napari_retina.models.registry import load_model
+
+    viewer, widget = annotator
+    finder = widget.exudate_finder
+    seg = load_model(ex_model)
+    seen = []
+    segment = seg.segment
+    monkeypatch.setattr(seg, "segment", lambda *a, **k: (seen.append(torch.get_num_threads()), segment(*a, **k))[1])
+    finder.segmenter = seg
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ellipse refiner leaves it (half of 2 cores)
+    try:
+        _find(widget, qtbot)
+        assert seen == [os.cpu_count()]
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

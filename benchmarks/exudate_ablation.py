@@ -66,7 +66,7 @@ def main() -> int:
                     quiet=True)  # the JSON goes to --out
             r = json.loads(scored.read_text())
             cfg = json.loads((model / "config.json").read_text())
-            rows.append((backbone, loss, cfg["training"]["epochs"], cfg["training"]["minutes"],
+            rows.append((backbone, loss, cfg["training"].get("best_epoch", cfg["training"]["epochs"]), cfg["training"]["minutes"],
                          cfg["training"].get("precision", "float32"), r))
     budget = f"{a.minutes} min" if a.minutes else f"{a.epochs} epochs"
     print(f"\nhard-exudate ablation, validation images ({len(a.val_images)}), full resolution; budget per run: {budget}")

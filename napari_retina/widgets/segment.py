@@ -151,8 +151,8 @@ class LesionFinder(QGroupBox):
             signals.started.emit((rgb, seg))  # first the model (scale, threshold), then the maps
             blocks = getattr(seg, "proposes", "blocks") == "blocks"  # candidates are proposed whole at the end
             # every core while it runs (the ellipse refiner keeps torch to half of them for its
-            # short calls): the window stays fluid, and Find microaneurysms takes 13 s instead of
-            # 19.5 on 2 cores (benchmarks/find_responsiveness.py)
+            # short calls): the window stays fluid, and Find microaneurysms takes 15-17 s instead
+            # of 19.5 on 2 cores (benchmarks/find_responsiveness.py)
             threads = torch.get_num_threads()
             torch.set_num_threads(os.cpu_count() or threads)
             try:

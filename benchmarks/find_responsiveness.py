@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,38 +34,18 @@ def main() -> int:
     p.add_argument("--model", "--exudates", dest="model", help="model folder (default: the shipped one)")
     a = p.parse_args()
 
-    import napari
-    from qtpy.QtCore import QEventLoop, QTimer
+    from qtpy.QtCore import QTimer
 
-    from napari_retina.widgets.annotator import LesionAnnotator
+    sys.path.insert(0, str(ROOT / "scripts"))  # the documentation scripts' window and event loop
+    from _window import annotator_window, sample_copy, wait
 
-    tmp = Path(tempfile.mkdtemp())
-    image = tmp / "IDRiD_22.jpg"
-    shutil.copy(ROOT / "napari_retina" / "samples" / "IDRiD_22.jpg", image)
-    viewer = napari.Viewer(title="napari-retina")
-    viewer.window._qt_window.resize(1500, 950)
+    image = sample_copy()
     dirs = {"exudate_model_dir" if a.lesion == "EX" else "ma_model_dir": a.model}
     # as a grader's session: the ellipse refiner loads at once (it also sets torch to half the cores)
-    widget = LesionAnnotator(viewer, **dirs)
-    viewer.window.add_dock_widget(widget, name="Lesion annotator")
-    widget.open_path(image)
+    viewer, widget, _ = annotator_window(image, **dirs)
 
-    def wait(cond, seconds=600):
-        # a real event loop, as napari runs: processEvents() alone never runs Qt's deferred
-        # deletes, so napari's "in progress" animation would never stop between runs
-        if cond():
-            return
-        end = time.monotonic() + seconds
-        loop, check = QEventLoop(), QTimer()
-        check.setInterval(5)
-        check.timeout.connect(lambda: loop.quit() if cond() or time.monotonic() > end else None)
-        check.start()
-        loop.exec()
-        check.stop()
-        if not cond():
-            raise SystemExit(f"timed out after {seconds} s")
-
-    wait(lambda: widget.opened is not None and (widget.refinement.refiner is not None or bool(widget.refinement.model_error)))
+    wait(lambda: widget.opened is not None and (widget.refinement.refiner is not None or bool(widget.refinement.model_error)),
+         600)
     finder = widget.exudate_finder if a.lesion == "EX" else widget.ma_finder
     ticks: list[float] = []
     timer = QTimer()
@@ -90,7 +68,7 @@ def main() -> int:
         timer.start()
         t0 = time.perf_counter()
         finder.find_button.click()
-        wait(lambda: done or (not finder.running and finder.status.text().startswith(("cancelled", "no "))))
+        wait(lambda: done or (not finder.running and finder.status.text().startswith(("cancelled", "no "))), 600)
         timer.stop()
         finder._signals.block.disconnect(on_block)
         finder.finished.disconnect()

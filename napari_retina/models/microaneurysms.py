@@ -363,12 +363,10 @@ class MicroaneurysmDetector:
 
         small_preview = None
         if preview is not None:
-            from .segmenter import probability_to_uint8
+            from .segmenter import probability_to_uint8, scaled_size
 
             def small_preview(m):  # the full-scale network's map as it fills, at the overlay's scale, 0-255
-                h, w = m.shape
-                size = (max(1, round(w * OVERLAY_SCALE)), max(1, round(h * OVERLAY_SCALE)))
-                small = cv2.resize(m, size, interpolation=cv2.INTER_AREA).astype(np.float32) * np.float32(1 / 255)
+                small = cv2.resize(m, scaled_size(m.shape, OVERLAY_SCALE), interpolation=cv2.INTER_AREA).astype(np.float32) * np.float32(1 / 255)
                 preview(probability_to_uint8(shift_logits(small, self.logit_offset)))
         full = self.hgns[0].probability(enhanced, fov, progress=stage_progress(0), cancelled=cancelled,
                                         preview=small_preview, preview_every=preview_every)

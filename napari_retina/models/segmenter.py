@@ -41,6 +41,13 @@ DEFAULT_OVERLAP = 128  # network pixels shared by neighbouring windows
 PREPROCESSING = ("none", "enhance")
 
 
+def scaled_size(shape, scale: float) -> tuple[int, int]:
+    """(width, height), as cv2.resize takes it, of an image of `shape` (rows, cols, ...) at `scale`:
+    every map and overlay at a model's working scale has this size, so they line up."""
+    h, w = shape[:2]
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
 def network_input(rgb: np.ndarray, fov: np.ndarray, scale: float, preprocess: str = "none",
                   dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
     """(float (3, h, w) standardised image, bool (h, w) field of view) at `scale` of the full size.
@@ -56,9 +63,8 @@ def network_input(rgb: np.ndarray, fov: np.ndarray, scale: float, preprocess: st
         from .microaneurysms import enhance_contrast
 
         rgb = enhance_contrast(rgb, fov)
-    h, w = rgb.shape[:2]
     if scale != 1.0:
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        size = scaled_size(rgb.shape, scale)
         small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
         small_fov = cv2.resize(fov.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
     else:
@@ -165,8 +171,7 @@ class LesionSegmenter:
         """How many windows `probability` runs on an image of `shape` with this field of view."""
         from .tiling import plan_tiles
 
-        h, w = shape
-        size = (max(1, round(w * self.scale)), max(1, round(h * self.scale)))
+        size = scaled_size(shape, self.scale)
         small_fov = fov if self.scale == 1.0 else cv2.resize(fov.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
         tile = min(self.tile, _round_up(max(small_fov.shape), self.stride_multiple))
         return len(plan_tiles(small_fov.shape, tile, min(self.overlap, tile // 2), small_fov, self.stride_multiple).origins)

@@ -46,9 +46,9 @@ def _overlay_map(prob_u8: np.ndarray, scale: float) -> np.ndarray:
         return prob_u8
     import cv2
 
-    h, w = prob_u8.shape
-    small = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return cv2.resize(prob_u8, small, interpolation=cv2.INTER_AREA)
+    from ..models.segmenter import scaled_size
+
+    return cv2.resize(prob_u8, scaled_size(prob_u8.shape, scale), interpolation=cv2.INTER_AREA)
 
 
 class _Progress(QObject):

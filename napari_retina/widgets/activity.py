@@ -1,10 +1,11 @@
-"""napari's "in progress" animation, slowed while this plugin's long runs go on.
+"""napari's activity while this plugin's long runs go on: its progress bars, moved the way they
+show, and its "in progress" animation, slowed.
 
 napari turns its activity animation (a GIF in the status bar) at 33 frames a second while any
 progress bar is open. Under a software OpenGL (Mesa llvmpipe: remote desktops, virtual
 machines without a GPU), every frame recomposes the whole window: 0.6 of a 2-core machine's
-CPU, taken from the model or the training. It doubled "Find microaneurysms" (30 -> 16 s,
-benchmarks/find_responsiveness.py). During this plugin's runs it turns at a fifth of that
+CPU, taken from the model or the training: slowing it took "Find microaneurysms" from 29 to 19 s
+(benchmarks/find_responsiveness.py). During this plugin's runs it turns at a fifth of that
 speed; the progress bar and the status line still move. Qt's public QMovie API does it; the
 animation is found in napari's window by its type, as no napari API reaches it.
 """
@@ -49,3 +50,12 @@ class SlowAnimations:
                 movie.setSpeed(speed)
             except RuntimeError:  # its label was deleted meanwhile
                 pass
+
+
+def move_bar(pbar, done: int, total: int) -> None:
+    """Show `done` of `total` on a napari progress bar. `update()` is what moves napari's bar (setting
+    `.n` emits nothing), and the bar processes pending Qt events while it moves, a run's end among
+    them: call this last in a slot, after the status line, so that line is not overwritten."""
+    if pbar.total != total:
+        pbar.total = total
+    pbar.update(min(done, total) - pbar.n)

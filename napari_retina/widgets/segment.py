@@ -24,7 +24,7 @@ from qtpy.QtCore import QObject, Qt, Signal
 from qtpy.QtWidgets import QGridLayout, QGroupBox, QLabel, QPushButton, QSlider
 
 from ..lesions import lesion as lesion_info
-from .activity import SlowAnimations
+from .activity import SlowAnimations, move_bar
 
 if TYPE_CHECKING:
     from .annotator import LesionAnnotator
@@ -222,12 +222,7 @@ class LesionFinder(QGroupBox):
             return
         self._last_tile_shown = now
         self.status.setText(f"tile {done} of {total}")
-        # last: napari's bar processes pending events while it moves, the run's end among them
-        # (whose status line must not be overwritten by this tile's)
-        pbar = self._pbar
-        if pbar.total != total:
-            pbar.total = total
-        pbar.update(done - pbar.n)  # update() moves napari's bar (setting .n does not)
+        move_bar(self._pbar, done, total)  # last: it may run the run's end, whose status line stays
 
     def _on_started(self, payload) -> None:
         from ..segmentation import RunProposals

@@ -30,7 +30,7 @@ from qtpy.QtWidgets import (
     QPushButton, QSpinBox, QVBoxLayout, QWidget,
 )
 
-from .activity import SlowAnimations
+from .activity import SlowAnimations, move_bar
 
 # what the form offers: label -> (recipe, model kind, fixed recipe options)
 MODELS = {
@@ -610,12 +610,8 @@ class TrainWidget(QWidget):
         elif step:
             parts += [f"epoch {step['epoch']}: batch {step['batch']} of {step['batches']}"]
         self.status.setText(", ".join(parts))
-        # last: napari's bar processes pending events while it moves, the process's end among them
-        pbar = self._pbar
-        if pbar is not None:
-            if pbar.total != max(1, total - first + 1):
-                pbar.total = max(1, total - first + 1)
-            pbar.update(min(done, pbar.total) - pbar.n)  # update() moves napari's bar (setting .n does not)
+        if self._pbar is not None:  # last: it may run the process's end, whose status line stays
+            move_bar(self._pbar, done, max(1, total - first + 1))
 
     def _on_finished(self, code: int, _status=None) -> None:
         self.poll()

@@ -337,6 +337,33 @@ def test_the_three_networks_assemble_into_one_detector_that_segments_and_evaluat
     epochs = [e for e in log if e.get("event") == "epoch"]
     assert hard["training"] > 0 and hard["validation"] > 0
     assert 0 <= epochs[-1]["val_aupr_hard"] <= 1 and "against the hard negatives alone" in (prn / "card.md").read_text()
+    # a PRN trained on that detector's own decision: its candidates touching a microaneurysm against the
+    # rest (the untrained map is lifted on each image's microaneurysms and on one planted dot far from them,
+    # so that both kinds exist; the mining, caching and training are the recipe's own)
+    cand = ma_prn.detector_candidates
+
+    def lifted(fused, t, fov, ma, k):
+        f = fused * 0.5
+        f[ma] = 0.9
+        f[5:8, 5:8] = 0.8  # a false candidate at the corner, away from every dot of the fixture
+        return cand(f, 0.6, np.ones_like(fov), ma, k)
+
+    monkeypatch.setattr(ma_prn, "detector_candidates", lifted)
+    prn_c = tmp_path / "prn-cand"
+    assert main(["ma-prn", "--out", str(prn_c), "--widths", "4", "8", "8", "16", "--healthy-per-image", "4",
+                 "--refresh-size", "5", "--candidates", str(bare), "--jitter", "2", *common]) == 0
+    mined = json.loads((prn_c / "run" / "candidates.json").read_text())["centres"]
+    assert sorted(mined) == ["IDRiD_01", "IDRiD_02", "IDRiD_03"]
+    assert all(sum(m["touch"]) >= 1 and not all(m["touch"]) for m in mined.values())
+    t = json.loads((prn_c / "config.json").read_text())["training"]
+    assert t["candidates"]["detector"] == json.loads((bare / "config.json").read_text())["version"]
+    assert t["candidates"]["validation"] == [sum(mined["IDRiD_03"]["touch"]), len(mined["IDRiD_03"]["touch"])] and 0 <= t["val_candidate_auc_rule"] <= 1
+    assert t["hard_negatives"] is None and t["jitter"] == 2
+    log = [json.loads(line) for line in (prn_c / "run" / "log.jsonl").read_text().splitlines()]
+    ends = [e for e in log if e.get("event") == "epoch"]
+    assert all(0 <= e["val_cand_auc"] <= 1 and 0 <= e["val_cand_auc_rule"] <= 1 for e in ends)
+    assert "Trained on the decision of detector" in (prn_c / "card.md").read_text()
+    monkeypatch.setattr(ma_prn, "detector_candidates", cand)
     # the refinement changes only candidate pixels of the fused map
     same = maps["refined"] == maps["geometric"]
     assert same[maps["geometric"] < config["candidate_threshold"]].all()
@@ -402,6 +429,53 @@ def test_hard_negatives_are_the_candidates_away_from_every_microaneurysm_most_pr
     assert [10, 16] in hard_negative_centres(fused, 0.5, fov, ma, clearance=0, limit=10).tolist()
     fov[:, 50:] = False
     assert hard_negative_centres(fused, 0.5, fov, ma, clearance=8, limit=10).tolist() == [[41, 41]]
+
+
+def test_detector_candidates_are_labelled_by_whether_they_touch_a_microaneurysm_most_probable_first():
+    from training.recipes.ma_prn import detector_candidates
+
+    fused = np.zeros((60, 80), np.float32)
+    ma = np.zeros((60, 80), bool)
+    ma[10:12, 10:12] = True
+    fused[11:14, 11:14] = 0.7  # shares the pixel (11, 11) with the microaneurysm: true
+    fused[13, 13] = 0.8
+    fused[12:14, 15:17] = 0.9  # one pixel away from it (diagonal-free gap): touches nothing, false
+    fused[40, 40] = 0.6  # far: false
+    fused[50, 10] = 0.3  # below the threshold: no candidate
+    fov = np.ones_like(ma)
+    got = detector_candidates(fused, 0.5, fov, ma, limit=10)
+    assert got["centres"].tolist() == [[12, 15], [13, 13], [40, 40]]
+    np.testing.assert_allclose(got["peaks"], [0.9, 0.8, 0.6])
+    assert got["touch"].tolist() == [False, True, False]
+    two = detector_candidates(fused, 0.5, fov, ma, limit=2)
+    assert two["centres"].tolist() == [[12, 15], [13, 13]] and two["touch"].tolist() == [False, True]
+    none = detector_candidates(np.zeros_like(fused), 0.5, fov, ma, limit=10)
+    assert none["centres"].shape == (0, 2) and none["touch"].shape == (0,)
+
+
+def test_jittered_training_patches_move_their_centre_by_at_most_the_jitter_and_stay_inside():
+    from training.recipes.ma_prn import TripletPatches
+
+    class Img:
+        r = 3
+        padded = np.pad(np.arange(20 * 30).reshape(20, 30), 3, mode="reflect")
+        lesion_px = np.array([[0, 0], [10, 15]], np.int32)
+        healthy_px = np.array([[19, 29]], np.int32)
+
+        def patch(self, yx):
+            y, x = int(yx[0]), int(yx[1])
+            assert 0 <= y < 20 and 0 <= x < 30  # never outside the image
+            return self.padded[y : y + 7, x : x + 7]
+
+    img = Img()
+    ds = TripletPatches([img], None, 10, augment=True, jitter=2)
+    centre = lambda p: (int(p[3, 3]) // 30, int(p[3, 3]) % 30)
+    rng = np.random.default_rng(0)
+    moved = [centre(ds._at(img, [10, 15], rng)) for _ in range(200)]
+    assert all(abs(y - 10) <= 2 and abs(x - 15) <= 2 for y, x in moved) and len(set(moved)) == 25
+    assert {centre(ds._at(img, [0, 0], rng)) for _ in range(100)} <= {(y, x) for y in range(3) for x in range(3)}
+    still = TripletPatches([img], None, 10, augment=False, jitter=2)
+    assert centre(still._at(img, [10, 15], rng)) == (10, 15)
 
 
 def test_ma_prn_refuses_a_hard_negative_folder_that_is_no_detector_in_one_line(ma_folder, tmp_path, capsys):

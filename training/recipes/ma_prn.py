@@ -28,6 +28,16 @@ resolution, "is the centre pixel a microaneurysm?" (`nets.patch_classifier.Patch
   in the run folder, kept for `--resume`).
   Under torchrun every process refreshes its own sampler the same way (same patches, same
   weights: DDP keeps them equal), so all draw hard negatives more often.
+- The detector's own decision (`--candidates DETECTOR_DIR`): the hypothesis networks' candidate
+  lesions (fused map at the detector's threshold, scored at their most probable pixel, as at
+  inference) on every image, mined once per run (`candidates.json` in the run folder). Those
+  that touch a microaneurysm (the lesion rule of `metrics.py`) join the lesion patches, which
+  are then those candidates plus every microaneurysm's centre; the others join the healthy pool.
+  Validation then ranks the held-out images' candidates by the PRN's score and by the
+  detector's rule sqrt(peak x score) (ROC AUC; the peak alone is the baseline), and early
+  stopping follows the rule's. Random healthy locations alone are mostly flat retina, while
+  at inference the PRN sees only candidates: random microaneurysm pixels against them taught it
+  little the map did not know (README, "Microaneurysms"). `--jitter` moves training centres.
 - Validation: the held-out images' patches, every microaneurysm (one centre per connected
   lesion) against `--healthy-per-image` healthy locations each, scored by the area under the
   precision-recall curve (`val_aupr`, early stopping). The whole detector (HGNs + PRN) is
@@ -72,8 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hard-negatives", metavar="DETECTOR_DIR",
                    help="a microaneurysm detector folder: its candidate lesions away from every microaneurysm "
                         "join the healthy pool (training and validation)")
+    p.add_argument("--candidates", metavar="DETECTOR_DIR",
+                   help="a microaneurysm detector folder: train and validate on its own decision, its candidate "
+                        "lesions that touch a microaneurysm (with every microaneurysm's centre) against those that "
+                        "do not (with --healthy-per-image random healthy locations); early stopping on how well "
+                        "the detector's rule sqrt(peak x score) ranks the validation candidates (ROC AUC)")
     p.add_argument("--hard-per-image", type=int, default=200,
-                   help="at most this many hard negatives per image, the most probable first (default %(default)s)")
+                   help="at most this many hard negatives (or candidates) per image, the most probable first "
+                        "(default %(default)s)")
+    p.add_argument("--jitter", type=int, default=0,
+                   help="move each training patch's centre by up to this many pixels (default %(default)s)")
     add_run_args(p, init="start from this ma-prn model folder's weights", batch_size=16,
                  batch_help="triplets per step (the paper: 90)", lr=1e-4,
                  lr_help="Adam learning rate (default %(default)s; the paper: 1e-5)", samples=2000,
@@ -95,6 +113,10 @@ def _validate_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--batch-size must be at least 2")
     if a.hard_per_image < 1:
         p.error("--hard-per-image must be positive")
+    if a.hard_negatives and a.candidates:
+        p.error("give --hard-negatives or --candidates, not both")
+    if not 0 <= a.jitter <= 16:
+        p.error("--jitter must lie in 0..16 pixels")
 
 
 def far_from(mask: np.ndarray, clearance: int) -> np.ndarray:
@@ -122,42 +144,91 @@ def hard_negative_centres(fused: np.ndarray, threshold: float, fov: np.ndarray, 
     return cands.centres[keep].astype(np.int32)
 
 
-class HardNegatives:
-    """Mines a detector's false-positive candidates per image, once per run (cached in the run folder)."""
+def detector_candidates(fused: np.ndarray, threshold: float, fov: np.ndarray, ma: np.ndarray, limit: int) -> dict:
+    """The candidate lesions of `fused` as the detector finds them, the most probable `limit` first:
+    {"centres": (n, 2) scored pixels, "peaks": (n,) the map there, "touch": (n,) whether the region
+    touches a microaneurysm of `ma` (the lesion-level rule of `metrics.py`: any shared pixel)}."""
+    from napari_retina.models.microaneurysms import candidate_regions
 
-    def __init__(self, detector_dir: str, cache: Path, clearance: int, limit: int, write: bool = True, say=None):
+    cands = candidate_regions(fused, threshold, fov)
+    touch = np.zeros(len(cands) + 1, bool)
+    touch[np.unique(cands.labels[np.asarray(ma, bool)])] = True
+    keep = np.argsort(-cands.peaks, kind="stable")[:limit]
+    return {"centres": cands.centres[keep].astype(np.int32).reshape(-1, 2),
+            "peaks": cands.peaks[keep].astype(np.float32), "touch": touch[1:][keep]}
+
+
+class _Mined:
+    """What a detector finds on each image (`_mine`), computed once per run and cached in the run folder."""
+
+    def __init__(self, detector_dir: str, cache: Path, key: dict, write: bool = True, say=None):
         from napari_retina.models.registry import load_model
 
         self.detector = load_model(detector_dir, expect="microaneurysms")  # checked (and hashed) once, here
-        self.key = {"detector": str(detector_dir), "sha256": self.detector.config.get("weights_sha256"),
-                    "clearance": clearance, "limit": limit}
+        self.key = {"detector": str(detector_dir), "sha256": self.detector.config.get("weights_sha256"), **key}
         self.version = self.detector.version
-        self.clearance, self.limit, self.cache, self.write = clearance, limit, Path(cache), write
+        self.cache, self.write = Path(cache), write
         self.say = say or (lambda *x: None)
-        self.found: dict[str, list] = {}
+        self.found: dict[str, object] = {}
         if self.cache.is_file():
             saved = json.loads(self.cache.read_text())
             if saved.get("key") == self.key:
                 self.found = saved["centres"]
 
-    def __call__(self, stem: str, rgb: np.ndarray, fov: np.ndarray, ma: np.ndarray) -> np.ndarray:
+    def _mine(self, fused, fov, ma):
+        raise NotImplementedError
+
+    def _found(self, stem: str, rgb: np.ndarray, fov: np.ndarray, ma: np.ndarray):
         if stem not in self.found:
             d = self.detector
             fused = d.maps(rgb, fov, refine=False, rows=())[d.fusion]
-            centres = hard_negative_centres(fused, d.candidate_threshold, fov, ma, self.clearance, self.limit)
-            self.found[stem] = centres.tolist()
-            self.say(f"  {stem}: {len(centres)} hard negatives")
+            self.found[stem], what = self._mine(fused, fov, ma)
+            self.say(f"  {stem}: {what}")
             if self.write:  # after every image: a run cut short keeps what it mined
                 from napari_retina.io.atomic import atomic_write_text
 
                 atomic_write_text(self.cache, json.dumps({"key": self.key, "centres": self.found}))
-        return np.asarray(self.found[stem], np.int32).reshape(-1, 2)
+        return self.found[stem]
+
+
+class HardNegatives(_Mined):
+    """A detector's false-positive candidates away from every microaneurysm, per image."""
+
+    def __init__(self, detector_dir: str, cache: Path, clearance: int, limit: int, write: bool = True, say=None):
+        super().__init__(detector_dir, cache, {"clearance": clearance, "limit": limit}, write, say)
+        self.clearance, self.limit = clearance, limit
+
+    def _mine(self, fused, fov, ma):
+        c = hard_negative_centres(fused, self.detector.candidate_threshold, fov, ma, self.clearance, self.limit)
+        return c.tolist(), f"{len(c)} hard negatives"
+
+    def __call__(self, stem: str, rgb: np.ndarray, fov: np.ndarray, ma: np.ndarray) -> np.ndarray:
+        return np.asarray(self._found(stem, rgb, fov, ma), np.int32).reshape(-1, 2)
+
+
+class DetectorCandidates(_Mined):
+    """A detector's candidate lesions per image, each with its peak and whether it touches a microaneurysm."""
+
+    def __init__(self, detector_dir: str, cache: Path, limit: int, write: bool = True, say=None):
+        super().__init__(detector_dir, cache, {"candidates": True, "limit": limit}, write, say)
+        self.limit = limit
+
+    def _mine(self, fused, fov, ma):
+        c = detector_candidates(fused, self.detector.candidate_threshold, fov, ma, self.limit)
+        saved = {"centres": c["centres"].tolist(), "peaks": [round(float(v), 6) for v in c["peaks"]],
+                 "touch": c["touch"].tolist()}
+        return saved, f"{len(c['touch'])} candidates, {int(c['touch'].sum())} touching a microaneurysm"
+
+    def __call__(self, stem: str, rgb: np.ndarray, fov: np.ndarray, ma: np.ndarray) -> dict:
+        f = self._found(stem, rgb, fov, ma)
+        return {"centres": np.asarray(f["centres"], np.int32).reshape(-1, 2),
+                "peaks": np.asarray(f["peaks"], np.float32), "touch": np.asarray(f["touch"], bool)}
 
 
 class PatchImage:
     """One photograph for the PRN: its enhanced pixels padded for 129-px crops, lesion and healthy centres."""
 
-    def __init__(self, record, clearance: int, healthy: int, rng: np.random.Generator, hard=None):
+    def __init__(self, record, clearance: int, healthy: int, rng: np.random.Generator, hard=None, candidates=None):
         import cv2
 
         from napari_retina.fundus import field_of_view_mask
@@ -195,6 +266,15 @@ class PatchImage:
         hard_px = hard(record.stem, rgb, fov, ma) if hard is not None and self.labelled else np.zeros((0, 2), np.int32)
         self.n_hard = len(hard_px)
         self.healthy_px = np.concatenate([self.healthy_px.reshape(-1, 2), hard_px]).astype(np.int32)
+        # the detector's own decision (DetectorCandidates): its candidates that touch a microaneurysm are
+        # lesion patches (beside every microaneurysm's centre, so that missed ones count too), the rest
+        # hard negatives (after the random healthy locations, as above)
+        self.cand = candidates(record.stem, rgb, fov, ma) if candidates is not None and self.labelled else None
+        if self.cand is not None:
+            t = self.cand["touch"]
+            self.lesion_px = np.concatenate([self.cand["centres"][t], self.lesion_centres]).astype(np.int32)
+            self.n_hard = int((~t).sum())
+            self.healthy_px = np.concatenate([self.healthy_px, self.cand["centres"][~t]]).astype(np.int32)
 
     def patch(self, yx) -> np.ndarray:
         y, x = int(yx[0]), int(yx[1])
@@ -213,8 +293,10 @@ def _to_tensor(patch: np.ndarray):
 class TripletPatches:
     """torch Dataset of (anchor, positive, negative) patch triplets, negatives by selective sampling."""
 
-    def __init__(self, images: list[PatchImage], sampler, length: int, augment: bool = True, seed: int = 0):
+    def __init__(self, images: list[PatchImage], sampler, length: int, augment: bool = True, seed: int = 0,
+                 jitter: int = 0):
         self.images, self.sampler, self.length, self.augment, self.seed = images, sampler, int(length), augment, seed
+        self.jitter = int(jitter) if augment else 0
         self.lesions = [(i, k) for i, im in enumerate(images) for k in range(len(im.lesion_px))]
         self.healthy = [(i, k) for i, im in enumerate(images) for k in range(len(im.healthy_px))]
         if not self.lesions:
@@ -233,6 +315,13 @@ class TripletPatches:
         i, k = self.healthy[j]
         return self.images[i].patch(self.images[i].healthy_px[k])
 
+    def _at(self, image: PatchImage, yx, rng: np.random.Generator) -> np.ndarray:
+        """The patch at `yx`, its centre moved by up to `jitter` pixels (inside the image)."""
+        if self.jitter:
+            h, w = image.padded.shape[0] - 2 * image.r, image.padded.shape[1] - 2 * image.r
+            yx = np.clip(np.asarray(yx) + rng.integers(-self.jitter, self.jitter + 1, size=2), 0, [h - 1, w - 1])
+        return image.patch(yx)
+
     def _augment(self, patch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         if not self.augment:
             return patch
@@ -249,11 +338,20 @@ class TripletPatches:
         a, b = rng.integers(len(self.lesions), size=2)
         (ia, ka), (ib, kb) = self.lesions[a], self.lesions[b]
         neg = int(self.sampler.draw(1)[0]) if self.sampler is not None else int(rng.integers(len(self.healthy)))
-        anchor = self._augment(self.images[ia].patch(self.images[ia].lesion_px[ka]), rng)
-        positive = self._augment(self.images[ib].patch(self.images[ib].lesion_px[kb]), rng)
-        negative = self._augment(self.healthy_patch(neg), rng)
+        anchor = self._augment(self._at(self.images[ia], self.images[ia].lesion_px[ka], rng), rng)
+        positive = self._augment(self._at(self.images[ib], self.images[ib].lesion_px[kb], rng), rng)
+        i, k = self.healthy[neg]
+        negative = self._augment(self._at(self.images[i], self.images[i].healthy_px[k], rng), rng)
         return {"image": torch.stack([_to_tensor(anchor), _to_tensor(positive), _to_tensor(negative)]),
                 "negative_index": torch.tensor(neg)}
+
+
+def roc_auc(y: np.ndarray, score: np.ndarray) -> float:
+    """Area under the ROC curve of `score` for the labels `y` (0.5 where one class is missing)."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y, bool)
+    return float(roc_auc_score(y, score)) if 0 < y.sum() < len(y) else 0.5
 
 
 def score_patches(net, patches: list[np.ndarray], device, batch: int = 64) -> np.ndarray:
@@ -304,13 +402,21 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
                              write=is_main_process(), say=say)
         say(f"hard negatives: candidate lesions of detector {hard.version} away from every microaneurysm "
             f"({len(hard.found)} of {len(train_recs) + len(val_recs)} images mined before)")
-    train_imgs = [im for r in train_recs if (im := PatchImage(r, a.clearance, a.healthy_per_image, rng, hard)).labelled]
-    val_imgs = [im for r in val_recs if (im := PatchImage(r, a.clearance, a.healthy_per_image, rng, hard)).labelled]
+    cands = None
+    if a.candidates:
+        cands = DetectorCandidates(a.candidates, run_dir / "candidates.json", a.hard_per_image,
+                                   write=is_main_process(), say=say)
+        say(f"candidates: the candidate lesions of detector {cands.version}, touching a microaneurysm or not "
+            f"({len(cands.found)} of {len(train_recs) + len(val_recs)} images mined before)")
+    train_imgs = [im for r in train_recs
+                  if (im := PatchImage(r, a.clearance, a.healthy_per_image, rng, hard, cands)).labelled]
+    val_imgs = [im for r in val_recs
+                if (im := PatchImage(r, a.clearance, a.healthy_per_image, rng, hard, cands)).labelled]
     n_hard = (sum(im.n_hard for im in train_imgs), sum(im.n_hard for im in val_imgs))
     if not train_imgs or not any(len(im.lesion_px) for im in train_imgs):
         raise DataError("no training image has a microaneurysm label")
     sampler = SelectiveSampler(max(1, sum(len(im.healthy_px) for im in train_imgs)), seed=a.seed)
-    train_set = TripletPatches(train_imgs, sampler, a.samples_per_epoch, augment=True, seed=a.seed)
+    train_set = TripletPatches(train_imgs, sampler, a.samples_per_epoch, augment=True, seed=a.seed, jitter=a.jitter)
     val_pos = [im.patch(c) for im in val_imgs for c in im.lesion_centres]
     val_neg = [im.patch(c) for im in val_imgs for c in im.healthy_px]
     # which of them are hard negatives (each image's last `n_hard`): scored apart as well
@@ -318,6 +424,16 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
                               ) if val_imgs else np.zeros(0, bool)
     if not val_pos:
         raise DataError("no microaneurysms in the validation images' masks")
+    # the detector's validation candidates (with --candidates): the decision the PRN is there to make
+    val_cand = [im.patch(c) for im in val_imgs for c in im.cand["centres"]] if cands is not None else []
+    val_cand_peak = np.concatenate([im.cand["peaks"] for im in val_imgs]) if val_cand else np.zeros(0)
+    val_cand_true = np.concatenate([im.cand["touch"] for im in val_imgs]) if val_cand else np.zeros(0, bool)
+    if cands is not None:
+        if not (val_cand_true.any() and (~val_cand_true).any()):
+            raise DataError("the detector's validation candidates need some that touch a microaneurysm and some that "
+                            f"do not (it found {len(val_cand)}, {int(val_cand_true.sum())} touching)")
+        say(f"validation candidates: {len(val_cand)}, {int(val_cand_true.sum())} touching a microaneurysm; "
+            f"ranked by the map's peak alone: ROC AUC {roc_auc(val_cand_true, val_cand_peak):.3f}")
     say(f"{len(train_imgs)} training images ({len(train_set.lesions)} microaneurysm pixels, {len(train_set.healthy)} "
         f"healthy locations, {n_hard[0]} of them hard), {len(val_imgs)} validation images ({len(val_pos)} "
         f"microaneurysms, {len(val_neg)} healthy, {n_hard[1]} hard); loaded in {time.monotonic() - t0:.0f} s")
@@ -361,6 +477,10 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
                "specificity_at_half": float((p[~y] < 0.5).mean())}
         if val_hard.any():  # microaneurysms against the detector's false positives alone: the PRN's real task
             out["aupr_hard"] = aupr_of(np.r_[np.ones(len(val_pos), bool), val_hard])
+        if val_cand:  # the detector's candidates, ranked by the score and by the detector's rule
+            s = score_patches(model, val_cand, device)
+            out["cand_auc"] = roc_auc(val_cand_true, s)
+            out["cand_auc_rule"] = roc_auc(val_cand_true, np.sqrt(val_cand_peak * s))
         return out
 
     def refresh(trainer, metrics):
@@ -384,6 +504,12 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
         "hard_negatives": None if hard is None else {
             "detector": hard.version, "folder": str(a.hard_negatives), "per_image": a.hard_per_image,
             "training": n_hard[0], "validation": n_hard[1]},
+        "candidates": None if cands is None else {
+            "detector": cands.version, "folder": str(a.candidates), "per_image": a.hard_per_image,
+            "training": [int(sum(int(im.cand["touch"].sum()) for im in train_imgs)),
+                         int(sum(len(im.cand["touch"]) for im in train_imgs))],
+            "validation": [int(val_cand_true.sum()), len(val_cand_true)],
+            "val_auc_peak": round(roc_auc(val_cand_true, val_cand_peak), 4)},
     }
 
     def export(trainer, metrics):
@@ -409,6 +535,11 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
                 "val_patch_aupr_hard": round(float(metrics["val_aupr_hard"]), 4) if "val_aupr_hard" in metrics else None,
                 "selective_sampling": f"refreshed every {a.refresh_every} epochs, {a.refresh_size} healthy patches",
                 "hard_negatives": info["hard_negatives"],
+                "candidates": info["candidates"],
+                "val_candidate_auc": round(float(metrics["val_cand_auc"]), 4) if "val_cand_auc" in metrics else None,
+                "val_candidate_auc_rule": (round(float(metrics["val_cand_auc_rule"]), 4)
+                                           if "val_cand_auc_rule" in metrics else None),
+                "jitter": a.jitter,
                 "early_stopping_patience": a.patience,
                 "command": info["command"],
                 "parent": a.init,
@@ -417,10 +548,20 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
         }
         t = config["training"]
         h = info["hard_negatives"]
-        hard_line = ("none (random healthy locations only)" if h is None else
+        hard_line = ("the detector's candidates that touch no microaneurysm (below)" if info["candidates"] else
+                     "none (random healthy locations only)" if h is None else
                      f"the candidate lesions of detector {h['detector']} that touch no microaneurysm, at most "
                      f"{h['per_image']} per image: {h['training']} in the training pool, {h['validation']} in validation")
         hard_val = "" if t["val_patch_aupr_hard"] is None else f"; against the hard negatives alone {t['val_patch_aupr_hard']:.3f}"
+        c = info["candidates"]
+        cand_line = "" if c is None else (
+            f"\n- Trained on the decision of detector {c['detector']}: its candidate lesions that touch a "
+            f"microaneurysm ({c['training'][0]} of {c['training'][1]} on the training images, with every "
+            f"microaneurysm's centre) against those that do not (and random healthy locations); patch centres "
+            f"moved by up to {a.jitter} px\n- Validation candidates ({c['validation'][0]} of {c['validation'][1]} "
+            f"touching a microaneurysm) ranked by ROC AUC: the map's peak alone {c['val_auc_peak']:.3f}, the PRN's "
+            f"score {t['val_candidate_auc']:.3f}, the detector's rule sqrt(peak x score) "
+            f"{t['val_candidate_auc_rule']:.3f} (early stopping)")
         card = f"""# Microaneurysm patch-wise refinement network {config['version']}
 
 Scores 129 x 129 patches of the contrast-enhanced photograph: P(the centre pixel is a
@@ -430,7 +571,7 @@ parameters) trained from scratch by napari-retina {__version__} with {t['loss']}
 - Data: {', '.join(info['data'])} ({info['train_count']} training images, {len(config['validation_images'])} validation images)
 - Triplets: {a.samples_per_epoch} per epoch, batch {a.batch_size}, Adam lr {a.lr}{ema_text(a.ema)}; negatives by selective sampling ({t['selective_sampling']})
 - Epochs: {t['epochs']}, {t['minutes']:.0f} min on {t['device']} ({platform.machine()}, torch {info['torch']}){', ' + t['precision'] if t.get('precision') else ''}
-- Hard negatives: {hard_line}
+- Hard negatives: {hard_line}{cand_line}
 - Validation: patch-level AUPR {t['val_patch_aupr']:.3f} (every microaneurysm of the validation images against their healthy locations{' and hard negatives' if hard else ''}){hard_val}; patience {a.patience}
 - Command: `{t['command']}`
 
@@ -443,13 +584,13 @@ weights.safetensors SHA-256: {{sha256}}
     trainer = Trainer(
         net, loss_fn, train_set, None, run_dir, **optimisation_kwargs(a),
         device=a.device, batch_size=a.batch_size, lr=a.lr, epochs=a.epochs, minutes=a.minutes,
-        seed=a.seed, val_fn=val_fn, monitor="val_aupr", mode="max",
+        seed=a.seed, val_fn=val_fn, monitor="val_cand_auc_rule" if cands is not None else "val_aupr", mode="max",
         lr_patience=max(1, a.patience // 2), early_stop_patience=a.patience, forward_fn=forward_fn,
         on_epoch_end_every_rank=[refresh], on_epoch_end=[export], info={k: info[k] for k in ("version", "data", "command")},
         verbose=not a.quiet,
     )
     summary = trainer.fit(resume=a.resume)
-    say_end(say, summary, out, "patch AUPR {:.3f}")
+    say_end(say, summary, out, "candidate ROC AUC (detector's rule) {:.3f}" if cands is not None else "patch AUPR {:.3f}")
     return 0
 
 

@@ -11,7 +11,10 @@ then scores every candidate with each PRN. Prints, per PRN:
   AUC with which the fused map's peak, the PRN's score, and a logistic regression on both
   (fitted leaving one image out) rank the true candidates above the false ones;
 - pixel level: the pooled AUPR of the fused map, and of the map refined by each way of
-  combining it with the PRN's score (the detector's rule is sqrt(map x score)).
+  combining it with the PRN's score (the detector's `prn_rule`: geometric or rerank);
+- lesion level: the FROC score (mean sensitivity at 1/8 ... 8 false positives per image) of
+  each map, as `napari-retina evaluate ma` counts it (`metrics.LesionFROC`, candidates above
+  0.1 scored by their highest probability).
 
 A PRN helps only where its score adds to what the map's peak already knows. The HGN maps are
 computed once and reused for every PRN and rule: about 20 s per image on one core.
@@ -27,12 +30,14 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_retina.models.microaneurysms import PRN_RULES  # noqa: E402  (the detector's own rules)
+
 RULES = {
     "fused map (no PRN)": None,
-    "sqrt(map x score) (the detector's rule)": lambda p, s, t: np.sqrt(p * s),
+    "sqrt(map x score) (prn_rule geometric, the paper's)": PRN_RULES["geometric"],
     "map x score": lambda p, s, t: p * s,
     "map^0.9 x score^0.1": lambda p, s, t: p**0.9 * s**0.1,
-    "t + (map - t) x score (stays a candidate)": lambda p, s, t: t + (p - t) * s,
+    "t + (map - t) x score (prn_rule rerank: stays a candidate)": PRN_RULES["rerank"],
 }
 
 
@@ -55,7 +60,7 @@ def main() -> int:
     from napari_retina.io.datasets import open_dataset
     from napari_retina.io.images import read_fundus
     from napari_retina.io.masks import read_mask
-    from napari_retina.metrics import PixelPR
+    from napari_retina.metrics import LesionFROC, PixelPR
     from napari_retina.models.microaneurysms import MAX_CANDIDATES, refine_candidates
     from napari_retina.models.registry import load_model
     from napari_retina.models.versions import current_model_dir
@@ -71,6 +76,7 @@ def main() -> int:
         return 2
     t = det.candidate_threshold
     pixel = {(n, r): PixelPR() for n in prns for r in RULES}
+    froc = {(n, r): LesionFROC(candidate_threshold=0.1) for n in prns for r in RULES}
     cand = {n: [] for n in prns}  # per PRN: (image, peak, score, area, true)
     for i, rec in enumerate(records):
         rgb = read_fundus(rec.image)
@@ -88,6 +94,7 @@ def main() -> int:
                 if rule is not None:
                     out[inside] = rule(fused[inside], per_pixel, t)
                 pixel[n, r].add(out, gt, fov)
+                froc[n, r].add(out, gt, fov)
             k = len(cands)
             true = np.zeros(k + 1, bool)
             true[np.unique(lab[gt & inside])] = True
@@ -114,9 +121,10 @@ def main() -> int:
         print(f"| the fused map's peak | {roc_auc(y, peak):.3f} |")
         print(f"| the PRN's score | {roc_auc(y, score):.3f} |")
         print(f"| both (logistic regression, leave one image out) | {roc_auc(y, both):.3f} |")
-        print("\n| pixel map | AUPR |\n|---|---|")
+        print("\n| map | pixel AUPR | FROC score | sensitivity at 1/8 ... 8 FP / image |\n|---|---|---|---|")
         for r in RULES:
-            print(f"| {r} | {pixel[n, r].aupr():.4f} |")
+            pts = " / ".join(f"{v:.2f}" for v in froc[n, r].points().values())
+            print(f"| {r} | {pixel[n, r].aupr():.4f} | {froc[n, r].score():.3f} | {pts} |")
     print(f"\ndetector {det.version}; machine: {platform.machine()}; command: .venv/bin/python "
           f"benchmarks/prn_candidates.py {' '.join(sys.argv[1:])}")
     return 0

@@ -101,6 +101,14 @@ def test_the_prn_touches_only_candidate_pixels_and_scores_each_region_once():
     np.testing.assert_array_equal(out[~inside], prob[~inside])
     np.testing.assert_allclose(out[10:13, 10:13], np.sqrt(prob[10:13, 10:13] * 1.0))
     np.testing.assert_allclose(out[40:42, 50:53], np.sqrt(0.6 * 0.25), rtol=1e-6)
+    # the "rerank" rule: t + (p - t) x s, so every candidate stays at or above the candidate threshold
+    rer, _, _ = refine_candidates(prob, image, score, threshold=0.5, rule="rerank")
+    np.testing.assert_array_equal(rer[~inside], prob[~inside])
+    np.testing.assert_allclose(rer[10:13, 10:13], prob[10:13, 10:13])  # score 1: unchanged
+    np.testing.assert_allclose(rer[40:42, 50:53], 0.5 + 0.1 * 0.25, rtol=1e-6)
+    assert (rer[inside] >= 0.5).all() and (out[40:42, 50:53] < 0.5).all()  # where sqrt(p x s) drops it
+    with pytest.raises(ValueError, match="rule"):
+        refine_candidates(prob, image, score, rule="mean")
     # no candidates: nothing is scored and nothing changes
     calls.clear()
     out2, c2, _ = refine_candidates(prob * 0.1, image, score)
@@ -367,6 +375,24 @@ def test_the_three_networks_assemble_into_one_detector_that_segments_and_evaluat
     # the refinement changes only candidate pixels of the fused map
     same = maps["refined"] == maps["geometric"]
     assert same[maps["geometric"] < config["candidate_threshold"]].all()
+    # assembled with the "rerank" rule (candidates at the untrained map's 99th percentile, so that there
+    # are some): every candidate pixel stays between the candidate threshold and its map value
+    fov = fov_of(rgb)
+    t = float(np.quantile(maps["geometric"][fov], 0.99))
+    rer = tmp_path / "detector-rerank"
+    assert main(["microaneurysms", "--hgn-full", str(tmp_path / "hgn1.0"), "--hgn-half", str(tmp_path / "hgn0.5"),
+                 "--prn", str(tmp_path / "prn"), "--prn-rule", "rerank", "--candidate-threshold", str(t),
+                 "--logit-offset", str(offset), "--threshold", str(config["threshold"]), "--out", str(rer),
+                 "--quiet"]) == 0
+    assert json.loads((rer / "config.json").read_text())["prn_rule"] == "rerank"
+    assert "every candidate stays one" in (rer / "card.md").read_text()
+    rmaps = load_model(rer).maps(rgb)
+    np.testing.assert_array_equal(rmaps["geometric"], maps["geometric"])
+    cand = (maps["geometric"] >= np.float32(t)) & fov
+    assert cand.any() and not np.array_equal(rmaps["refined"][cand], maps["geometric"][cand])
+    assert (rmaps["refined"][cand] >= np.float32(t) - 1e-6).all()
+    assert (rmaps["refined"][cand] <= maps["geometric"][cand] + 1e-6).all()
+    np.testing.assert_array_equal(rmaps["refined"][~cand], maps["geometric"][~cand])
     # the same commands as for exudates: segment and evaluate ma (with the Table 2 rows)
     seg_out = tmp_path / "seg"
     r = subprocess.run([sys.executable, "-m", "napari_retina.cli", "segment", "--lesion", "MA", "--model", str(out),

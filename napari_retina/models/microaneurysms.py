@@ -9,8 +9,11 @@ After ../shared/papers/microaneurysms-multiscale-triplet.md (Fig. 1):
 3. `refine_candidates`: the patch-wise refinement network (PRN,
    `nets.patch_classifier.PatchClassifier`) scores each connected candidate region of the
    fused map once, on the 129 x 129 patch centred on the region's most probable pixel, in
-   batches; each candidate's pixels then get the geometric mean of their map value and the
-   region's PRN score. Pixels outside candidates are left as they are.
+   batches; each candidate's pixels then combine their map value p with the region's PRN
+   score s by the detector's `prn_rule` (`PRN_RULES`): "geometric", sqrt(p x s) (the
+   paper's combination of map and classifier), or "rerank", t + (p - t) x s (t the candidate
+   threshold: every candidate stays one, the PRN orders them). Pixels outside candidates are
+   left as they are.
 
 The paper runs the PRN in a sliding window over every pixel above 0.5, one pass per pixel:
 a candidate of 20 pixels costs 20 passes there and one here, which is what makes it fit a
@@ -30,6 +33,11 @@ PATCH = 129  # the PRN's patch side (odd: one centre pixel)
 # candidate regions the PRN scores per image at most (IDRiD's training images hold 47
 # microaneurysms on average); more, and only the most probable are kept
 MAX_CANDIDATES = 1000
+# how a candidate pixel's map value p and its region's PRN score s combine (t: the candidate threshold)
+PRN_RULES = {
+    "geometric": lambda p, s, t: np.sqrt(p * s),  # the paper's: the PRN can push a candidate below t
+    "rerank": lambda p, s, t: t + (p - t) * s,  # candidates stay above t, ordered by map and score
+}
 # Graham's constant: 4 (I - G * I) + 128 puts "no local contrast" at mid-grey in 8 bits. The
 # paper prints c = 1024/30, which is Graham's blur scale (radius / 30 at a radius of 1024 px)
 # rather than an offset; for 8-bit images 128 is the offset that keeps dark and bright detail
@@ -167,16 +175,20 @@ def refine_candidates(
     batch: int = 64,
     size: int = PATCH,
     max_candidates: int | None = MAX_CANDIDATES,
+    rule: str = "geometric",
 ) -> tuple[np.ndarray, Candidates, np.ndarray]:
     """(refined map, candidates, PRN score per candidate).
 
     `score` takes (B, size, size, C) patches of `image` (the enhanced photograph) and returns
     (B,) probabilities that the centre is a microaneurysm. A candidate's pixels become
-    sqrt(map x score); every other pixel keeps its value. At most `batch` patches are in
+    `PRN_RULES[rule]` of their map value and the score (sqrt(map x score) by default);
+    every other pixel keeps its value. At most `batch` patches are in
     memory at once. Beyond `max_candidates` regions (a weak or confused map), only the most
     probable ones are scored and the others are dropped from the map (score 0), which bounds
     the time the PRN takes on any image.
     """
+    if rule not in PRN_RULES:
+        raise ValueError(f"rule must be one of {tuple(PRN_RULES)}, not {rule!r}")
     prob = np.asarray(prob, np.float32)
     cands = candidate_regions(prob, threshold, fov)
     if max_candidates is not None and len(cands) > max_candidates:
@@ -198,7 +210,7 @@ def refine_candidates(
     out = prob.copy()
     inside = cands.labels > 0
     per_pixel = np.concatenate([[0.0], scores]).astype(np.float32)[cands.labels[inside]]
-    out[inside] = np.sqrt(prob[inside] * per_pixel)
+    out[inside] = PRN_RULES[rule](prob[inside], per_pixel, np.float32(threshold))
     return out, cands, scores
 
 
@@ -317,6 +329,9 @@ class MicroaneurysmDetector:
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, not {self.fusion!r}")
         self.candidate_threshold = float(config.get("candidate_threshold", 0.5))
+        self.prn_rule = str(config.get("prn_rule", "geometric"))
+        if self.prn_rule not in PRN_RULES:
+            raise ValueError(f"prn_rule must be one of {tuple(PRN_RULES)}, not {self.prn_rule!r}")
         self.logit_offset = float(config.get("fused_logit_offset", 0.0))  # see shift_logits
         self.threshold = float(config.get("threshold", 0.5))
         self.max_candidates = int(config.get("max_candidates", MAX_CANDIDATES))
@@ -388,7 +403,7 @@ class MicroaneurysmDetector:
             raise TilingCancelled("cancelled before the refinement network")
         if self.prn is not None:
             refined, _, _ = refine_candidates(fused, enhanced, self.prn, self.candidate_threshold, fov,
-                                              max_candidates=self.max_candidates)
+                                              max_candidates=self.max_candidates, rule=self.prn_rule)
             out["refined"] = refined
         else:
             out["refined"] = fused

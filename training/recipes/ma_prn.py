@@ -34,7 +34,7 @@ resolution, "is the centre pixel a microaneurysm?" (`nets.patch_classifier.Patch
   that touch a microaneurysm (the lesion rule of `metrics.py`) join the lesion patches, which
   are then those candidates plus every microaneurysm's centre; the others join the healthy pool.
   Validation then ranks the held-out images' candidates by the PRN's score and by the
-  detector's rule sqrt(peak x score) (ROC AUC; the peak alone is the baseline), and early
+  paper's rule sqrt(peak x score) (ROC AUC; the peak alone is the baseline), and early
   stopping follows the rule's. Random healthy locations alone are mostly flat retina, while
   at inference the PRN sees only candidates: random microaneurysm pixels against them taught it
   little the map did not know (README, "Microaneurysms"). `--jitter` moves training centres.
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a microaneurysm detector folder: train and validate on its own decision, its candidate "
                         "lesions that touch a microaneurysm (with every microaneurysm's centre) against those that "
                         "do not (with --healthy-per-image random healthy locations); early stopping on how well "
-                        "the detector's rule sqrt(peak x score) ranks the validation candidates (ROC AUC)")
+                        "the paper's rule sqrt(peak x score) ranks the validation candidates (ROC AUC)")
     p.add_argument("--hard-per-image", type=int, default=200,
                    help="at most this many hard negatives (or candidates) per image, the most probable first "
                         "(default %(default)s)")
@@ -477,7 +477,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
                "specificity_at_half": float((p[~y] < 0.5).mean())}
         if val_hard.any():  # microaneurysms against the detector's false positives alone: the PRN's real task
             out["aupr_hard"] = aupr_of(np.r_[np.ones(len(val_pos), bool), val_hard])
-        if val_cand:  # the detector's candidates, ranked by the score and by the detector's rule
+        if val_cand:  # the detector's candidates, ranked by the score and by the paper's rule
             s = score_patches(model, val_cand, device)
             out["cand_auc"] = roc_auc(val_cand_true, s)
             out["cand_auc_rule"] = roc_auc(val_cand_true, np.sqrt(val_cand_peak * s))
@@ -560,7 +560,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
             f"microaneurysm's centre) against those that do not (and random healthy locations); patch centres "
             f"moved by up to {a.jitter} px\n- Validation candidates ({c['validation'][0]} of {c['validation'][1]} "
             f"touching a microaneurysm) ranked by ROC AUC: the map's peak alone {c['val_auc_peak']:.3f}, the PRN's "
-            f"score {t['val_candidate_auc']:.3f}, the detector's rule sqrt(peak x score) "
+            f"score {t['val_candidate_auc']:.3f}, the paper's rule sqrt(peak x score) "
             f"{t['val_candidate_auc_rule']:.3f} (early stopping)")
         card = f"""# Microaneurysm patch-wise refinement network {config['version']}
 
@@ -590,7 +590,7 @@ weights.safetensors SHA-256: {{sha256}}
         verbose=not a.quiet,
     )
     summary = trainer.fit(resume=a.resume)
-    say_end(say, summary, out, "candidate ROC AUC (detector's rule) {:.3f}" if cands is not None else "patch AUPR {:.3f}")
+    say_end(say, summary, out, "candidate ROC AUC (sqrt(peak x score)) {:.3f}" if cands is not None else "patch AUPR {:.3f}")
     return 0
 
 

@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fusion", choices=("geometric", "arithmetic"), default="geometric")
     p.add_argument("--candidate-threshold", type=float, default=0.5,
                    help="fused-map value above which a region goes to the PRN (default 0.5, the paper's)")
+    p.add_argument("--prn-rule", choices=("geometric", "rerank"), default="geometric",
+                   help="how a candidate's map value p and its PRN score s combine: geometric, sqrt(p x s) (the "
+                        "paper's); rerank, t + (p - t) x s (every candidate stays one, the PRN orders them); "
+                        "default %(default)s")
     p.add_argument("--data", metavar="DIR", help="choose the threshold on the HGNs' validation images of DIR")
     p.add_argument("--threshold", type=float, default=0.5, help="the threshold when no --data (default 0.5)")
     p.add_argument("--logit-offset", type=float, default=0.0,
@@ -59,6 +63,8 @@ def _validate_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             p.error(f"--{name.replace('_', '-')} must lie between 0 and 1, not {getattr(a, name)}")
 
 
+RULE_WORDS = {"geometric": "pixels sqrt(map x score)",
+              "rerank": "pixels t + (map - t) x score: every candidate stays one, ordered by map and score"}
 LOGIT_RANGE = 16.0  # float32 probabilities resolve logits to about +-16
 LOGIT_BINS = 2048
 
@@ -116,7 +122,7 @@ def calibrate_and_threshold(detector, data: Path, names: list[str], say=print) -
         calibrated = shift_logits(fused, offset)
         if detector.prn is not None:
             calibrated, _, _ = refine_candidates(calibrated, enhanced, detector.prn, detector.candidate_threshold, fov,
-                                                 max_candidates=detector.max_candidates)
+                                                 max_candidates=detector.max_candidates, rule=detector.prn_rule)
         pr.add(np.round(np.clip(calibrated, 0, 1) * 255).astype(np.uint8), gt, region=fov)
     best, best_t = -1.0, 0.5
     for level in range(1, 255):
@@ -157,6 +163,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
         "version": a.version or datetime.date.today().strftime("%Y.%m.%d-microaneurysms"),
         "fusion": a.fusion,
         "candidate_threshold": a.candidate_threshold,
+        **({"prn_rule": a.prn_rule} if a.prn else {}),
         "threshold": a.threshold,
         "fused_logit_offset": a.logit_offset,
         "preprocess": "enhance",
@@ -180,7 +187,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
     card = f"""# Microaneurysm detector {config['version']}
 
 Two hypothesis networks on the contrast-enhanced photograph (full and half scale), fused by
-{a.fusion} mean, {'candidate regions above ' + str(a.candidate_threshold) + ' rescored by the patch-wise refinement network' if 'prn' in configs else 'no refinement network'};
+{a.fusion} mean, {'candidate regions above ' + str(a.candidate_threshold) + ' rescored by the patch-wise refinement network (' + RULE_WORDS[a.prn_rule] + ')' if 'prn' in configs else 'no refinement network'};
 fused map recalibrated by a logit offset of {config.get('fused_logit_offset', 0.0)} (chosen on the validation images);
 threshold {config['threshold']:.3f}. Assembled by napari-retina {__version__}:
 `{config['assembled']['command']}`

@@ -359,17 +359,25 @@ def test_the_three_networks_assemble_into_one_detector_that_segments_and_evaluat
     monkeypatch.setattr(ma_prn, "detector_candidates", lifted)
     prn_c = tmp_path / "prn-cand"
     assert main(["ma-prn", "--out", str(prn_c), "--widths", "4", "8", "8", "16", "--healthy-per-image", "4",
-                 "--refresh-size", "5", "--candidates", str(bare), "--jitter", "2", *common]) == 0
+                 "--refresh-size", "5", "--candidates", str(bare), "--jitter", "2", "--rule", "rerank", *common]) == 0
     mined = json.loads((prn_c / "run" / "candidates.json").read_text())["centres"]
     assert sorted(mined) == ["IDRiD_01", "IDRiD_02", "IDRiD_03"]
     assert all(sum(m["touch"]) >= 1 and not all(m["touch"]) for m in mined.values())
     t = json.loads((prn_c / "config.json").read_text())["training"]
     assert t["candidates"]["detector"] == json.loads((bare / "config.json").read_text())["version"]
     assert t["candidates"]["validation"] == [sum(mined["IDRiD_03"]["touch"]), len(mined["IDRiD_03"]["touch"])] and 0 <= t["val_candidate_auc_rule"] <= 1
-    assert t["hard_negatives"] is None and t["jitter"] == 2
+    assert t["hard_negatives"] is None and t["jitter"] == 2 and t["rule"] == "rerank"
     log = [json.loads(line) for line in (prn_c / "run" / "log.jsonl").read_text().splitlines()]
     ends = [e for e in log if e.get("event") == "epoch"]
     assert all(0 <= e["val_cand_auc"] <= 1 and 0 <= e["val_cand_auc_rule"] <= 1 for e in ends)
+    assert t["val_candidate_auc_rule"] == round(max(e["val_cand_auc_rule"] for e in ends), 4)  # what stopping follows
+    # a second run into the same folder mines nothing again (the detector is never run)
+    from napari_retina.models.microaneurysms import MicroaneurysmDetector as Det
+
+    monkeypatch.setattr(Det, "maps", lambda *a, **k: (_ for _ in ()).throw(AssertionError("mined again")))
+    assert main(["ma-prn", "--out", str(prn_c), "--widths", "4", "8", "8", "16", "--healthy-per-image", "4",
+                 "--refresh-size", "5", "--candidates", str(bare), "--rule", "rerank", *common]) == 0
+    monkeypatch.undo()
     assert "Trained on the decision of detector" in (prn_c / "card.md").read_text()
     monkeypatch.setattr(ma_prn, "detector_candidates", cand)
     # the refinement changes only candidate pixels of the fused map
@@ -502,6 +510,18 @@ def test_jittered_training_patches_move_their_centre_by_at_most_the_jitter_and_s
     assert {centre(ds._at(img, [0, 0], rng)) for _ in range(100)} <= {(y, x) for y in range(3) for x in range(3)}
     still = TripletPatches([img], None, 10, augment=False, jitter=2)
     assert centre(still._at(img, [10, 15], rng)) == (10, 15)
+    # without jitter no random number is drawn: a seeded run draws the same triplets as before jitter existed
+    before = rng.bit_generator.state
+    TripletPatches([img], None, 10, augment=True, jitter=0)._at(img, [10, 15], rng)
+    assert rng.bit_generator.state == before
+
+
+def test_the_recipes_name_the_detectors_own_rules():
+    from napari_retina.models.microaneurysms import PRN_RULES
+    from training.recipes.ma_prn import PRN_RULE_NAMES
+    from training.recipes.microaneurysms import RULE_WORDS
+
+    assert set(PRN_RULE_NAMES) == set(RULE_WORDS) == set(PRN_RULES)
 
 
 def test_ma_prn_refuses_a_hard_negative_folder_that_is_no_detector_in_one_line(ma_folder, tmp_path, capsys):

@@ -34,10 +34,12 @@ resolution, "is the centre pixel a microaneurysm?" (`nets.patch_classifier.Patch
   that touch a microaneurysm (the lesion rule of `metrics.py`) join the lesion patches, which
   are then those candidates plus every microaneurysm's centre; the others join the healthy pool.
   Validation then ranks the held-out images' candidates by the PRN's score and by the
-  paper's rule sqrt(peak x score) (ROC AUC; the peak alone is the baseline), and early
-  stopping follows the rule's. Random healthy locations alone are mostly flat retina, while
+  detector's rule `--rule` (geometric, sqrt(peak x score), or rerank, t + (peak - t) x score;
+  ROC AUC; the peak alone is the baseline), and early stopping follows the rule's. Random
+  healthy locations alone are mostly flat retina, while
   at inference the PRN sees only candidates: random microaneurysm pixels against them taught it
-  little the map did not know (README, "Microaneurysms"). `--jitter` moves training centres.
+  little the map did not know (README, "Microaneurysms"). `--jitter` moves the training
+  microaneurysm patches' centres.
 - Validation: the held-out images' patches, every microaneurysm (one centre per connected
   lesion) against `--healthy-per-image` healthy locations each, scored by the area under the
   precision-recall curve (`val_aupr`, early stopping). The whole detector (HGNs + PRN) is
@@ -63,6 +65,8 @@ from ._main import add_optimisation_args, add_run_args, ema_text, optimisation_k
 from ..data import DataError, describe_labels, gather_records, parents_held_out, split_by_image, write_split
 
 LESION = "MA"
+# the detector's ways of combining a candidate's peak p with the PRN's score s (models.microaneurysms.PRN_RULES)
+PRN_RULE_NAMES = {"geometric": "sqrt(peak x score)", "rerank": "t + (peak - t) x score"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,17 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a microaneurysm detector folder: train and validate on its own decision, its candidate "
                         "lesions that touch a microaneurysm (with every microaneurysm's centre) against those that "
                         "do not (with --healthy-per-image random healthy locations); early stopping on how well "
-                        "the paper's rule sqrt(peak x score) ranks the validation candidates (ROC AUC)")
+                        "--rule ranks the validation candidates (ROC AUC)")
+    p.add_argument("--rule", choices=tuple(PRN_RULE_NAMES), default="geometric",
+                   help="with --candidates: the detector's prn_rule that early stopping ranks the candidates by "
+                        "(geometric: sqrt(peak x score), the paper's; rerank: t + (peak - t) x score); "
+                        "default %(default)s")
     p.add_argument("--hard-per-image", type=int, default=200,
                    help="at most this many hard negatives (or candidates) per image, the most probable first "
                         "(default %(default)s)")
     p.add_argument("--jitter", type=int, default=0,
-                   help="move each training patch's centre by up to this many pixels (default %(default)s)")
+                   help="move each training microaneurysm patch's centre by up to this many pixels (negatives stay "
+                        "where they are: a moved one could land on a microaneurysm; default %(default)s)")
     add_run_args(p, init="start from this ma-prn model folder's weights", batch_size=16,
                  batch_help="triplets per step (the paper: 90)", lr=1e-4,
                  lr_help="Adam learning rate (default %(default)s; the paper: 1e-5)", samples=2000,
                  samples_help="triplets per epoch", patience=8,
-                 patience_help="early stopping on the validation patch AUPR (epochs without improvement)",
+                 patience_help="early stopping on the validation patch AUPR, or with --candidates on the "
+                               "candidates' ROC AUC (epochs without improvement)",
                  workers=False)
     add_optimisation_args(p)
     return p
@@ -117,6 +127,8 @@ def _validate_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("give --hard-negatives or --candidates, not both")
     if not 0 <= a.jitter <= 16:
         p.error("--jitter must lie in 0..16 pixels")
+    if a.rule != "geometric" and not a.candidates:
+        p.error("--rule ranks a detector's candidates: give --candidates DETECTOR_DIR with it")
 
 
 def far_from(mask: np.ndarray, clearance: int) -> np.ndarray:
@@ -165,7 +177,8 @@ class _Mined:
         from napari_retina.models.registry import load_model
 
         self.detector = load_model(detector_dir, expect="microaneurysms")  # checked (and hashed) once, here
-        self.key = {"detector": str(detector_dir), "sha256": self.detector.config.get("weights_sha256"), **key}
+        self.key = {"detector": str(detector_dir), "sha256": self.detector.config.get("weights_sha256"), **key,
+                    **self._settings()}
         self.version = self.detector.version
         self.cache, self.write = Path(cache), write
         self.say = say or (lambda *x: None)
@@ -174,6 +187,10 @@ class _Mined:
             saved = json.loads(self.cache.read_text())
             if saved.get("key") == self.key:
                 self.found = saved["centres"]
+
+    def _settings(self) -> dict:
+        """What else decides what is mined, besides the weights (part of the cache's key)."""
+        return {}
 
     def _mine(self, fused, fov, ma):
         raise NotImplementedError
@@ -212,6 +229,10 @@ class DetectorCandidates(_Mined):
     def __init__(self, detector_dir: str, cache: Path, limit: int, write: bool = True, say=None):
         super().__init__(detector_dir, cache, {"candidates": True, "limit": limit}, write, say)
         self.limit = limit
+
+    def _settings(self) -> dict:
+        d = self.detector
+        return {"candidate_threshold": d.candidate_threshold, "fusion": d.fusion, "fused_logit_offset": d.logit_offset}
 
     def _mine(self, fused, fov, ma):
         c = detector_candidates(fused, self.detector.candidate_threshold, fov, ma, self.limit)
@@ -340,8 +361,7 @@ class TripletPatches:
         neg = int(self.sampler.draw(1)[0]) if self.sampler is not None else int(rng.integers(len(self.healthy)))
         anchor = self._augment(self._at(self.images[ia], self.images[ia].lesion_px[ka], rng), rng)
         positive = self._augment(self._at(self.images[ib], self.images[ib].lesion_px[kb], rng), rng)
-        i, k = self.healthy[neg]
-        negative = self._augment(self._at(self.images[i], self.images[i].healthy_px[k], rng), rng)
+        negative = self._augment(self.healthy_patch(neg), rng)
         return {"image": torch.stack([_to_tensor(anchor), _to_tensor(positive), _to_tensor(negative)]),
                 "negative_index": torch.tensor(neg)}
 
@@ -464,6 +484,11 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
             return ce
         return ce + triplet_cosine_loss(emb[:, 0], emb[:, 1], emb[:, 2], margin=a.margin)
 
+    from napari_retina.models.microaneurysms import PRN_RULES
+
+    rule = PRN_RULES[a.rule]
+    rule_t = np.float32(cands.detector.candidate_threshold) if cands is not None else np.float32(0.5)
+
     def val_fn(model, _val, device) -> dict:
         p = score_patches(model, val_pos + val_neg, device)
         y = np.r_[np.ones(len(val_pos), bool), np.zeros(len(val_neg), bool)]
@@ -477,10 +502,10 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
                "specificity_at_half": float((p[~y] < 0.5).mean())}
         if val_hard.any():  # microaneurysms against the detector's false positives alone: the PRN's real task
             out["aupr_hard"] = aupr_of(np.r_[np.ones(len(val_pos), bool), val_hard])
-        if val_cand:  # the detector's candidates, ranked by the score and by the paper's rule
+        if val_cand:  # the detector's candidates, ranked by the score and by --rule
             s = score_patches(model, val_cand, device)
             out["cand_auc"] = roc_auc(val_cand_true, s)
-            out["cand_auc_rule"] = roc_auc(val_cand_true, np.sqrt(val_cand_peak * s))
+            out["cand_auc_rule"] = roc_auc(val_cand_true, rule(val_cand_peak, s, rule_t))
         return out
 
     def refresh(trainer, metrics):
@@ -540,6 +565,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
                 "val_candidate_auc_rule": (round(float(metrics["val_cand_auc_rule"]), 4)
                                            if "val_cand_auc_rule" in metrics else None),
                 "jitter": a.jitter,
+                "rule": a.rule if cands is not None else None,
                 "early_stopping_patience": a.patience,
                 "command": info["command"],
                 "parent": a.init,
@@ -560,7 +586,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
             f"microaneurysm's centre) against those that do not (and random healthy locations); patch centres "
             f"moved by up to {a.jitter} px\n- Validation candidates ({c['validation'][0]} of {c['validation'][1]} "
             f"touching a microaneurysm) ranked by ROC AUC: the map's peak alone {c['val_auc_peak']:.3f}, the PRN's "
-            f"score {t['val_candidate_auc']:.3f}, the paper's rule sqrt(peak x score) "
+            f"score {t['val_candidate_auc']:.3f}, the rule {a.rule} ({PRN_RULE_NAMES[a.rule]}) "
             f"{t['val_candidate_auc_rule']:.3f} (early stopping)")
         card = f"""# Microaneurysm patch-wise refinement network {config['version']}
 
@@ -572,7 +598,7 @@ parameters) trained from scratch by napari-retina {__version__} with {t['loss']}
 - Triplets: {a.samples_per_epoch} per epoch, batch {a.batch_size}, Adam lr {a.lr}{ema_text(a.ema)}; negatives by selective sampling ({t['selective_sampling']})
 - Epochs: {t['epochs']}, {t['minutes']:.0f} min on {t['device']} ({platform.machine()}, torch {info['torch']}){', ' + t['precision'] if t.get('precision') else ''}
 - Hard negatives: {hard_line}{cand_line}
-- Validation: patch-level AUPR {t['val_patch_aupr']:.3f} (every microaneurysm of the validation images against their healthy locations{' and hard negatives' if hard else ''}){hard_val}; patience {a.patience}
+- Validation: patch-level AUPR {t['val_patch_aupr']:.3f} (every microaneurysm of the validation images against their healthy locations{' and hard negatives' if hard or cands else ''}){hard_val}; patience {a.patience}
 - Command: `{t['command']}`
 
 Validation images (held out by image): {', '.join(config['validation_images'])}
@@ -590,7 +616,7 @@ weights.safetensors SHA-256: {{sha256}}
         verbose=not a.quiet,
     )
     summary = trainer.fit(resume=a.resume)
-    say_end(say, summary, out, "candidate ROC AUC (sqrt(peak x score)) {:.3f}" if cands is not None else "patch AUPR {:.3f}")
+    say_end(say, summary, out, f"candidate ROC AUC ({a.rule}) {{:.3f}}" if cands is not None else "patch AUPR {:.3f}")
     return 0
 
 

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fusion", choices=("geometric", "arithmetic"), default="geometric")
     p.add_argument("--candidate-threshold", type=float, default=0.5,
                    help="fused-map value above which a region goes to the PRN (default 0.5, the paper's)")
-    p.add_argument("--prn-rule", choices=("geometric", "rerank"), default="geometric",
+    p.add_argument("--prn-rule", choices=tuple(RULE_WORDS), default="geometric",
                    help="how a candidate's map value p and its PRN score s combine: geometric, sqrt(p x s) (the "
                         "paper's); rerank, t + (p - t) x s (every candidate stays one, the PRN orders them); "
                         "default %(default)s")
@@ -61,6 +61,8 @@ def _validate_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     for name in ("candidate_threshold", "threshold"):
         if not 0 < getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must lie between 0 and 1, not {getattr(a, name)}")
+    if a.prn_rule != "geometric" and not a.prn:
+        p.error("--prn-rule combines the refinement network's score: give --prn DIR with it")
 
 
 RULE_WORDS = {"geometric": "pixels sqrt(map x score)",

@@ -671,3 +671,24 @@ def test_the_logit_shift_is_monotone_and_puts_the_chosen_threshold_at_one_half()
     assert q[3] == pytest.approx(0.5, abs=1e-5) and q[0] == 0.0 and q[-1] == 1.0
     assert (np.diff(q) > 0).all()  # order kept: AUPR unchanged
     assert q[2] == pytest.approx(0.9 / (0.9 + 0.1 * 99), rel=1e-5)  # p / (p + (1 - p) e^offset)
+
+
+def test_hypothesis_networks_validate_on_logit_levels_where_their_maps_crowd_near_one():
+    from types import SimpleNamespace
+
+    from training.recipes._segmenter import score_scaled
+    from training.recipes.ma_hgn import MA_HGN
+
+    # lesion pixels at 1 - 1e-5, background at 1 - 1e-3 and 0.2: one probability level (255) holds both
+    # of the crowded ones, while their logits (11.5 against 6.9) lie far apart
+    prob = np.full((40, 40), 0.2, np.float32)
+    prob[:, :20] = 1 - 1e-3
+    target = np.zeros((40, 40), np.float32)
+    target[5:15, 5:15] = 1.0
+    prob[target > 0] = 1 - 1e-5
+    im = SimpleNamespace(target=target, fov=np.ones((40, 40), bool))
+    coarse = score_scaled([prob], [im])
+    fine = score_scaled([prob], [im], logits=True)
+    assert coarse["aupr"] < 0.5 and fine["aupr"] == pytest.approx(1.0)
+    assert fine["f1"] == pytest.approx(1.0) and 1 - 1e-3 < fine["threshold"] <= 1 - 1e-5
+    assert MA_HGN.val_logits

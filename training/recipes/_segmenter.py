@@ -73,6 +73,9 @@ class Spec:
     rim_margin: float = 0.006
     lr: float = 1e-3
     half_inputs: bool = False  # keep training inputs as float16 (full-scale images: half the memory)
+    # validate on levels of the logit rather than of the probability: a network trained with heavily
+    # weighted lesions crowds its map near 1, where 256 probability levels cannot tell pixels apart
+    val_logits: bool = False
 
 
 def build_parser(spec: Spec) -> argparse.ArgumentParser:
@@ -132,20 +135,36 @@ def scaled_predictions(net, images, tile: int, overlap: int, stride_multiple: in
     return out
 
 
-def score_scaled(probs, images) -> dict:
-    """Pooled pixel AUPR at the working scale and the threshold with the best pooled F1."""
+LOGIT_RANGE = 16.0  # float32 probabilities resolve logits to about +-16
+LOGIT_LEVELS = 2048  # levels over [-16, 16]: 1/64 of a logit each
+
+
+def score_scaled(probs, images, logits: bool = False) -> dict:
+    """Pooled pixel AUPR at the working scale and the threshold with the best pooled F1.
+
+    On the 256 probability levels a stored map has (the IDRiD convention), or with `logits` on
+    `LOGIT_LEVELS` levels of the logit over +-`LOGIT_RANGE`: the same ranking of pixels, resolved
+    where the map crowds near 0 or 1 (AUPR only depends on that ranking and on the levels' width).
+    """
     from napari_retina.metrics import PixelPR
 
-    pr = PixelPR()
+    levels = LOGIT_LEVELS + 1 if logits else 256
+    pr = PixelPR(bins=levels)
     for prob, im in zip(probs, images):
-        pr.add(np.round(np.clip(prob, 0, 1) * 255).astype(np.uint8), im.target >= 0.5, region=im.fov)
+        p = np.clip(np.asarray(prob, np.float64), 0, 1)
+        if logits:  # the logit, mapped onto [0, 1] for PixelPR's levels
+            q = np.clip(p, 1e-12, 1 - 1e-12)
+            p = np.clip((np.log(q) - np.log1p(-q) + LOGIT_RANGE) / (2 * LOGIT_RANGE), 0, 1)
+        pr.add(p, im.target >= 0.5, region=im.fov)
     best_f1, best_t = -1.0, 0.5
-    for level in range(1, 255):
+    for level in range(1, levels - 1):
         tp, fp, fn, _ = pr.counts(level)
         f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
         if f1 > best_f1:
             # half a level below: p >= t then keeps exactly the levels >= `level` (metrics.level_threshold)
-            best_f1, best_t = f1, (level - 0.5) / 255
+            best_f1, best_t = f1, (level - 0.5) / (levels - 1)
+    if logits:  # back from the logit's level to a probability
+        best_t = float(1 / (1 + np.exp(-(best_t * 2 * LOGIT_RANGE - LOGIT_RANGE))))
     aupr = pr.aupr()
     return {"aupr": 0.0 if np.isnan(aupr) else aupr, "f1": best_f1, "threshold": best_t}
 
@@ -175,6 +194,7 @@ def model_config(net, info: dict, metrics: dict, trainer) -> dict:
             "precision": precision(trainer),
             "loss": info["loss"],
             "ema_decay": info.get("ema_decay"),
+            "val_levels": "logit" if info.get("val_logits") else "probability (256)",
             "val_aupr_working_scale": round(float(metrics.get("val_aupr", float("nan"))), 4),
             "val_f1_working_scale": round(float(metrics.get("val_f1", float("nan"))), 4),
             "early_stopping_patience": info["patience"],
@@ -213,7 +233,7 @@ tiled over the field of view.{rim}
 - Parent model: {t['parent'] or 'none (trained from scratch)'}
 - Command: `{t['command']}`
 
-## Validation (working scale, pooled over the field of view)
+## Validation (working scale, pooled over the field of view{', on levels of the logit' if info.get('val_logits') else ''})
 
 | AUPR | best F1 | threshold |
 |---|---|---|
@@ -300,7 +320,8 @@ def run(a: argparse.Namespace, argv: list[str], spec: Spec) -> int:
     stride = 2**a.depth
 
     def val_fn(model, _val_set, device) -> dict:
-        return score_scaled(scaled_predictions(model, val_imgs, 512, 128, stride, device), val_imgs)
+        return score_scaled(scaled_predictions(model, val_imgs, 512, 128, stride, device), val_imgs,
+                            logits=spec.val_logits)
 
     info = {
         "version": a.version or datetime.date.today().strftime(f"%Y.%m.%d-{spec.kind}"),
@@ -308,6 +329,7 @@ def run(a: argparse.Namespace, argv: list[str], spec: Spec) -> int:
         "lesion": spec.lesion,
         "title": spec.title,
         "preprocess": spec.preprocess,
+        "val_logits": spec.val_logits,
         "data": [str(Path(d)) for d in a.data],
         "train_count": len(train_imgs),
         "validation_images": [r.image.name for r in val_recs],

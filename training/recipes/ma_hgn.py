@@ -39,7 +39,7 @@ MA_HGN = Spec(
     description="Train a microaneurysm hypothesis generation network (one scale) on contrast-enhanced patches.",
     losses=("wbce-dice", "wbce", "bce"), loss="wbce-dice", backbone="resunet", base_channels=8, scale=1.0,
     preprocess="enhance",
-    rim_margin=0.0, lr=1e-3, half_inputs=True,
+    rim_margin=0.0, lr=1e-3, half_inputs=True, val_logits=True,
 )
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_retina.models.microaneurysms import PRN_RULES  # noqa: E402  (the detector's own rules)
+from napari_retina.models.microaneurysms import PRN_RULES  # the detector's own rules
 
 RULES = {
     "fused map (no PRN)": None,

@@ -531,8 +531,8 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
             "training": n_hard[0], "validation": n_hard[1]},
         "candidates": None if cands is None else {
             "detector": cands.version, "folder": str(a.candidates), "per_image": a.hard_per_image,
-            "training": [int(sum(int(im.cand["touch"].sum()) for im in train_imgs)),
-                         int(sum(len(im.cand["touch"]) for im in train_imgs))],
+            "training": [sum(int(im.cand["touch"].sum()) for im in train_imgs),
+                         sum(len(im.cand["touch"]) for im in train_imgs)],
             "validation": [int(val_cand_true.sum()), len(val_cand_true)],
             "val_auc_peak": round(roc_auc(val_cand_true, val_cand_peak), 4)},
     }
@@ -574,10 +574,14 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
         }
         t = config["training"]
         h = info["hard_negatives"]
-        hard_line = ("the detector's candidates that touch no microaneurysm (below)" if info["candidates"] else
-                     "none (random healthy locations only)" if h is None else
-                     f"the candidate lesions of detector {h['detector']} that touch no microaneurysm, at most "
-                     f"{h['per_image']} per image: {h['training']} in the training pool, {h['validation']} in validation")
+        if info["candidates"]:
+            hard_line = "the detector's candidates that touch no microaneurysm (below)"
+        elif h is None:
+            hard_line = "none (random healthy locations only)"
+        else:
+            hard_line = (f"the candidate lesions of detector {h['detector']} that touch no microaneurysm, at most "
+                         f"{h['per_image']} per image: {h['training']} in the training pool, {h['validation']} "
+                         "in validation")
         hard_val = "" if t["val_patch_aupr_hard"] is None else f"; against the hard negatives alone {t['val_patch_aupr_hard']:.3f}"
         c = info["candidates"]
         cand_line = "" if c is None else (

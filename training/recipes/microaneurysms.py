@@ -67,8 +67,7 @@ def _validate_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 
 RULE_WORDS = {"geometric": "pixels sqrt(map x score)",
               "rerank": "pixels t + (map - t) x score: every candidate stays one, ordered by map and score"}
-LOGIT_RANGE = 16.0  # float32 probabilities resolve logits to about +-16
-LOGIT_BINS = 2048
+from ._segmenter import LOGIT_LEVELS as LOGIT_BINS, LOGIT_RANGE  # noqa: E402  (one logit grid for both)
 
 
 def calibrate_and_threshold(detector, data: Path, names: list[str], say=print) -> dict:

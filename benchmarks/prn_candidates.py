@@ -42,6 +42,8 @@ RULES = {
 
 
 def roc_auc(y: np.ndarray, score: np.ndarray) -> float:
+    """ROC AUC, or NaN where the candidates hold one class only. Unlike training's `roc_auc`, which
+    returns 0.5 there so that early stopping can go on, a printed table should show "undefined"."""
     from sklearn.metrics import roc_auc_score
 
     return float(roc_auc_score(y, score)) if 0 < y.sum() < len(y) else float("nan")

@@ -416,6 +416,8 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
     t0 = time.monotonic()
     rng = np.random.default_rng(a.seed)
     say(describe_labels(train_recs + val_recs, [LESION]))
+    # Under torchrun every rank mines on its own device at the same time (no wall-clock cost, as the
+    # process group only starts in Trainer.fit); only rank 0 writes the cache.
     hard = None
     if a.hard_negatives:
         hard = HardNegatives(a.hard_negatives, run_dir / "hard_negatives.json", a.clearance, a.hard_per_image,

@@ -285,9 +285,24 @@ def test_the_three_networks_assemble_into_one_detector_that_segments_and_evaluat
                  "--healthy-per-image", "10", "--refresh-size", "5", *common]) == 0
     out = tmp_path / "detector"
     assert main(["microaneurysms", "--hgn-full", str(tmp_path / "hgn1.0"), "--hgn-half", str(tmp_path / "hgn0.5"),
-                 "--prn", str(tmp_path / "prn"), "--out", str(out), "--data", str(ma_folder), "--quiet"]) == 0
+                 "--prn", str(tmp_path / "prn"), "--out", str(out), "--data", str(ma_folder), "--score",
+                 "--quiet"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["model"] == "microaneurysms" and config["fusion"] == "geometric" and 0 < config["threshold"] < 1
+    # --score: the written folder's validation figures, the same as `evaluate ma --split val --variants` prints
+    from napari_retina.cli import main as cli
+
+    assert cli(["evaluate", "ma", "--data", str(ma_folder), "--model", str(out), "--split", "val", "--variants",
+                "--out", str(tmp_path / "val.json")]) == 0
+    measured = json.loads((tmp_path / "val.json").read_text())
+    scores = config["validation_scores"]
+    assert scores["images"] == measured["images"] == 1
+    for key in ("aupr", "f1", "iou", "froc_score"):
+        assert scores[key] == measured[key]
+    assert scores["variants"]["hgn_1x"]["aupr"] == measured["variants"]["hgn_1x"]["aupr"]
+    card = (out / "card.md").read_text()
+    assert f"pixel AUPR {measured['aupr']:.3f}" in card and "{sha256}" not in card
+    assert config["weights_sha256"] in card
     det = load_model(out)
     assert isinstance(det, MicroaneurysmDetector) and det.prn is not None
     rgb = fundus_rgb(5)
@@ -692,3 +707,14 @@ def test_hypothesis_networks_validate_on_logit_levels_where_their_maps_crowd_nea
     assert coarse["aupr"] < 0.5 and fine["aupr"] == pytest.approx(1.0)
     assert fine["f1"] == pytest.approx(1.0) and 1 - 1e-3 < fine["threshold"] <= 1 - 1e-5
     assert MA_HGN.val_logits
+
+
+def test_assembly_refuses_score_without_data_in_one_line(tmp_path, capsys):
+    from training.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["microaneurysms", "--hgn-full", str(tmp_path / "a"), "--hgn-half", str(tmp_path / "b"),
+              "--out", str(tmp_path / "det"), "--score"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--score" in err[0] and "--data" in err[0]
+    assert not (tmp_path / "det").exists()

@@ -121,6 +121,12 @@ def recipe_main(name: str, build_parser: Callable, validate: Callable, run: Call
 
     argv = list(sys.argv[1:] if argv is None else argv)
     p = build_parser()
+
+    def one_line(message: str):  # argparse's own error prints the whole usage first; exit code 2 as argparse's
+        print(f"{p.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+    p.error = one_line
     if argv == [DESCRIBE]:
         print(json.dumps(describe_options(p)))
         return 0

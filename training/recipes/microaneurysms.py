@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "default %(default)s")
     p.add_argument("--data", metavar="DIR", help="choose the threshold on the HGNs' validation images of DIR")
     p.add_argument("--threshold", type=float, default=0.5, help="the threshold when no --data (default 0.5)")
+    p.add_argument("--score", action="store_true",
+                   help="with --data: score the written folder on its validation images (`napari-retina evaluate ma "
+                        "--split val --variants`) and write the figures into its card and config")
     p.add_argument("--logit-offset", type=float, default=0.0,
                    help="the fused map's logit offset when no --data (default 0: none); e.g. another detector's, "
                         "to compare refinement networks on the same candidates")
@@ -61,6 +64,8 @@ def _validate_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     for name in ("candidate_threshold", "threshold"):
         if not 0 < getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must lie between 0 and 1, not {getattr(a, name)}")
+    if a.score and not a.data:
+        p.error("--score scores the detector on the validation images of --data DIR: give --data with it")
     if a.prn_rule != "geometric" and not a.prn:
         p.error("--prn-rule combines the refinement network's score: give --prn DIR with it")
 
@@ -202,8 +207,46 @@ Scores: `napari-retina evaluate ma --data DIR --model THIS_FOLDER --split val --
 weights.safetensors SHA-256: {{sha256}}
 """
     write_model_folder(Path(a.out), parts, config, card)
+    if a.score:
+        scores = score_folder(Path(a.out), Path(a.data), config["validation_images"], a.device, say)
+        config["validation_scores"] = scores
+        card = card.replace("Scores: `napari-retina evaluate ma --data DIR --model THIS_FOLDER --split val --variants`.",
+                            scores_paragraph(scores))
+        write_model_folder(Path(a.out), parts, config, card)  # the same weights; config and card now with the figures
     say(f"model folder: {a.out}")
     return 0
+
+
+def score_folder(folder: Path, data: Path, names: list[str], device: str, say=print) -> dict:
+    """The written detector's figures on its validation images, as `evaluate ma --split val --variants` gives them."""
+    from napari_retina.segmentation import evaluate_variants, load_segmenter
+
+    detector = load_segmenter("MA", folder, device=device)
+    result = evaluate_variants(data, detector, split="val", validation_images=names,
+                               progress=lambda k, n, stem: say(f"  scoring {k}/{n} {stem}"))
+    keep = ("aupr", "f1", "precision", "recall", "iou", "froc", "froc_score", "images", "seconds_per_image")
+    scores = {k: result[k] for k in keep}
+    scores.update({k: result["lesion_level"][k] for k in ("lesion_sensitivity", "fp_per_image")})
+    scores["variants"] = {k: {"aupr": v["aupr"], "froc_score": v["froc_score"]} for k, v in result["variants"].items()}
+    scores["measured"] = datetime.date.today().isoformat()
+    scores["data"] = str(data)
+    return scores
+
+
+def scores_paragraph(s: dict) -> str:
+    """The card's validation figures, in words (what `score_folder` measured)."""
+    def f(v, digits=3):
+        return "n/a" if v is None else f"{v:.{digits}f}"
+
+    rows = ", ".join(f"{k} {f(v['aupr'])} (FROC {f(v['froc_score'])})" for k, v in s["variants"].items())
+    froc = "/".join(f(v, 2) for v in s["froc"].values())  # at 1/8 ... 8 false positives per image
+    return (f"Scores on the {s['images']} validation images above (measured {s['measured']} at assembly, "
+            f"`napari-retina evaluate ma --data {s['data']} --model THIS_FOLDER --split val --variants`): "
+            f"pixel AUPR {f(s['aupr'])}, F1 {f(s['f1'])} (precision {f(s['precision'])}, recall {f(s['recall'])}) "
+            f"at the threshold, IoU {f(s['iou'])}; lesion sensitivity {f(s['lesion_sensitivity'], 2)} at "
+            f"{f(s['fp_per_image'], 1)} false positives per image; FROC sensitivities at 1/8 to 8 false positives "
+            f"per image {froc}, score {f(s['froc_score'])}. Every stage (the paper's Table 2 rows), pixel AUPR: "
+            f"{rows}.")
 
 
 def main(argv: list[str] | None = None) -> int:

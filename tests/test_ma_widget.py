@@ -96,6 +96,9 @@ def test_find_review_with_keys_reopen_and_a_rerun_never_brings_a_rejected_candid
     first = rec.proposals[review.current]
     assert float(first.description["score"]) == scores[0]
     assert tuple(viewer.camera.center[-2:]) == pytest.approx(tuple(float(v) for v in first.description["centre"]))
+    # outlined while reviewing, overlay and rings hidden: nothing covers the dark dot to judge
+    overlay = finder.overlay_layer()
+    assert layer.contour >= 1 and not overlay.visible and not points.visible
     # A accepts, R rejects, N skips, wherever the focus is (a grader who clicked Review has it on
     # that button): shortcuts of the application, which needs its window active
     from qtpy.QtWidgets import QApplication
@@ -119,7 +122,7 @@ def test_find_review_with_keys_reopen_and_a_rerun_never_brings_a_rejected_candid
     assert f"accepted 1 · rejected 1 · pending {n - 2}" in review.counts_label.text()
     assert len(review.points_layer().data) == n - 2
     qtbot.mouseClick(review.review_button, Qt.MouseButton.LeftButton)  # review off: the keys are free again
-    assert not review.reviewing
+    assert not review.reviewing and layer.contour == 0 and overlay.visible and review.points_layer().visible
     _press(viewer, qtbot, Qt.Key.Key_A)
     assert len(finder.proposals()) == n - 2
     shown = layer.data != 0

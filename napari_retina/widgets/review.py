@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from .annotator import LesionAnnotator
 
 REVIEW_ZOOM = 3.0  # screen pixels per image pixel while reviewing: an 18-px microaneurysm shows 54 px wide
+REVIEW_CONTOUR = 1  # the lesion layer outlined while reviewing: a filled candidate hides the dark dot to judge
+# (the probability overlay and the candidate rings, which would cover it too, are hidden while reviewing)
 KEYS = {"a": "accept", "r": "reject", "n": "next"}
 
 
@@ -41,6 +43,8 @@ class LesionReview(QGroupBox):
         self.reviewing = False
         self.current: int | None = None  # the proposal under review
         self._skipped: set[int] = set()
+        self._contour_before: int | None = None  # the lesion layer's contour before review outlined it
+        self._hidden: list = []  # the layers review hid (overlay, rings), shown again when it ends
         self._shortcuts: list[QShortcut] = []
         lay = QGridLayout(self)
         self.click_button = QPushButton("Click tool")
@@ -112,7 +116,7 @@ class LesionReview(QGroupBox):
             active = self.ann_widget.viewer.layers.selection.active
             layer = self.ann_widget.viewer.add_points(
                 centres, name=f"{self.code} candidates", size=14, symbol="ring", face_color="#00e5ff",
-                border_width=0, opacity=0.9, canvas_size_limits=(6, 40),
+                border_width=0, opacity=0.9, canvas_size_limits=(6, 40), visible=not self.reviewing,
                 metadata={"napari_retina": {"role": "candidates", "lesion": self.code}},
             )
             layer.size = 14
@@ -203,11 +207,26 @@ class LesionReview(QGroupBox):
             layer = self.ann_widget.lesion_layer(self.code)
             if layer is not None:
                 self.ann_widget.set_lesion(self.code)
+                self._contour_before = layer.contour
+                layer.contour = max(layer.contour, REVIEW_CONTOUR)
+            finder = getattr(self.ann_widget, "ma_finder", None)
+            for other in (self.points_layer(), finder.overlay_layer() if finder is not None else None):
+                if other is not None and other.visible:
+                    other.visible = False
+                    self._hidden.append(other)
             if not self._show_next():
                 show_info("no candidates to review: run Find microaneurysms first")
                 self.review_button.setChecked(False)
         else:
             self.current = None
+            layer = self.ann_widget.lesion_layer(self.code)
+            if layer is not None and self._contour_before is not None:
+                layer.contour = self._contour_before  # filled again, as the grader had it
+            self._contour_before = None
+            for other in self._hidden:
+                if other in self.ann_widget.viewer.layers:
+                    other.visible = True
+            self._hidden = []
         self.update_counts()
 
     def _show_next(self) -> bool:

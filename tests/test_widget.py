@@ -449,3 +449,28 @@ def test_one_click_marks_a_lesion_reviewed_and_training_then_reads_the_corrected
     widget.counts.item(row, 3).setCheckState(Qt.CheckState.Unchecked)
     widget.flush()
     assert label_source(record, "EX") == "ground truth"
+
+
+def test_no_wrapped_message_in_the_dock_is_cut_off(make_napari_viewer, qtbot, flat_folder):
+    # a long message grows its row (the dock scrolls rather than squeezing the rows) and a short one
+    # shrinks it again
+    viewer = make_napari_viewer(show=True)  # napari's default window size, napari's style sheet
+    viewer.open(str(flat_folder), plugin="napari-retina")
+    widget = LesionAnnotator(viewer, preload_model=False)
+    viewer.window.add_dock_widget(widget)
+    qtbot.waitUntil(lambda: widget.isVisible() and widget._scroll.viewport().width() > 0, timeout=3000)
+    long = "91 candidates (10.9 s); review them, or accept all; " * 3
+    labels = (widget.ma_finder.status, widget.exudate_finder.status, widget.status_label, widget.ma_review.counts_label)
+    for label in labels:
+        label.setText(long)
+    qtbot.wait(200)
+    for label in labels:
+        needed = label.heightForWidth(label.width())
+        assert needed > 2 * label.fontMetrics().lineSpacing() and label.height() >= needed, (label.text(), label.height(), needed)
+    for label in labels:  # and back to one line: no gap left behind
+        label.setText("saved")
+    qtbot.wait(200)
+    for label in labels:
+        assert label.height() < 2 * label.fontMetrics().lineSpacing(), label.height()
+    widget.flush()
+    widget._timer.stop()

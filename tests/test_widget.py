@@ -227,36 +227,37 @@ def test_erasing_and_undo_reach_the_file(annotator, qtbot, flat_folder):
     qtbot.waitUntil(lambda: not read_mask(saved)[30, 40], timeout=6000)
 
 
-def test_all_lesion_rows_of_the_count_table_are_visible(make_napari_viewer, qtbot, flat_folder):
-    viewer = make_napari_viewer(show=True)  # napari's default window size
+@pytest.fixture
+def shown_annotator(make_napari_viewer, qtbot, flat_folder):
+    """The dock in a shown window of napari's default size, with napari's style sheet: for layout tests."""
+    viewer = make_napari_viewer(show=True)
     viewer.open(str(flat_folder), plugin="napari-retina")
     widget = LesionAnnotator(viewer, preload_model=False)
     viewer.window.add_dock_widget(widget)
-    table = widget.counts
+    qtbot.waitUntil(lambda: widget.isVisible() and widget._scroll.viewport().width() > 0, timeout=3000)
+    yield widget
+    widget.flush()
+    widget._timer.stop()
+
+
+def test_all_lesion_rows_of_the_count_table_are_visible(shown_annotator, qtbot):
+    table = shown_annotator.counts
     qtbot.waitUntil(lambda: table.isVisible() and table.viewport().height() > 0, timeout=3000)
     qtbot.wait(100)
     assert table.rowCount() == 5
     for i in range(5):  # each row wholly inside the table's visible area
         rect = table.visualItemRect(table.item(i, 0))
         assert rect.top() >= 0 and rect.bottom() < table.viewport().height(), (i, rect, table.viewport().height())
-    widget.flush()
-    widget._timer.stop()
 
 
-def test_nothing_in_the_dock_is_cut_off_at_the_right(make_napari_viewer, qtbot, flat_folder):
-    viewer = make_napari_viewer(show=True)  # napari's default window size, napari's style sheet
-    viewer.open(str(flat_folder), plugin="napari-retina")
-    widget = LesionAnnotator(viewer, preload_model=False)
-    viewer.window.add_dock_widget(widget)
-    qtbot.waitUntil(lambda: widget.isVisible() and widget._scroll.viewport().width() > 0, timeout=3000)
+def test_nothing_in_the_dock_is_cut_off_at_the_right(shown_annotator, qtbot):
+    widget = shown_annotator
     qtbot.wait(200)
     viewport, content = widget._scroll.viewport(), widget._content
     assert content.width() <= viewport.width(), (content.width(), viewport.width())
     for w in (widget.superpixel_check, widget.fov_check, widget.exudate_finder.cancel_button, widget.counts):
         right = w.mapTo(content, w.rect().topRight()).x()
         assert right < viewport.width(), (type(w).__name__, right, viewport.width())
-    widget.flush()
-    widget._timer.stop()
 
 
 @pytest.fixture
@@ -451,14 +452,10 @@ def test_one_click_marks_a_lesion_reviewed_and_training_then_reads_the_corrected
     assert label_source(record, "EX") == "ground truth"
 
 
-def test_no_wrapped_message_in_the_dock_is_cut_off(make_napari_viewer, qtbot, flat_folder):
+def test_no_wrapped_message_in_the_dock_is_cut_off(shown_annotator, qtbot):
     # a long message grows its row (the dock scrolls rather than squeezing the rows) and a short one
     # shrinks it again
-    viewer = make_napari_viewer(show=True)  # napari's default window size, napari's style sheet
-    viewer.open(str(flat_folder), plugin="napari-retina")
-    widget = LesionAnnotator(viewer, preload_model=False)
-    viewer.window.add_dock_widget(widget)
-    qtbot.waitUntil(lambda: widget.isVisible() and widget._scroll.viewport().width() > 0, timeout=3000)
+    widget = shown_annotator
     long = "91 candidates (10.9 s); review them, or accept all; " * 3
     labels = (widget.ma_finder.status, widget.exudate_finder.status, widget.status_label, widget.ma_review.counts_label)
     for label in labels:
@@ -472,5 +469,3 @@ def test_no_wrapped_message_in_the_dock_is_cut_off(make_napari_viewer, qtbot, fl
     qtbot.wait(200)
     for label in labels:
         assert label.height() < 2 * label.fontMetrics().lineSpacing(), label.height()
-    widget.flush()
-    widget._timer.stop()

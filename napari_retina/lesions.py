@@ -15,6 +15,11 @@ class Lesion:
     shortcut: str  # napari key binding that makes this lesion the active class
 
     @property
+    def pending_label(self) -> int:
+        """Value of a model's pending (not yet accepted) pixels in the lesion's Labels layer."""
+        return self.label + PENDING_OFFSET
+
+    @property
     def suffix(self) -> str:
         return f"_{self.code}"
 
@@ -30,6 +35,11 @@ class Lesion:
     def mask_filename(self, stem: str) -> str:
         return f"{stem}_{self.code}.tif"
 
+
+# A lesion's Labels layer holds two values: `label` for the grader's confirmed pixels (painted or
+# accepted) and `label + PENDING_OFFSET` for model proposals still pending, drawn lighter so the
+# grader tells them apart at a glance. Only confirmed pixels are saved as masks.
+PENDING_OFFSET = 10
 
 LESIONS: tuple[Lesion, ...] = (
     Lesion("EX", "hard exudates", "#ffd400", 1, "3. Hard Exudates", "Alt-1"),
@@ -56,6 +66,14 @@ def lesion(code: str) -> Lesion:
         raise ValueError(
             f"unknown lesion {code!r}; expected one of {', '.join(LESION_CODES)}"
         ) from None
+
+
+def confirmed_pixels(data) -> "np.ndarray":
+    """The grader's confirmed pixels of a lesion Labels layer's data (pending proposals left out)."""
+    import numpy as np
+
+    data = np.asarray(data)
+    return (data != 0) & (data < PENDING_OFFSET)
 
 
 def lesion_for_layer_name(name: str) -> Lesion | None:

@@ -247,3 +247,84 @@ def ellipses_from_shapes(
         e = corners_to_ellipse(np.asarray(corners)[:, -2:], code, extra)
         ellipses.append(e)
     return EllipseFile(image=image_name, ellipses=ellipses, extra=dict(file_extra or {}))
+
+
+# --- one annotation session per viewer ----------------------------------------------------------
+
+
+class AnnotationSession:
+    """What one viewer is annotating: folder, image, project, and the model version of each kind.
+
+    Headless: the docks, the reader's layers and the commands bind to one instance per viewer
+    (widgets.viewer_session.session_of) and never to each other. Listeners registered with
+    `connect` hear of a model version put in use ("model": kind, folder) and of another image
+    opened ("image": the OpenedImage), so every view agrees.
+    """
+
+    EVENTS = ("model", "image")
+
+    def __init__(self) -> None:
+        self.dataset: Dataset | None = None
+        self.index = -1
+        self.opened: OpenedImage | None = None
+        self.project_root: Path | None = None  # None: `<stem>.retina/` beside each image
+        self._pinned: dict[str, Path] = {}  # kind -> a folder given by hand (command line, tests)
+        self._listeners: dict[str, list] = {e: [] for e in self.EVENTS}
+
+    # --- listeners ---------------------------------------------------------------------------
+    def connect(self, event: str, callback) -> None:
+        if event not in self._listeners:
+            raise ValueError(f"unknown session event {event!r}; known: {', '.join(self.EVENTS)}")
+        if callback not in self._listeners[event]:
+            self._listeners[event].append(callback)
+
+    def disconnect(self, event: str, callback) -> None:
+        try:
+            self._listeners[event].remove(callback)
+        except (KeyError, ValueError):
+            pass
+
+    def emit(self, event: str, *args) -> None:
+        for cb in list(self._listeners[event]):
+            cb(*args)
+
+    # --- the folder and image open now ----------------------------------------------------------
+    @property
+    def data_folder(self) -> Path | None:
+        """The folder the grader is working in (a data set's root, else the open image's folder)."""
+        if self.dataset is not None:
+            return self.dataset.root
+        if self.opened is not None:
+            return self.opened.record.image.parent
+        return None
+
+    def set_opened(self, opened: OpenedImage | None, dataset: Dataset | None = None, index: int = -1) -> None:
+        self.opened, self.dataset, self.index = opened, dataset, index
+        self.emit("image", opened)
+
+    # --- model versions in use (registry.KINDS) --------------------------------------------------
+    def model_dir(self, kind: str) -> Path:
+        """The folder the next run of `kind` loads: one pinned by hand, else the version in use."""
+        from .models.versions import current_model_dir
+
+        if kind in self._pinned:
+            return self._pinned[kind]
+        return current_model_dir(kind)
+
+    def pin_model(self, kind: str, folder: str | Path | None) -> None:
+        """Run `kind` from `folder` in this session only (None: back to the version in use)."""
+        if folder is None:
+            self._pinned.pop(kind, None)
+        else:
+            self._pinned[kind] = Path(folder)
+        self.emit("model", kind, self.model_dir(kind))
+
+    def use_model(self, kind: str, folder: str | Path) -> Path:
+        """Put a checked version of `kind` in use (saved for later sessions too); every live model
+        of that kind loads it on its next call. Raises ModelFolderError (one line) for a bad folder."""
+        from .models.versions import select
+
+        folder = select(kind, folder)
+        self._pinned.pop(kind, None)
+        self.emit("model", kind, folder)
+        return folder

@@ -16,7 +16,7 @@ from napari_retina.lesions import LESIONS, lesion
 
 __all__ = [
     "green_channel",
-    "enhance_contrast",
+    "enhance_display_contrast",
     "field_of_view_mask",
     "count_lesions",
     "lesion_summary",
@@ -64,10 +64,11 @@ def green_channel(rgb: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(_as_rgb_uint8(rgb)[..., 1])
 
 
-def enhance_contrast(rgb: np.ndarray, clip_limit: float = 2.0, tile_grid: int = 8) -> np.ndarray:
-    """CLAHE on the lightness (L of CIELAB), colour kept; uint8 (H, W, 3).
+def enhance_display_contrast(rgb: np.ndarray, clip_limit: float = 2.0, tile_grid: int = 8) -> np.ndarray:
+    """CLAHE on the lightness (L of CIELAB), colour kept; uint8 (H, W, 3): for the grader's eye.
 
-    ``tile_grid`` is the number of tiles along each side, ``clip_limit`` OpenCV's CLAHE clip limit.
+    No network sees this image (a network's input is models.preprocess's). ``tile_grid`` is the
+    number of tiles along each side, ``clip_limit`` OpenCV's CLAHE clip limit.
     """
     if clip_limit <= 0 or int(tile_grid) < 1:
         raise ValueError("clip_limit must be > 0 and tile_grid >= 1")
@@ -76,6 +77,10 @@ def enhance_contrast(rgb: np.ndarray, clip_limit: float = 2.0, tile_grid: int = 
     clahe = cv2.createCLAHE(clipLimit=float(clip_limit), tileGridSize=(int(tile_grid), int(tile_grid)))
     lab[..., 0] = clahe.apply(np.ascontiguousarray(lab[..., 0]))
     return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+
+
+# the old name, kept for callers that still use it: widgets/annotator.py, tests/test_fundus.py
+enhance_contrast = enhance_display_contrast
 
 
 def field_of_view_mask(rgb: np.ndarray) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 After ../shared/papers/microaneurysms-multiscale-triplet.md (Fig. 1):
 
-1. `enhance_contrast`: I_pre = 4 I - 4 G_sigma * I + c, per channel, inside the field of view.
+1. `models.preprocess.subtract_local_background`: I_pre = 4 I - 4 G_sigma * I + c, per
+   channel, inside the field of view (the HGNs' and the PRN's input).
 2. Two hypothesis generation networks (HGN, `nets.segmentation.SegmentationNet`) map the
    enhanced image at full and at half scale; `fuse_maps` upsamples the half-scale map
    linearly and combines the two by arithmetic or geometric mean.
@@ -29,6 +30,12 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from .preprocess import OFFSET, subtract_local_background
+
+# the old name of the networks' contrast enhancement (models.preprocess), kept for callers
+# that still import it from here: training.recipes.ma_prn, tests/test_microaneurysms.py
+enhance_contrast = subtract_local_background
+
 PATCH = 129  # the PRN's patch side (odd: one centre pixel)
 # candidate regions the PRN scores per image at most (IDRiD's training images hold 47
 # microaneurysms on average); more, and only the most probable are kept
@@ -38,55 +45,6 @@ PRN_RULES = {
     "geometric": lambda p, s, t: np.sqrt(p * s),  # the paper's: the PRN can push a candidate below t
     "rerank": lambda p, s, t: t + (p - t) * s,  # candidates stay above t, ordered by map and score
 }
-# Graham's constant: 4 (I - G * I) + 128 puts "no local contrast" at mid-grey in 8 bits. The
-# paper prints c = 1024/30, which is Graham's blur scale (radius / 30 at a radius of 1024 px)
-# rather than an offset; for 8-bit images 128 is the offset that keeps dark and bright detail
-# symmetric around the middle.
-OFFSET = 128.0
-SIGMA_FRACTION = 1.0 / 60.0  # sigma = field-of-view width / 60 = radius / 30 (Graham)
-_BLUR_STEP = 8  # the background estimate is computed at 1/8 scale: it is smooth at sigma >> 8 px
-
-
-def enhance_contrast(rgb: np.ndarray, fov: np.ndarray | None = None, sigma: float | None = None,
-                     offset: float = OFFSET) -> np.ndarray:
-    """uint8 (H, W, 3): 4 I - 4 G_sigma * I + offset per channel, `offset` outside the field of view.
-
-    The local background G_sigma * I is a normalised convolution over the field of view only
-    (blur(I * fov) / blur(fov)), so the dark surround does not light up the rim. `sigma`
-    defaults to the field of view's width / 60. A sigma of ~60 px on a 4288-px photograph
-    would take seconds as a full-size Gaussian; the background is smooth at that scale, so it
-    is blurred at 1/8 size and resized back (where sigma >= 16 px; finer sigmas run full size).
-    """
-    rgb = np.asarray(rgb)
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"expected an RGB image (H, W, 3), got shape {rgb.shape}")
-    h, w = rgb.shape[:2]
-    fov = np.ones((h, w), bool) if fov is None else np.asarray(fov, bool)
-    if sigma is None:
-        cols = np.flatnonzero(fov.any(axis=0))
-        width = (cols[-1] - cols[0] + 1) if cols.size else w
-        sigma = max(1.0, width * SIGMA_FRACTION)
-    m8 = fov.astype(np.uint8)
-    masked = cv2.bitwise_and(rgb, rgb, mask=m8)  # the surround counts for nothing
-    step = _BLUR_STEP if sigma >= 2 * _BLUR_STEP else 1
-    size = (max(1, w // step), max(1, h // step))
-    if step > 1:
-        small_i = cv2.resize(masked, size, interpolation=cv2.INTER_AREA).astype(np.float32)
-        small_m = cv2.resize(m8.astype(np.float32), size, interpolation=cv2.INTER_AREA)
-    else:
-        small_i, small_m = masked.astype(np.float32), m8.astype(np.float32)
-    num = cv2.GaussianBlur(small_i, (0, 0), sigma / step, borderType=cv2.BORDER_REFLECT)
-    den = cv2.GaussianBlur(small_m, (0, 0), sigma / step, borderType=cv2.BORDER_REFLECT)
-    background = num / np.maximum(den, 1e-6)[..., None]
-    if step > 1:  # the ratio is smooth at this scale: resize it once, not its two parts
-        background = cv2.resize(background, (w, h), interpolation=cv2.INTER_LINEAR)
-    # 4 I - 4 B + offset, rounded and saturated to 8 bits in one OpenCV pass (0.2 s against
-    # 2.4 s in NumPy on a 4288 x 2848 photograph)
-    out = cv2.addWeighted(np.ascontiguousarray(rgb, np.uint8), 4.0, background, -4.0, float(offset), dtype=cv2.CV_8U)
-    out[~fov] = int(round(offset))
-    return out
-
-
 def fuse_maps(full: np.ndarray, half: np.ndarray, mode: str = "geometric") -> np.ndarray:
     """The two HGN maps as one full-size map: `half` (any smaller size) resized linearly, then the mean.
 
@@ -369,7 +327,7 @@ class MicroaneurysmDetector:
 
         if fov is None:
             fov = field_of_view_mask(rgb)
-        enhanced = enhance_contrast(rgb, fov)
+        enhanced = subtract_local_background(rgb, fov)
         counts = [seg.tile_count(rgb.shape[:2], fov) for seg in self.hgns]
         total = sum(counts) + 1  # + the PRN
 

@@ -33,12 +33,10 @@ import cv2
 import numpy as np
 
 from ..io.errors import RetinaInputError
+from .preprocess import apply_preprocessing
 
 DEFAULT_TILE = 512  # network pixels per window side
 DEFAULT_OVERLAP = 128  # network pixels shared by neighbouring windows
-
-
-PREPROCESSING = ("none", "enhance")
 
 
 def scaled_size(shape, scale: float) -> tuple[int, int]:
@@ -52,17 +50,13 @@ def network_input(rgb: np.ndarray, fov: np.ndarray, scale: float, preprocess: st
                   dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
     """(float (3, h, w) standardised image, bool (h, w) field of view) at `scale` of the full size.
 
-    `preprocess` "enhance" first applies the microaneurysm contrast enhancement at full
-    resolution (models.microaneurysms.enhance_contrast; `preprocess` in config.json). Each
+    `preprocess` (config.json; models.preprocess.PREPROCESSING) is applied first, at full
+    resolution: "enhance" is the local contrast normalisation the microaneurysm networks
+    take (models.preprocess.subtract_local_background). Each
     channel is standardised with the mean and standard deviation of its field-of-view pixels
     (fundus photographs differ widely in exposure and colour); outside it is 0.
     """
-    if preprocess not in PREPROCESSING:
-        raise ValueError(f"preprocess must be one of {PREPROCESSING}, not {preprocess!r}")
-    if preprocess == "enhance":
-        from .microaneurysms import enhance_contrast
-
-        rgb = enhance_contrast(rgb, fov)
+    rgb = apply_preprocessing(rgb, fov, preprocess)
     if scale != 1.0:
         size = scaled_size(rgb.shape, scale)
         small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)

@@ -14,7 +14,7 @@ from .io.datasets import ImageRecord, open_dataset, parse_mask_name, parse_prob_
 from .io.errors import RetinaInputError
 from .io.images import IMAGE_EXTENSIONS, is_image_path
 from .io.masks import MASK_EXTENSIONS, read_mask, write_mask
-from .lesions import lesion
+from .lesions import confirmed_pixels, lesion, lesion_for_layer_name
 from .session import META_KEY, layer_data, open_record
 
 NULL_LAYER = [(None,)]  # napari's "read fine, nothing to show" sentinel
@@ -145,16 +145,30 @@ def _prob_reader(path):
 
 
 def write_labels(path: str, data, meta: dict) -> list[str]:
-    """Save a Labels layer as a binary lesion mask (1-bit palette TIFF or PNG)."""
+    """Save a Labels layer as a binary lesion mask (1-bit palette TIFF or PNG).
+
+    A lesion layer (ours, by its metadata or its name) holds the grader's confirmed pixels
+    (`Lesion.label`) and pending model proposals (`Lesion.pending_label`): only the confirmed
+    ones are written, as in the project folder. Any other Labels layer: every non-zero pixel.
+    """
     p = Path(path)
     if p.suffix.lower() not in MASK_EXTENSIONS:
         p = p.with_suffix(".tif")
+    pixels = confirmed_pixels(data) if _is_lesion_layer(meta) else np.asarray(data) != 0
     try:
-        write_mask(p, np.asarray(data) != 0)
+        write_mask(p, pixels)
     except RetinaInputError as e:
         notify_error(str(e))
         return []
     return [str(p)]
+
+
+def _is_lesion_layer(meta: dict | None) -> bool:
+    meta = meta or {}
+    info = (meta.get("metadata") or {}).get(META_KEY) or {}
+    if info.get("role") in ("lesion", "mask"):
+        return True
+    return lesion_for_layer_name(str(meta.get("name", ""))) is not None
 
 
 # --- sample data ---------------------------------------------------------------------

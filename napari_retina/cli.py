@@ -73,15 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Run a lesion segmenter over fundus images or folders. With --out: DIR/<stem>_<LESION>.tif "
             "(binary, 1-bit palette) and DIR/<stem>_<LESION>_prob.tif (uint8 0-255). With --into-projects: "
-            "the candidates go into each image's annotation project as model proposals, never over the "
-            "grader's own pixels."
+            "the candidates go into each image's annotation project as pending model proposals, never over the "
+            "grader's own pixels; its masks stay as confirmed (empty in a new project) until a grader accepts."
         ),
     )
     s.add_argument("paths", nargs="+", metavar="IMAGE_OR_FOLDER", help="fundus images or folders of them")
     s.add_argument("--lesion", required=True, type=str.upper, choices=("EX", "MA"), help="lesion to find")
     where = s.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", metavar="DIR", help="write masks and probability maps here (created)")
-    where.add_argument("--into-projects", action="store_true", help="pre-annotate each image's annotation project")
+    where.add_argument("--into-projects", action="store_true", help="pre-annotate each image's annotation project (pending proposals; the masks change only when accepted)")
     s.add_argument("--project-root", metavar="DIR", help="with --into-projects: projects under DIR, not beside the images")
     s.add_argument("--model", metavar="DIR", help="segmentation model folder (default: the version in use; first the shipped one)")
     s.add_argument("--threshold", type=float, help="probability threshold of the mask (default: the model's)")
@@ -294,7 +294,8 @@ def cmd_segment(args) -> int:
                 line = f"{mask_path.name} {int(seg.mask.sum())} px, {seg.seconds:.1f} s"
             else:
                 summary = segment_into_project(rec, segmenter, project_root=args.project_root)
-                line = f"{summary['project']}: {summary['proposed_px']} px proposed, {summary['seconds']:.1f} s"
+                line = (f"{summary['project']}: {summary['proposed_px']} px proposed, pending until a grader "
+                        f"accepts them (masks hold confirmed pixels only), {summary['seconds']:.1f} s")
             print(f"[{k}/{len(records)}] {rec.image.name}: {line}", file=sys.stderr, flush=True)
         except (RetinaInputError, OSError, RuntimeError) as e:  # one bad image (or out of memory) costs only itself
             failed += 1

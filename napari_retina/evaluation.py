@@ -340,8 +340,24 @@ def _read_images(records: list[ImageRecord], lesions: Sequence[str]) -> Iterable
     # one image at a time: a split of full-size IDRiD images does not fit in memory at once
     for rec in records:
         rgb = read_fundus(rec.image)
-        masks = {c: read_mask(rec.masks[c], expected_shape=rgb.shape[:2]) for c in lesions if c in rec.masks}
-        yield rec.stem, rgb, masks
+        yield rec.stem, rgb, _labels(rec, lesions, rgb.shape[:2])
+
+
+def _labels(rec: ImageRecord, lesions: Sequence[str], shape: tuple[int, int]) -> dict[str, np.ndarray]:
+    """The masks `evaluate refine` scores against: the data set's files, or for an image inside an
+    annotation project the grader's confirmed pixels there (what its mask files hold; a folder
+    of an older form, whose files held pending proposals too, reads the same)."""
+    if rec.project is None:
+        return {c: read_mask(rec.masks[c], expected_shape=shape) for c in lesions if c in rec.masks}
+    from .io.project import ProjectFolder
+
+    ann = ProjectFolder(rec.project).load()
+    if tuple(ann.shape) != tuple(shape):
+        raise RetinaInputError(f"{rec.project}: masks of {ann.shape[1]}x{ann.shape[0]}, image {shape[1]}x{shape[0]}")
+    for c in lesions:
+        if c in ann.unreadable:
+            raise RetinaInputError(ann.unreadable[c])
+    return {c: ann.confirmed(c) for c in lesions if c in rec.masks}
 
 
 def evaluate_refine(

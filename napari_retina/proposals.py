@@ -8,6 +8,12 @@ The record keeps, per lesion, the mask that is shown and saved, the grader's own
 live proposals, and works only inside the box of the proposal or stroke at hand. Each call
 returns the `PixelChange` boxes where a mask changed, so a viewer redraws only those.
 
+Two views of a lesion: `masks[lesion]` is what is SHOWN (the grader's pixels and every pending
+proposal's), `hand(lesion)` is what is CONFIRMED (painted, or accepted). The project folder's
+mask files, overlay and lesion table hold the confirmed pixels only; the pending ones are
+shown - hand and live only in this record (its table and per-proposal arrays), which brings
+them back on reopen (`restore`).
+
 The one overlap rule: a pixel is lesion while the grader's hand or at least one live proposal
 claims it. A proposal claims the pixels of its box whose probability reaches its threshold (or
 whose mask is set), except those the grader erased while it was live. Hence
@@ -37,7 +43,11 @@ import numpy as np
 
 Box = tuple[int, int, int, int]  # r0, r1, c0, c1 (half-open), in full-image pixels
 
-__all__ = ["Box", "PixelChange", "PixelRecord", "Proposal", "RecordChanges", "dequantise", "quantise", "union_box"]
+# The form of the saved record (`table()["format"]`). 2: the mask files hold confirmed pixels
+# only. 1 (and tables without a number): the mask files held the shown pixels, pending ones too.
+RECORD_FORMAT = 2
+
+__all__ = ["Box", "PixelChange", "PixelRecord", "Proposal", "RECORD_FORMAT", "RecordChanges", "dequantise", "quantise", "union_box"]
 
 
 @dataclass(frozen=True)
@@ -99,7 +109,7 @@ class Proposal:
 class RecordChanges:
     """What changed since the last save: masks, proposal files, the proposal table."""
 
-    lesions: set[str] = field(default_factory=set)
+    lesions: set[str] = field(default_factory=set)  # shown or confirmed pixels changed: rewrite their files
     proposals: set[int] = field(default_factory=set)  # proposals whose per-pixel data changed
     removed: set[int] = field(default_factory=set)  # proposals gone (their files go too)
     table: bool = False
@@ -309,8 +319,11 @@ class PixelRecord:
         for p in chosen:
             claim = p.claim()
             hand = self._hand_array(p.lesion)[p.slices]
-            n += int((claim & ~hand).sum())
+            gained = int((claim & ~hand).sum())
+            n += gained
             hand |= claim
+            if gained:
+                self._changes.lesions.add(p.lesion)  # shown unchanged, but the confirmed mask (its file) grew
             del self.proposals[p.id]
             self._forget(p)
             for other, _ in self._overlapping(p.lesion, p.box):
@@ -372,7 +385,11 @@ class PixelRecord:
         if painted is not None:
             region[painted] = True
             if hand is not None:
-                hand[r0:r1, c0:c1][painted] = True
+                hand_region = hand[r0:r1, c0:c1]
+                if (painted & ~hand_region).any():
+                    # painted over pending pixels: nothing shown changes, but they are now confirmed
+                    self._changes.lesions.add(lesion)
+                hand_region[painted] = True
         if erased is not None:
             region[erased] = False
             if hand is not None:
@@ -447,7 +464,7 @@ class PixelRecord:
     def table(self) -> dict:
         """The proposal table as JSON-ready data (the per-pixel arrays are saved apart)."""
         return {
-            "format": 1,
+            "format": RECORD_FORMAT,
             "next_id": self.next_id,
             "proposals": [
                 {
@@ -476,12 +493,21 @@ class PixelRecord:
             out["hand"] = self._hand[p.lesion][p.slices].copy()
         return out
 
-    def restore(self, table: dict, arrays: dict[int, dict[str, np.ndarray]]) -> None:
-        """Rebuild the proposals saved by `table` / `arrays`; the masks (already loaded) are the truth.
+    def restore(self, table: dict, arrays: dict[int, dict[str, np.ndarray]]) -> set[str]:
+        """Rebuild the proposals saved by `table` / `arrays` into the masks already loaded.
 
-        A pixel a proposal puts forward but the mask lacks was erased (here or outside napari);
-        a mask pixel no proposal claims is the grader's.
+        The rule follows the table's "format" (`RECORD_FORMAT`):
+
+        * 2: the masks loaded are the CONFIRMED pixels (the mask files). A proposal's pending
+          pixels (those it claims that its saved `hand` does not) are taken out of them, so
+          masks that still hold shown pixels (a layer, a file a killed migration had not
+          rewritten yet) read the same; then every live claim is shown again. Returns the
+          lesions whose masks held such pending pixels (their files want rewriting).
+        * 1 or none (and the older sources.json form): the masks loaded are the SHOWN pixels and
+          the truth: a pixel a proposal puts forward but the mask lacks was erased (here or
+          outside napari); a mask pixel no proposal claims is the grader's. Returns no lesion.
         """
+        current = int(table.get("format", 1) or 1) >= 2
         saved_hand: dict[str, list[tuple[Proposal, np.ndarray]]] = {}
         for entry in table.get("proposals", []):
             pid, lesion = int(entry["id"]), str(entry["lesion"])
@@ -507,20 +533,37 @@ class PixelRecord:
             )
             if erased is not None and erased.shape == shape:
                 p.erased |= np.asarray(erased, bool)
-            p.erased |= p.proposed() & ~self.masks[lesion][p.slices]
+            if not current:
+                p.erased |= p.proposed() & ~self.masks[lesion][p.slices]
             self.proposals[pid] = p
             hand = data.get("hand")
-            if hand is not None and hand.shape == shape:
-                saved_hand.setdefault(lesion, []).append((p, np.asarray(hand, bool)))
+            saved_hand.setdefault(lesion, []).append(
+                (p, np.asarray(hand, bool) if hand is not None and hand.shape == shape else None))
         self.next_id = max([int(table.get("next_id", 1)), *(pid + 1 for pid in self.proposals)])
         self.decisions = [dict(d) for d in table.get("decisions", []) if isinstance(d, dict)
                           and d.get("lesion") in self.masks and len(d.get("centre", ())) == 2]
+        stale: set[str] = set()
         for lesion in {p.lesion for p in self.proposals.values()}:
             mask = self.masks[lesion]
-            claimed = np.zeros(mask.shape, bool)
-            for p in self.of_lesion(lesion):
-                claimed[p.slices] |= p.claim()
-            hand = mask & ~claimed
-            for p, bits in saved_hand.get(lesion, []):
-                hand[p.slices] |= bits & mask[p.slices]
-            self._hand[lesion] = hand
+            if current:
+                pending = np.zeros(mask.shape, bool)
+                claimed = np.zeros(mask.shape, bool)
+                for p, bits in saved_hand.get(lesion, []):
+                    claim = p.claim()
+                    claimed[p.slices] |= claim
+                    pending[p.slices] |= claim if bits is None else claim & ~bits
+                if (mask & pending).any():
+                    stale.add(lesion)
+                hand = mask & ~pending
+                mask[...] = hand | claimed  # in place: the annotation shares these arrays
+                self._hand[lesion] = hand
+            else:
+                claimed = np.zeros(mask.shape, bool)
+                for p in self.of_lesion(lesion):
+                    claimed[p.slices] |= p.claim()
+                hand = mask & ~claimed
+                for p, bits in saved_hand.get(lesion, []):
+                    if bits is not None:
+                        hand[p.slices] |= bits & mask[p.slices]
+                self._hand[lesion] = hand
+        return stale

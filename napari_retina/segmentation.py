@@ -242,7 +242,10 @@ def segment_into_project(image_record, segmenter, project_root=None, grader: str
     """Pre-annotate one image's project with the segmenter's candidates; returns a summary.
 
     Opens the image as the annotator does (its project if there is one, else its masks),
-    proposes the map, and saves the project folder (atomic writes, as autosave does).
+    proposes the map, and saves the project folder (atomic writes, as autosave does). The
+    proposals are PENDING: they are saved in the proposal record only, so the mask files,
+    overlay.png and lesions.csv keep the confirmed pixels they had (none in a new project)
+    until a grader accepts. `proposed_px`: pixels newly shown as pending.
     """
     from .session import open_record
     from .io.project import ProjectWriter
@@ -250,7 +253,7 @@ def segment_into_project(image_record, segmenter, project_root=None, grader: str
     opened = open_record(image_record, project_root=project_root)
     seg = segmenter.segment(opened.rgb)
     ann = opened.annotation
-    hand_before = ann.masks[seg.lesion].copy()
+    shown_before = ann.masks[seg.lesion].copy()
     desc = {"kind": "model", **segmenter.description}
     ann.provenance.setdefault("models", {})[segmenter.kind] = segmenter.description
     if getattr(segmenter, "proposes", "blocks") == "candidates":
@@ -258,12 +261,12 @@ def segment_into_project(image_record, segmenter, project_root=None, grader: str
                            floor=candidate_floor(segmenter, seg.threshold))
     else:
         propose_map(ann.record, seg.lesion, seg.prob, seg.threshold, desc)
-    writer = ProjectWriter(opened.project_dir, opened.record.image, opened.rgb, ann.masks, grader=grader)
+    writer = ProjectWriter(opened.project_dir, opened.record.image, opened.rgb, ann, grader=grader)
     from .fundus import field_of_view_mask
 
     writer.set_fov(field_of_view_mask(opened.rgb))
     writer.write(ann.snapshot(ellipses=ann.ellipses, all_lesions=not opened.from_project), summary=True, grader=grader)
-    added = int(np.count_nonzero(ann.masks[seg.lesion] & ~hand_before))
+    added = int(np.count_nonzero(ann.masks[seg.lesion] & ~shown_before))
     return {"image": opened.record.image.name, "project": str(opened.project_dir), "lesion": seg.lesion,
             "proposed_px": added, "seconds": round(seg.seconds, 2)}
 

@@ -4,19 +4,25 @@ Layout (self-contained, so it can be moved to a training machine)::
 
     <stem>.retina/
         <stem>.<ext>            the image, bytes unchanged
-        <stem>_<LESION>.tif     binary 1-bit palette TIFF per lesion (IDRiD convention)
+        <stem>_<LESION>.tif     binary 1-bit palette TIFF per lesion (IDRiD convention): the
+                                grader's CONFIRMED pixels only (painted, or proposals accepted)
         ellipses.json           coarse ellipses (napari_retina.io.ellipses)
         provenance.json         grader, tool and model versions, times, image SHA-256
-        overlay.png             downscaled image with the lesions blended, for review
-        lesions.csv             per lesion: connected lesions, area in px and % of FOV
-        proposals.json          the live model proposals (napari_retina.proposals): id, lesion,
-                                box, threshold, who proposed it
+        overlay.png             downscaled image with the confirmed lesions blended, for review
+        lesions.csv             per lesion (confirmed pixels): connected lesions, area in px and % of FOV
+        proposals.json          the live model proposals (napari_retina.proposals), "format": 2:
+                                id, lesion, box, threshold, who proposed it; the grader's decisions
         proposals/<id>.npz      one proposal's pixels on its box: probabilities (or mask),
                                 pixels the grader erased, the grader's own pixels
 
-Mask pixels no proposal claims are the grader's, so a hand-only project has no proposal
-files. Projects of earlier versions (`sources.json` + `sources/<LESION>.png`, one
-contributor per pixel) still open; their next save writes the proposal files instead.
+Pending proposals (not accepted yet) live only in proposals.json and proposals/: they are
+shown again, still pending, on reopen. A hand-only project has no proposal files.
+
+Older forms, read by the rule they were written with and rewritten ONCE in the current form
+when the folder is opened (`load`, `load_bookkeeping`): proposal tables of format 1 (or
+without a number), whose mask files held the SHOWN pixels (pending ones too), and the older
+`sources.json` + `sources/<LESION>.png` (one contributor per pixel). A folder that cannot be
+rewritten (read-only) opens as before, with a note; its next save rewrites it whole.
 Every file is written atomically; opening a project removes temporary files a killed
 save left behind.
 """
@@ -37,7 +43,7 @@ import numpy as np
 
 from .. import __version__
 from ..lesions import LESION_CODES, LESIONS
-from ..proposals import PixelRecord, RecordChanges
+from ..proposals import RECORD_FORMAT, PixelRecord, RecordChanges
 from .atomic import atomic_path, atomic_write, atomic_write_bytes, atomic_write_text, remove_stale_temporaries
 from .datasets import PROJECT_SUFFIX, project_image
 from .ellipses import EllipseFile, load_ellipses, save_ellipses
@@ -70,11 +76,15 @@ class Annotation:
 
     `record` says who set each mask pixel (napari_retina.proposals); all pixel edits,
     the grader's and the models', go through it, so it also knows what to save next.
+
+    `masks` are the pixels SHOWN (what the viewer draws: confirmed and pending); the
+    CONFIRMED ones (painted or accepted) are `confirmed(code)` = `record.hand(code)`, and
+    only those are saved as mask files, overlay.png and lesions.csv. Pending = `pending(code)`.
     """
 
     image_name: str
     shape: tuple[int, int]
-    masks: dict[str, np.ndarray]  # lesion code -> bool (H, W), every lesion present
+    masks: dict[str, np.ndarray]  # lesion code -> bool (H, W) SHOWN (confirmed | pending), every lesion present
     ellipses: EllipseFile
     provenance: dict = field(default_factory=dict)
     # lesion code -> why its mask file could not be read: left out, and its file is not
@@ -82,10 +92,24 @@ class Annotation:
     unreadable: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what opening left out, one line each
     record: PixelRecord = field(init=False, repr=False)
-    legacy_sources: bool = field(default=False, repr=False)  # restored from sources.json: rewrite all
+    # the folder on disk is of an older form (proposal table format 1, sources.json) and could
+    # not be rewritten on opening: the next save rewrites it whole, proposals before masks
+    legacy_sources: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         self.record = PixelRecord(self.masks)
+
+    def confirmed(self, code: str) -> np.ndarray:
+        """The grader's confirmed pixels of a lesion (painted or accepted): what its mask file holds. A copy."""
+        return self.record.hand(code).copy()
+
+    def pending(self, code: str) -> np.ndarray:
+        """Pixels shown for a lesion that are model proposals not accepted yet (never saved as a mask)."""
+        return self.masks[code] & ~self.record.hand(code)
+
+    def confirmed_masks(self) -> dict[str, np.ndarray]:
+        """`confirmed` of every lesion (copies): e.g. what a `ProjectWriter` starts from."""
+        return {c: self.confirmed(c) for c in self.masks}
 
     @property
     def reviewed(self) -> set[str]:
@@ -116,14 +140,15 @@ class Annotation:
     def snapshot(self, ellipses: EllipseFile | None = None, all_lesions: bool = False) -> "ProjectSnapshot":
         """What the next save writes, copied now: only masks and proposals that changed.
 
-        `ellipses`: the ellipses if they changed (None: not written). `all_lesions`: a new
-        project gets every mask file. A lesion whose file was unreadable is written only
-        once the grader has edited it.
+        The masks are the CONFIRMED pixels (`confirmed`). `ellipses`: the ellipses if they
+        changed (None: not written). `all_lesions`: a new project gets every mask file. A
+        lesion whose file was unreadable is written only once the grader has edited it. A
+        folder still of an older form (`legacy_sources`) gets everything, once.
         """
         changes = self.record.take_changes()
         edited = set(changes.lesions)
         replaced = {c for c in edited if self.unreadable.pop(c, None) is not None}
-        codes = set(LESION_CODES) if all_lesions else edited
+        codes = set(LESION_CODES) if all_lesions or (self.legacy_sources and changes) else edited
         codes -= set(self.unreadable)
         rec = self.record
         table = None
@@ -137,7 +162,7 @@ class Annotation:
             legacy, self.legacy_sources = self.legacy_sources, False
         return ProjectSnapshot(
             image_name=self.image_name,
-            masks={c: self.masks[c].copy() for c in LESION_CODES if c in codes},
+            masks={c: self.confirmed(c) for c in LESION_CODES if c in codes},
             ellipses=ellipses,
             provenance=json.loads(json.dumps(self.provenance)),
             proposal_table=table,
@@ -154,13 +179,13 @@ class ProjectSnapshot:
     """One save's content, taken on the GUI thread in a few milliseconds, written in the background."""
 
     image_name: str
-    masks: dict[str, np.ndarray]  # copies of the lesions to write
+    masks: dict[str, np.ndarray]  # copies of the CONFIRMED pixels of the lesions to write
     ellipses: EllipseFile | None  # None: unchanged
     provenance: dict
     proposal_table: dict | None  # None: unchanged
     proposal_arrays: dict[int, dict]  # proposal id -> its arrays, for the files to (re)write
     removed_proposals: set[int]
-    drop_legacy_sources: bool = False
+    drop_legacy_sources: bool = False  # this save turns an older-form folder into the current form
     replaces_unreadable: set[str] = field(default_factory=set)
     changes: RecordChanges = field(default_factory=RecordChanges)  # handed back if the save fails
 
@@ -238,14 +263,20 @@ class ProjectFolder:
         """Temporary files a killed save left behind (only names of the atomic-write pattern)."""
         return remove_stale_temporaries(self.path) + remove_stale_temporaries(self.path / PROPOSALS_DIR)
 
-    def load(self) -> Annotation:
-        """The project's annotation. An unreadable mask is left out (noted in `unreadable`, `notes`)."""
+    def load(self, migrate: bool = True) -> Annotation:
+        """The project's annotation. An unreadable mask is left out (noted in `unreadable`, `notes`).
+
+        A folder of an older form is read by its own rule and (`migrate`) rewritten once in
+        the current form (`load_record`).
+        """
         image = self.image_path
         if image is None:
             raise RetinaInputError(f"{self.path}: not an annotation project (no image inside)")
         self.remove_leftovers()
         shape = image_shape(image)
         ann = Annotation.empty(image.name, shape)
+        # the mask files before the proposal table: a migration elsewhere writes the table first
+        # and the masks after, so whichever of its steps this sees, the rules below read it right
         for code in LESION_CODES:
             p = self.mask_path(code)
             if p.exists():
@@ -253,35 +284,67 @@ class ProjectFolder:
                     ann.masks[code] = read_mask(p, expected_shape=shape)
                 except RetinaInputError as e:
                     leave_out(ann, code, str(e))
-        self.load_bookkeeping(ann)
+        self.load_bookkeeping(ann, migrate=migrate, masks_from_files=True)
         return ann
 
-    def load_bookkeeping(self, ann: Annotation) -> None:
-        """Ellipses, provenance and who set which pixels, into `ann` whose masks are loaded (e.g. from layers)."""
+    def load_bookkeeping(self, ann: Annotation, migrate: bool = True, masks_from_files: bool = False) -> None:
+        """Ellipses, provenance and who set which pixels, into `ann` whose masks are loaded (e.g. from layers).
+
+        `ann.masks` may hold the confirmed pixels (the mask files, or `lesions.confirmed_pixels`
+        of the layers) or the shown ones (a layer's non-zero pixels): both read the same, and
+        `ann.masks` holds the shown pixels afterwards. `masks_from_files`: they were read from
+        this folder's mask files just now (`load`).
+        """
         ell = self.path / "ellipses.json"
         if ell.exists():
             ann.ellipses = load_ellipses(ell)
         prov = self.path / "provenance.json"
         if prov.exists():
             ann.provenance = _read_json(prov)
-        self.load_record(ann)
+        self.load_record(ann, migrate=migrate, masks_from_files=masks_from_files)
 
-    def load_record(self, ann: Annotation) -> None:
-        """Restore who set which pixels into `ann`, whose masks are loaded; a broken record is noted, not fatal."""
+    def load_record(self, ann: Annotation, migrate: bool = True, masks_from_files: bool = False) -> None:
+        """Restore who set which pixels into `ann`, whose masks are loaded; a broken record is noted, not fatal.
+
+        A record of an older form (proposal table of format 1 or without a number, or
+        sources.json) is read by today's rule of that form and, with `migrate`, rewritten
+        ONCE in the current form right here. On opening, not on the first save: the whole
+        folder has just been read by one rule, so it can be written back in an order in which
+        every intermediate state still reads the same (`_migrate`); a first save would mix the
+        rewrite with the grader's edits, and a folder only read (training, evaluate) would
+        stay in the old form for good. If it cannot be written (a read-only folder) the
+        annotation opens as read, with one note, and its next save rewrites it whole.
+        """
+        old_form = False
         try:
             if (self.path / PROPOSALS_TABLE).exists():
-                self._load_proposals(ann)
+                old_form = self._load_proposals(ann, masks_from_files)
             elif (self.path / LEGACY_SOURCES_TABLE).exists():
-                self._load_legacy_sources(ann)
+                self._load_legacy_sources(ann, masks_from_files)
+                old_form = True
         except RetinaInputError as e:
             # the masks are the truth: without the record every pixel counts as the grader's
             ann.notes.append(f"{e}; model proposals of this image now count as your own pixels")
+            return
+        if old_form:
+            ann.legacy_sources = True
+            if migrate:
+                self._migrate(ann)
 
-    def _load_proposals(self, ann: Annotation) -> None:
+    def _load_proposals(self, ann: Annotation, masks_from_files: bool) -> bool:
+        """proposals.json and proposals/; True when it is of an older form (to be rewritten)."""
         table = _read_json(self.path / PROPOSALS_TABLE)
         entries = table.get("proposals")
         if not isinstance(entries, list):
             raise RetinaInputError(f"{self.path / PROPOSALS_TABLE}: malformed proposal table")
+        try:
+            form = int(table.get("format", 1) or 1)
+        except (TypeError, ValueError):
+            raise RetinaInputError(f"{self.path / PROPOSALS_TABLE}: malformed proposal table") from None
+        if form > RECORD_FORMAT:
+            raise RetinaInputError(
+                f"{self.path / PROPOSALS_TABLE}: written by a newer napari-retina (format {form}); update to read it")
+        old_form = form < RECORD_FORMAT
         arrays = {}
         for entry in entries:
             try:
@@ -289,10 +352,80 @@ class ProjectFolder:
                 with np.load(self.proposal_path(pid), allow_pickle=False) as z:
                     arrays[pid] = {k: z[k] for k in z.files}
             except (KeyError, TypeError, ValueError, OSError) as e:
-                ann.notes.append(f"{self.path.name}: proposal {entry!r:.60} unreadable ({e}); its pixels count as your own")
-        ann.record.restore(table, arrays)
+                kept = "its pixels count as your own" if old_form else "its pending pixels are left out"
+                ann.notes.append(f"{self.path.name}: proposal {entry!r:.60} unreadable ({e}); {kept}")
+        if old_form and not masks_from_files:
+            self._shown_from_files(ann, {str(e.get("lesion")) for e in entries if isinstance(e, dict)})
+        stale = ann.record.restore(dict(table, format=form), arrays)
+        if stale and masks_from_files:
+            # a killed migration left mask files with pending pixels in them: finish it
+            ann.legacy_sources = True
+            return True
+        if not old_form and (self.path / LEGACY_SOURCES_TABLE).exists():
+            return True  # a killed migration left sources.json behind
+        return old_form
 
-    def _load_legacy_sources(self, ann: Annotation) -> None:
+    def _shown_from_files(self, ann: Annotation, lesions: set[str]) -> None:
+        """An older form's mask files hold the shown pixels, its rule needs them: masks given as
+        confirmed pixels (e.g. from layers) would make every pending pixel read as erased."""
+        for code in lesions:
+            path = self.mask_path(code)
+            if code in ann.masks and code not in ann.unreadable and path.exists():
+                try:
+                    ann.masks[code] |= read_mask(path, expected_shape=ann.shape)
+                except RetinaInputError:
+                    pass  # the masks given stay the truth
+
+    def _migrate(self, ann: Annotation) -> None:
+        """Rewrite an older-form folder once in the current form; on failure, note it and go on.
+
+        Order, so that a crash at any point loses nothing: (1) every proposal's arrays (the
+        older table reads them the same), (2) the table with the format number (from here the
+        current rule reads the folder, and it reads mask files that still hold shown pixels
+        right), (3) the mask files with confirmed pixels only, (4) sources.json goes, (5) the
+        summary files follow the confirmed pixels.
+        """
+        rec = ann.record
+        try:
+            if rec.proposals:
+                (self.path / PROPOSALS_DIR).mkdir(exist_ok=True)
+            for pid in sorted(rec.proposals):
+                atomic_write(self.proposal_path(pid), lambda tmp, a=rec.arrays(pid): _save_npz(tmp, a))
+            atomic_write_text(self.path / PROPOSALS_TABLE, json.dumps(rec.table(), indent=1) + "\n")
+            rewritten = []
+            for code in LESION_CODES:
+                # the older form's file holds the shown pixels: rewrite it where some are pending
+                if code not in ann.unreadable and ann.pending(code).any():
+                    write_mask(self.mask_path(code), rec.hand(code))
+                    rewritten.append(code)
+            if (self.path / LEGACY_SOURCES_TABLE).exists():
+                _remove_quietly(self.path / LEGACY_SOURCES_TABLE)
+                shutil.rmtree(self.path / LEGACY_SOURCES_DIR, ignore_errors=True)
+            if rewritten:
+                self._migrate_summary(ann)
+        except (RetinaInputError, OSError) as e:
+            reason = str(e) if isinstance(e, RetinaInputError) else (e.strerror or str(e))
+            ann.notes.append(f"{self.path.name}: kept in its older form ({reason}); it opens as before "
+                             "and is rewritten when it is next saved")
+            return
+        ann.legacy_sources = False
+
+    def _migrate_summary(self, ann: Annotation) -> None:
+        """lesions.csv and overlay.png of the confirmed pixels (only the ones the folder had)."""
+        confirmed = ann.confirmed_masks()
+        if (self.path / "lesions.csv").exists():
+            self._save_lesion_table(confirmed, None, ann.provenance, None)
+        if (self.path / "overlay.png").exists() and self.image_path is not None:
+            from .images import read_fundus
+
+            try:
+                rgb = read_fundus(self.image_path)
+            except RetinaInputError:
+                return  # the overlay is a view for people; the masks are what counts
+            if rgb.shape[:2] == tuple(ann.shape):
+                self._save_overlay(confirmed, rgb)
+
+    def _load_legacy_sources(self, ann: Annotation, masks_from_files: bool = True) -> None:
         """`sources.json` + `sources/<LESION>.png` (one contributor per pixel) -> mask proposals."""
         table_path = self.path / LEGACY_SOURCES_TABLE
         raw = _read_json(table_path)
@@ -302,6 +435,8 @@ class ProjectFolder:
             raise RetinaInputError(f"{table_path}: malformed source table") from None
         import cv2  # lazily: only projects with model contributions need it
 
+        if not masks_from_files:
+            self._shown_from_files(ann, {str(c) for c in raw.get("lesions", [])})
         entries, arrays = [], {}
         for code in raw.get("lesions", []):
             p = self.path / LEGACY_SOURCES_DIR / f"{code}.png"
@@ -320,8 +455,7 @@ class ProjectFolder:
                 desc = dict(described.get(int(sid), {"kind": "model"}))
                 desc.pop("lesion", None)
                 entries.append({"id": int(sid), "lesion": code, "box": box, "description": desc})
-        ann.record.restore({"proposals": entries}, arrays)
-        ann.legacy_sources = True
+        ann.record.restore({"format": 1, "proposals": entries}, arrays)
 
     # --- writing ---------------------------------------------------------------------
     def save(
@@ -344,12 +478,21 @@ class ProjectFolder:
         snap.proposal_arrays = {i: ann.record.arrays(i) for i in ann.record.proposals}
         snap.drop_legacy_sources, ann.legacy_sources = snap.drop_legacy_sources or ann.legacy_sources, False
         self.write(snap, grader=grader, fov_area_px=fov_area_px)
-        self.write_summary(ann.masks, rgb=rgb, fov_area_px=fov_area_px, provenance=ann.provenance)
+        self.write_summary(ann.confirmed_masks(), rgb=rgb, fov_area_px=fov_area_px, provenance=ann.provenance)
 
     def write(self, snap: ProjectSnapshot, grader: str | None = None, fov_area_px: int | None = None) -> None:
-        """Write what a snapshot holds: its masks, ellipses, proposals and the provenance."""
+        """Write what a snapshot holds: its masks (confirmed pixels), ellipses, proposals and the provenance.
+
+        The mask files go before the proposal record: an accepted proposal leaves the record
+        only once its pixels are in the mask file. A save that turns an older-form folder into
+        the current one (`drop_legacy_sources`) goes the other way round, as `_migrate` does:
+        the older mask files hold pending pixels, which must be in the record before they
+        leave the files.
+        """
         if not self.path.is_dir():
             raise RetinaInputError(f"{self.path}: the project folder is gone")
+        if snap.drop_legacy_sources:
+            self._write_proposals(snap)
         for code, mask in snap.masks.items():
             target = self.mask_path(code)
             if code in snap.replaces_unreadable and target.exists():
@@ -358,7 +501,11 @@ class ProjectFolder:
             write_mask(target, mask)
         if snap.ellipses is not None:
             save_ellipses(self.path / "ellipses.json", snap.ellipses)
-        self._write_proposals(snap)
+        if not snap.drop_legacy_sources:
+            self._write_proposals(snap)
+        else:
+            _remove_quietly(self.path / LEGACY_SOURCES_TABLE)
+            shutil.rmtree(self.path / LEGACY_SOURCES_DIR, ignore_errors=True)
         self._save_provenance(snap.provenance, snap.image_name, grader, fov_area_px)
 
     def _write_proposals(self, snap: ProjectSnapshot) -> None:
@@ -372,9 +519,6 @@ class ProjectFolder:
         atomic_write_text(self.path / PROPOSALS_TABLE, json.dumps(snap.proposal_table, indent=1) + "\n")
         for pid in snap.removed_proposals:
             _remove_quietly(self.proposal_path(pid))
-        if snap.drop_legacy_sources:
-            _remove_quietly(self.path / LEGACY_SOURCES_TABLE)
-            shutil.rmtree(self.path / LEGACY_SOURCES_DIR, ignore_errors=True)
 
     def write_summary(
         self,
@@ -384,7 +528,8 @@ class ProjectFolder:
         provenance: dict | None = None,
         counts: dict[str, int] | None = None,
     ) -> None:
-        """lesions.csv and (given the image) overlay.png, from all five masks."""
+        """lesions.csv and (given the image) overlay.png, from all five masks: the CONFIRMED pixels
+        (`Annotation.confirmed_masks`), never pending proposals."""
         self._save_lesion_table(masks, fov_area_px, provenance or {}, counts)
         if rgb is not None:
             self._save_overlay(masks, rgb)
@@ -441,9 +586,10 @@ class ProjectFolder:
 class ProjectWriter:
     """Writes one image's successive snapshots into its project folder, from one background thread.
 
-    It keeps its own copy of the five masks as last written (updated from each snapshot's
-    changed lesions), so the lesion counts, lesions.csv and overlay.png never need the GUI
-    thread's masks.
+    It keeps its own copy of the five CONFIRMED masks as last written (updated from each
+    snapshot's changed lesions), so the lesion counts, lesions.csv and overlay.png never need
+    the GUI thread's masks and never count pending proposals. Give it the `Annotation` (or
+    `Annotation.confirmed_masks()`), not `Annotation.masks`, which holds pending pixels too.
     """
 
     def __init__(
@@ -451,12 +597,14 @@ class ProjectWriter:
         project_dir: str | Path,
         image: str | Path,
         rgb: np.ndarray,
-        masks: dict[str, np.ndarray],
+        masks: "Annotation | dict[str, np.ndarray]",
         grader: str | None = None,
     ):
         self.project = ProjectFolder(project_dir)
         self.image = Path(image)
         self.rgb = rgb
+        if isinstance(masks, Annotation):
+            masks = masks.confirmed_masks()
         self.masks = {c: m.copy() for c, m in masks.items()}  # the writer's own: the GUI edits the originals
         self.grader = grader
         self.fov: np.ndarray | None = None

@@ -8,6 +8,7 @@ a half-copied or edited folder never silently runs.
 
     load_model("path/to/folder")                  # -> the model's inference object
     load_model(None, expect="refiner")            # -> the shipped refiner
+    versions.load_model_in_use("refiner")         # -> the refiner version in use (selected or shipped)
     check_model_folder(folder, expect="refiner")  # -> config.json as a dict, or RetinaInputError
 
 Kinds register by import path, so nothing here imports torch or a network until a folder
@@ -98,13 +99,13 @@ def model_class(kind: str):
 
 
 def load_model(folder: str | Path | None = None, expect: str | None = None, device: str = "cpu", **kw: Any):
-    """The inference object of a checked model folder (None: the version of `expect` in use,
-    `versions.current_model_dir`: the one the grader selected, else the shipped one)."""
+    """The inference object of a checked model folder (None: the shipped model of `expect`).
+
+    The registry knows the shipped models only; the version a grader selected is
+    versions.load_model_in_use(kind) (versions builds on the registry, never the reverse)."""
     if folder is None:
         if expect is None:
             raise ModelFolderError("give a model folder or the kind of shipped model to load")
-        from .versions import current_model_dir
-
-        folder = current_model_dir(expect)
+        folder = shipped_model_dir(expect)
     config = check_model_folder(folder, expect=expect)
     return model_class(config["model"]).from_folder(Path(folder), config, device=device, **kw)

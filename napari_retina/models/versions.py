@@ -4,9 +4,10 @@ Each trained or imported model is one folder (weights, config, card) under the u
 folder, `<data>/models/<kind>/<version>/` (platformdirs' user data dir for "napari-retina",
 or `$NAPARI_RETINA_DATA` when set), next to the shipped models, which are the first version of
 each kind. `<data>/selected.json` records the version in use per kind; the annotator, the
-segmenters and the CLI load `current_model_dir(kind)` when no folder is given. A folder whose
-checksum fails is never selected (the registry refuses it with one line), and selecting a new
-version never removes the previous one.
+segmenters and the CLI load `current_model_dir(kind)` (`load_model_in_use(kind)`) when no
+folder is given. A folder whose checksum fails is never selected (the registry refuses it
+with one line), and selecting a new version never removes the previous one. Versions build on
+the registry (models.registry), which knows only the shipped models and never imports this.
 
 platformdirs is imported lazily (the GPU machine that runs `python -m training` lacks it).
 """
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..io.atomic import atomic_write_text
-from .registry import KINDS, ModelFolderError, check_model_folder, shipped_model_dir
+from .registry import KINDS, ModelFolderError, check_model_folder, load_model, shipped_model_dir
 
 ENV = "NAPARI_RETINA_DATA"
 
@@ -106,6 +107,11 @@ def current_model_dir(kind: str) -> Path:
     return shipped_model_dir(kind)
 
 
+def load_model_in_use(kind: str, device: str = "cpu", **kw):
+    """The inference object of the version of `kind` in use (`current_model_dir`), checked."""
+    return load_model(current_model_dir(kind), expect=kind, device=device, **kw)
+
+
 def select(kind: str, folder: str | Path) -> Path:
     """Use `folder` (checked: kind and checksum) for `kind` from now on; returns it."""
     folder = Path(folder).resolve()
@@ -137,8 +143,6 @@ def import_model(folder: str | Path) -> Path:
     shutil.copytree(folder, target, ignore=shutil.ignore_patterns("run", "*.pt"))
     try:
         # a quick validation: the copy passes its checksum and its weights build the network it names
-        from .registry import load_model
-
         load_model(target, expect=config["model"])
     except Exception as e:
         shutil.rmtree(target, ignore_errors=True)

@@ -273,3 +273,89 @@ def test_saving_only_changed_lesions_keeps_the_others(tmp_path, image):
     proj.save(ann, lesions={"EX"})
     assert (proj.path / "eye_HE.tif").stat().st_mtime_ns == before
     assert not read_mask(proj.path / "eye_EX.tif").any()
+
+
+def _overlay_on_disk(proj):
+    import cv2
+
+    return cv2.cvtColor(cv2.imread(str(proj.path / "overlay.png")), cv2.COLOR_BGR2RGB)
+
+
+def test_pending_proposals_stay_off_the_mask_files_the_overlay_and_the_table_until_accepted(tmp_path, image):
+    from napari_retina.fundus import overlay_rgb
+
+    proj = ProjectFolder.create(tmp_path / "eye.retina", image)
+    rgb = fundus_rgb(3)
+    ann = Annotation.empty("eye.jpg", (96, 128))
+    hand = blob_mask([(30, 30)], radius=4)
+    ann.record.hand_edit("EX", (0, 96, 0, 128), painted=hand)
+    a = _ellipse_proposal(ann, "EX", (60.0, 60.0), (10.0, 6.0), "a", threshold=0.3)
+    ma = _ellipse_proposal(ann, "MA", (90.0, 70.0), (4.0, 4.0), "m")
+    pending = ann.masks["EX"] & ~hand
+    assert pending.sum() > 20 and ann.masks["MA"].any()  # shown in memory
+    np.testing.assert_array_equal(ann.pending("EX"), pending)
+    proj.save(ann, rgb=rgb, fov_area_px=4000)
+    # the files hold the grader's pixels only
+    np.testing.assert_array_equal(read_mask(proj.mask_path("EX")), hand)
+    assert not read_mask(proj.mask_path("MA")).any()
+    rows = {r["lesion"]: r for r in csv.DictReader((proj.path / "lesions.csv").open())}
+    assert (int(rows["EX"]["count"]), int(rows["EX"]["area_px"])) == (1, int(hand.sum()))
+    assert (int(rows["MA"]["count"]), int(rows["MA"]["area_px"])) == (0, 0)
+    confirmed = {c: np.zeros((96, 128), bool) for c in ("EX", "HE", "MA", "SE", "OD")}
+    confirmed["EX"] = hand
+    np.testing.assert_array_equal(_overlay_on_disk(proj), overlay_rgb(rgb, confirmed))
+    assert json.loads((proj.path / "proposals.json").read_text())["format"] == 2
+    # reopened: shown again, still pending, same threshold
+    back = ProjectFolder(proj.path).load()
+    np.testing.assert_array_equal(back.masks["EX"], hand | pending)
+    np.testing.assert_array_equal(back.confirmed("EX"), hand)
+    assert back.record.find(ellipse_id="a")[0].threshold == 0.3 and back.record.find(ellipse_id="m")
+    # accepted (through the autosave path): now in the file, the table and the overlay
+    writer = ProjectWriter(proj.path, image, rgb, back)
+    assert back.record.accept(lesion="EX") == int(pending.sum())
+    rows = writer.write(back.snapshot(), summary=True)
+    np.testing.assert_array_equal(read_mask(proj.mask_path("EX")), hand | pending)
+    assert not read_mask(proj.mask_path("MA")).any()  # MA's proposal is still pending
+    assert {r["lesion"]: r["area_px"] for r in rows}["EX"] == int((hand | pending).sum())
+    confirmed["EX"] = hand | pending
+    np.testing.assert_array_equal(_overlay_on_disk(proj), overlay_rgb(rgb, confirmed))
+    again = ProjectFolder(proj.path).load()
+    assert not again.record.find(ellipse_id="a") and again.record.find(ellipse_id="m")
+    np.testing.assert_array_equal(again.confirmed("EX"), hand | pending)
+    np.testing.assert_array_equal(again.masks["MA"], ann.masks["MA"])
+    assert a.id not in again.record.proposals and ma.id in again.record.proposals
+
+
+def test_painting_over_a_pending_pixel_confirms_it_in_the_file(tmp_path, image):
+    proj = ProjectFolder.create(tmp_path / "eye.retina", image)
+    ann = Annotation.empty("eye.jpg", (96, 128))
+    writer = ProjectWriter(proj.path, image, fundus_rgb(3), ann)
+    _ellipse_proposal(ann, "SE", (60.0, 50.0), (8.0, 6.0), "s")
+    writer.write(ann.snapshot(all_lesions=True))
+    assert not read_mask(proj.mask_path("SE")).any()
+    stroke = np.zeros((96, 128), bool)
+    stroke[50, 56:65] = True
+    assert ann.masks["SE"][stroke].all()  # every pixel of it shown (pending) already
+    ann.record.hand_edit("SE", (0, 96, 0, 128), painted=stroke)
+    snap = ann.snapshot()
+    assert set(snap.masks) == {"SE"}  # nothing shown changed, yet the file must be rewritten
+    writer.write(snap)
+    np.testing.assert_array_equal(read_mask(proj.mask_path("SE")), stroke)
+    back = ProjectFolder(proj.path).load()
+    back.record.withdraw_where(ellipse_id="s")
+    np.testing.assert_array_equal(back.masks["SE"], stroke)
+
+
+def test_the_writer_counts_confirmed_pixels_of_lesions_it_did_not_rewrite(tmp_path, image):
+    proj = ProjectFolder.create(tmp_path / "eye.retina", image)
+    ann = Annotation.empty("eye.jpg", (96, 128))
+    _ellipse_proposal(ann, "EX", (60.0, 60.0), (10.0, 6.0), "a")
+    proj.save(ann)
+    back = ProjectFolder(proj.path).load()
+    assert back.masks["EX"].any()
+    writer = ProjectWriter(proj.path, image, fundus_rgb(3), back)  # EX is not written again below
+    back.record.hand_edit("MA", (0, 96, 0, 128), painted=blob_mask([(20, 20)], radius=2))
+    rows = {r["lesion"]: r for r in writer.write(back.snapshot(), summary=True)}
+    assert rows["EX"]["area_px"] == 0 and rows["EX"]["count"] == 0 and rows["MA"]["count"] == 1
+    table = {r["lesion"]: r for r in csv.DictReader((proj.path / "lesions.csv").open())}
+    assert table["EX"]["area_px"] == "0"

@@ -34,6 +34,8 @@ class OpenedImage:
     project_dir: Path
     from_project: bool  # True when restored from an existing project folder
     dataset_root: Path | None = None
+    # does it look like a fundus photograph (round field of view)? None until the FOV is computed
+    fundus: bool | None = None
 
     @property
     def stem(self) -> str:
@@ -163,9 +165,28 @@ def _resize_guard(ann: Annotation, rgb: np.ndarray) -> Annotation:
 # --- napari layer data ------------------------------------------------------------------
 
 
+# pending proposals: the lesion's colour, lighter and more transparent than confirmed pixels
+PENDING_ALPHA = 0.45
+
+
 def labels_colormap(code: str) -> dict:
+    """A lesion layer's colours: confirmed pixels in the lesion's colour, pending ones lighter."""
     les = lesion(code)
-    return {None: (0, 0, 0, 0), 0: (0, 0, 0, 0), les.label: les.colour}
+    r, g, b = (v / 255 for v in les.rgb)
+    light = tuple(round(v + (1 - v) * 0.55, 3) for v in (r, g, b))
+    return {None: (0, 0, 0, 0), 0: (0, 0, 0, 0), les.label: les.colour, les.pending_label: (*light, PENDING_ALPHA)}
+
+
+def lesion_layer_values(ann: Annotation, code: str) -> np.ndarray:
+    """A lesion Labels layer's data: `label` where the grader confirmed a pixel (painted or
+    accepted), `pending_label` where only a model's pending proposal claims it."""
+    les = lesion(code)
+    shown = ann.masks[code]
+    data = shown.astype(np.uint8) * np.uint8(les.pending_label)
+    if not ann.record.proposals:
+        return shown.astype(np.uint8) * np.uint8(les.label)
+    data[ann.record.hand(code) & shown] = les.label
+    return data
 
 
 def _meta(opened: OpenedImage, role: str, **extra) -> dict:
@@ -186,7 +207,7 @@ def layer_data(opened: OpenedImage) -> list[tuple]:
     image_meta = _meta(opened, "image", unreadable=dict(ann.unreadable))
     out: list[tuple] = [(opened.rgb, {"name": opened.stem, "rgb": True, "metadata": image_meta}, "image")]
     for les in LESIONS:
-        data = ann.masks[les.code].astype(np.uint8) * np.uint8(les.label)
+        data = lesion_layer_values(ann, les.code)
         out.append(
             (
                 data,
@@ -269,6 +290,8 @@ class AnnotationSession:
         self.opened: OpenedImage | None = None
         self.project_root: Path | None = None  # None: `<stem>.retina/` beside each image
         self._pinned: dict[str, Path] = {}  # kind -> a folder given by hand (command line, tests)
+        self._confirmed_fundus: set[str] = set()  # images the grader let the models run on anyway
+        self._noticed: set[str] = set()  # images already reported as not looking like a fundus photograph
         self._listeners: dict[str, list] = {e: [] for e in self.EVENTS}
 
     # --- listeners ---------------------------------------------------------------------------
@@ -302,6 +325,23 @@ class AnnotationSession:
         self.opened, self.dataset, self.index = opened, dataset, index
         self.emit("image", opened)
 
+    # --- images that do not look like a fundus photograph ------------------------------------
+    def fundus_confirmed(self, opened: OpenedImage) -> bool:
+        """May the lesion models run on `opened`? Yes unless its field of view is not round and the
+        grader has not said to go on."""
+        return opened.fundus is not False or str(opened.record.image) in self._confirmed_fundus
+
+    def confirm_fundus(self, opened: OpenedImage) -> None:
+        self._confirmed_fundus.add(str(opened.record.image))
+
+    def first_notice(self, opened: OpenedImage) -> bool:
+        """True the first time an image that does not look like a fundus photograph is reported."""
+        key = str(opened.record.image)
+        if opened.fundus is not False or key in self._noticed:
+            return False
+        self._noticed.add(key)
+        return True
+
     # --- model versions in use (registry.KINDS) --------------------------------------------------
     def model_dir(self, kind: str) -> Path:
         """The folder the next run of `kind` loads: one pinned by hand, else the version in use."""
@@ -328,3 +368,24 @@ class AnnotationSession:
         self._pinned.pop(kind, None)
         self.emit("model", kind, folder)
         return folder
+
+
+def looks_like_fundus(fov: np.ndarray) -> bool:
+    """Does a field-of-view mask (fundus.field_of_view_mask) show a fundus photograph's round aperture?
+
+    A colour fundus photograph is a bright disc (often cut flat at top and bottom) on a dark
+    surround: its image corners lie outside the field of view, which fills 60-97 % of its own
+    bounding box (a full disc 79 %). An image without a dark surround gets an all-True mask.
+    """
+    fov = np.asarray(fov, bool)
+    h, w = fov.shape
+    if not fov.any() or fov.all():
+        return False
+    k = max(1, min(h, w) // 50)
+    corners = [fov[:k, :k], fov[:k, -k:], fov[-k:, :k], fov[-k:, -k:]]
+    if any(c.mean() > 0.5 for c in corners):
+        return False
+    rows, cols = np.flatnonzero(fov.any(axis=1)), np.flatnonzero(fov.any(axis=0))
+    bh, bw = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+    fill = fov.sum() / float(bh * bw)
+    return 0.6 <= fill <= 0.97 and bw >= 0.3 * w

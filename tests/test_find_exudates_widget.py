@@ -229,7 +229,7 @@ def test_one_napari_progress_bar_follows_the_tiles_and_its_animation_turns_slowe
     monkeypatch.setattr(segment, "PROGRESS_EVERY_S", 0.0)
     viewer, widget = annotator
     finder = widget.exudate_finder
-    window = weakref.ref(viewer.window._qt_window)  # a slot holding the window would outlive the viewer
+    window = weakref.ref(widget.window())  # a slot holding the window would outlive the viewer
 
     def speeds():
         return [lab.movie().speed() for lab in window().findChildren(QLabel) if lab.movie() is not None]
@@ -282,13 +282,13 @@ def test_overlapping_runs_keep_napari_animation_slow_until_the_last_one_ends(ann
     from napari_retina.widgets.activity import ACTIVITY_SPEED_PERCENT, SlowAnimations
 
     viewer, widget = annotator
-    window = weakref.ref(viewer.window._qt_window)
+    window = weakref.ref(widget.window())
 
     def speed():
         return max(lab.movie().speed() for lab in window().findChildren(QLabel) if lab.movie() is not None)
 
     before = speed()
-    first, second = SlowAnimations(viewer), SlowAnimations(viewer)
+    first, second = SlowAnimations(widget), SlowAnimations(widget)  # a widget docked in the window
     assert speed() == ACTIVITY_SPEED_PERCENT < before
     first.release()
     first.release()  # twice: no effect

@@ -7,12 +7,13 @@ machines without a GPU), every frame recomposes the whole window: 0.6 of a 2-cor
 CPU, taken from the model or the training: slowing it took "Find microaneurysms" from 29 to 19 s
 (benchmarks/find_responsiveness.py). During this plugin's runs it turns at a fifth of that
 speed; the progress bar and the status line still move. Qt's public QMovie API does it; the
-animation is found in napari's window by its type, as no napari API reaches it.
+animation is found among the widgets of the window that holds the dock (Qt's own
+`QWidget.window()`), as no napari API reaches it.
 """
 
 from __future__ import annotations
 
-from qtpy.QtWidgets import QLabel
+from qtpy.QtWidgets import QLabel, QWidget
 
 ACTIVITY_SPEED_PERCENT = 20
 
@@ -25,11 +26,12 @@ _saved: list = []  # (movie, speed before)
 class SlowAnimations:
     """Held while one run goes on: `release()` (idempotent) when it ends."""
 
-    def __init__(self, viewer, percent: int = ACTIVITY_SPEED_PERCENT):
+    def __init__(self, widget, percent: int = ACTIVITY_SPEED_PERCENT):
+        """`widget`: a widget of the plugin's dock; the animations of its top-level window slow down."""
         self._released = False
         _holders.add(id(self))
-        window = getattr(getattr(viewer, "window", None), "_qt_window", None)
-        if window is None:  # not napari's Qt window as described: nothing to slow
+        window = widget.window() if isinstance(widget, QWidget) else None
+        if window is None or window is widget:  # not docked in a window yet: nothing to slow
             return
         for label in window.findChildren(QLabel):
             movie = label.movie()

@@ -1,12 +1,13 @@
 """The lesion annotator dock: lesion class, ellipses, display aids, counts, images, autosave.
 
-Painting, erasing and undo are napari's own Labels tools; this dock manages
-the layers (one Labels layer per lesion, one Shapes layer of ellipses),
-forwards every pixel change to the image's `PixelRecord` (brush strokes from
-paint events, undo/redo from the layer's data events), steps through a
-folder's images and autosaves into the annotation project folder. The record
-says what changed, so a save copies and writes only that. The GUI thread
-never waits on a disk write or an image decode.
+A thin view over the viewer's `AnnotationSession` (session_of(viewer)): the folder and image
+open, the model versions in use and the project live there, so the Retrain dock, File > Open
+and this dock agree. Painting, erasing and undo are napari's own Labels tools; the layers and
+what passes between them and the image's `PixelRecord` are `LesionLayers`' work. This dock
+steps through a folder's images, takes over what File > Open, drag-and-drop and Open Sample
+add (saving the image open before), and autosaves into the annotation project folder. The
+record says what changed, so a save copies and writes only that. The GUI thread never waits
+on a disk write or an image decode.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..fundus import enhance_contrast, field_of_view_mask, green_channel
+from ..fundus import enhance_display_contrast, field_of_view_mask, green_channel
 from ..io.datasets import Dataset, ImageRecord, open_dataset
 from ..io.ellipses import Ellipse, EllipseFile, load_ellipses, new_id
 from ..io.errors import RetinaInputError
@@ -61,10 +62,14 @@ from ..session import (
     OpenedImage,
     ellipses_from_shapes,
     layer_data,
+    looks_like_fundus,
     open_record,
 )
-from .labels_region import write_box
-from .refine import EllipseRefinement
+from .lesion_layers import IMAGE_ROLES, LesionLayers, layer_image, layer_role
+from .refine import REFINER, EllipseRefinement
+from .review import LesionReview
+from .segment import LesionFinder
+from .viewer_session import real_viewer, session_of
 
 AUTOSAVE_TICK_MS = 250
 SAVE_WHEN_QUIET_S = 0.5  # a burst of edits is written once it pauses...
@@ -76,25 +81,12 @@ DISPLAY_MODES = ("colour", "green channel", "contrast-enhanced (CLAHE)")
 FOV_LAYER = "field of view"
 
 
-def _role(layer: Layer) -> str | None:
-    info = layer.metadata.get(META_KEY) if isinstance(layer.metadata, dict) else None
-    return info.get("role") if isinstance(info, dict) else None
+_role = layer_role
 
 
 class _SaveSignals(QObject):
     done = Signal(object)  # (project_dir, lesion rows | None, error message | None, snapshot | None)
     counted = Signal(object)  # (project writer, lesion rows)
-
-
-_INSTANCES: "weakref.WeakSet[LesionAnnotator]" = weakref.WeakSet()
-
-
-def annotator_of(viewer) -> "LesionAnnotator | None":
-    """The lesion annotator docked in `viewer` (the train dock works on its folder and models)."""
-    for w in list(_INSTANCES):
-        if w.viewer is viewer:
-            return w
-    return None
 
 
 class _CountsTable(QTableWidget):
@@ -144,17 +136,21 @@ class LesionAnnotator(QWidget):
         from .mesh_shaders import keep_mesh_shaders
 
         keep_mesh_shaders()  # an added ellipse must not recompile the Shapes layer's shaders
-        self.refinement = EllipseRefinement(self, model_dir=model_dir)
-        self._exudate_model_dir = exudate_model_dir
-        self._ma_model_dir = ma_model_dir
-        self.viewer = napari_viewer
-        _INSTANCES.add(self)
-        self.opened: OpenedImage | None = None
-        self.dataset: Dataset | None = None
-        self.index = -1
-        self.project_root: Path | None = None  # None: `<stem>.retina/` beside each image
+        # napari hands a dock opened from the Plugins menu a proxy that hides private attributes
+        # and wraps every layer it returns; this dock keeps to napari's public API, and works on
+        # the viewer itself so that the layers it compares and connects are the real ones
+        self.viewer = real_viewer(napari_viewer)
+        self.session = session_of(napari_viewer)
+        # folders given by hand (the command line's --model, tests) run in this viewer only
+        for kind, folder in ((REFINER, model_dir), ("exudates", exudate_model_dir), ("microaneurysms", ma_model_dir)):
+            if folder is not None:
+                self.session.pin_model(kind, folder)
+        self.layers = LesionLayers(napari_viewer, self.session, self)
+        self.layers.edited.connect(self._edited)
+        self.layers.message.connect(lambda text: self.status_label.setText(text))
+        self.layers.lesion_wanted.connect(self.set_lesion)
+        self.refinement = EllipseRefinement(self.layers, self)
         self.current = LESION_CODES[0]
-        self.fov: np.ndarray | None = None
         self.summary: list[dict] = []
         self.last_saved: datetime | None = None
         self.project_writer: ProjectWriter | None = None  # used only from the writer thread
@@ -165,9 +161,8 @@ class LesionAnnotator(QWidget):
         self._last_edit = 0.0
         self._summary_since: float | None = None  # masks changed since overlay/lesions.csv were written
         self._last_summary = 0.0
-        self._writing_layers = False  # our own box writes: not the grader's edits
-        self._resync_due: set[str] = set()
         self._extras: dict[str, dict] = {}
+        self._connected_shapes: "weakref.WeakSet[Shapes]" = weakref.WeakSet()
         self._armed_id = ""  # the id a shape drawn next gets (see _label_new_shapes)
         self._labelling = False
         self._last_error: str | None = None
@@ -181,6 +176,8 @@ class LesionAnnotator(QWidget):
         self._build_ui()
         self._bind_keys()
         self.viewer.layers.events.inserted.connect(self._on_layer_inserted)
+        self.session.connect("model", self._on_model_changed)
+        self.refinement.model_status.connect(lambda text: self.model_label.setText(text))
         self._timer = QTimer(self)
         self._timer.setInterval(AUTOSAVE_TICK_MS)
         self._timer.timeout.connect(self.autosave_tick)
@@ -227,6 +224,11 @@ class LesionAnnotator(QWidget):
         for b in (self.ellipse_button, self.paint_button, self.erase_button):
             tools.addWidget(b)
         grid.addLayout(tools, 3, 0, 1, 2)
+        # one Accept per class: refined ellipses and finder candidates alike become the grader's own
+        self.accept_button = QPushButton("Accept EX")
+        self.accept_button.setToolTip("keep the pending (lighter) pixels of the active lesion class as yours")
+        self.accept_button.clicked.connect(lambda: self.accept_proposals(self.current))
+        grid.addWidget(self.accept_button, 4, 0, 1, 2)
         lay.addWidget(box)
 
         ref = QGroupBox("Ellipse refinement")
@@ -252,25 +254,17 @@ class LesionAnnotator(QWidget):
         self.refine_all_button.clicked.connect(self.refine_all)
         self.import_button = QPushButton("Import ellipses...")
         self.import_button.clicked.connect(self._choose_ellipse_file)
-        self.accept_button = QPushButton("Accept proposals")
-        self.accept_button.setToolTip("keep the active lesion's model pixels as the grader's own")
-        self.accept_button.clicked.connect(lambda: self.accept_proposals(self.current))
         rl.addWidget(self.refine_all_button, 2, 0)
         rl.addWidget(self.import_button, 2, 1)
-        rl.addWidget(self.accept_button, 3, 0, 1, 2)
         self.model_label = QLabel("loading the refinement model...")
         rl.addWidget(self.model_label, 4, 0, 1, 2)
         lay.addWidget(ref)
 
-        from .segment import LesionFinder
-
-        from .review import LesionReview
-
-        self.exudate_finder = LesionFinder(self, "EX", model_dir=self._exudate_model_dir)
+        self.exudate_finder = LesionFinder(self.layers, "EX")
         lay.addWidget(self.exudate_finder)
-        self.ma_finder = LesionFinder(self, "MA", model_dir=self._ma_model_dir)
+        self.ma_finder = LesionFinder(self.layers, "MA")
         lay.addWidget(self.ma_finder)
-        self.ma_review = LesionReview(self, "MA")
+        self.ma_review = LesionReview(self.layers, "MA", overlay_layer=self.ma_finder.overlay_layer)
         self.ma_finder.changed.connect(lambda code: self.ma_review.candidates_changed())
         lay.addWidget(self.ma_review)
         self.finders = (self.exudate_finder, self.ma_finder)
@@ -378,36 +372,126 @@ class LesionAnnotator(QWidget):
         switch.__name__ = f"switch_to_{code}"
         return switch
 
+    # --- the session's state, as this dock's attributes ---------------------------------------
+    @property
+    def opened(self) -> OpenedImage | None:
+        return self.session.opened
+
+    @opened.setter
+    def opened(self, value: OpenedImage | None) -> None:
+        self.session.opened = value
+
+    @property
+    def dataset(self) -> Dataset | None:
+        return self.session.dataset
+
+    @dataset.setter
+    def dataset(self, value: Dataset | None) -> None:
+        self.session.dataset = value
+
+    @property
+    def index(self) -> int:
+        return self.session.index
+
+    @index.setter
+    def index(self, value: int) -> None:
+        self.session.index = value
+
+    @property
+    def project_root(self) -> Path | None:
+        return self.session.project_root
+
+    @project_root.setter
+    def project_root(self, value: Path | None) -> None:
+        self.session.project_root = value
+
+    @property
+    def fov(self) -> np.ndarray | None:
+        return self.layers.fov
+
+    @fov.setter
+    def fov(self, value: np.ndarray | None) -> None:
+        self.layers.fov = value
+
     # --- layers ------------------------------------------------------------------------
     def layers_with_role(self, role: str) -> list[Layer]:
-        return [l for l in self.viewer.layers if _role(l) == role]
+        return self.layers.layers_with_role(role)
 
     @property
     def image_layer(self) -> Image | None:
-        found = self.layers_with_role("image")
-        return found[0] if found else None
+        return self.layers.image_layer
 
     @property
     def ellipses_layer(self) -> Shapes | None:
-        found = self.layers_with_role("ellipses")
-        return found[0] if found else None
+        return self.layers.ellipses_layer
 
     def lesion_layer(self, code: str) -> Labels | None:
-        for l in self.layers_with_role("lesion"):
-            if l.metadata[META_KEY].get("lesion") == code:
-                return l
-        return None
+        return self.layers.lesion_layer(code)
 
     def _on_layer_inserted(self, event) -> None:
-        if self.opened is None and not self._loading and _role(event.value) == "image":
+        if self._loading or _role(event.value) != "image":
+            return
+        if self.opened is None:
             # a reader added a fundus image after the dock was opened: wait for its lesion layers
             QTimer.singleShot(0, self._adopt_layers)
+        elif layer_image(event.value) is not None and event.value is not self.image_layer_of_opened():
+            # File > Open, drag-and-drop or Open Sample while an image is open: switch to it,
+            # once the reader has added all its layers
+            QTimer.singleShot(0, lambda layer=event.value: self._switch_to_reader_layers(layer))
+
+    def image_layer_of_opened(self) -> Image | None:
+        """The image layer of the image open now (the reader may have added another one)."""
+        op = self.opened
+        for layer in self.layers_with_role("image"):
+            if op is not None and layer_image(layer) == str(op.record.image) and self.layers.owns(layer):
+                return layer
+        return None
+
+    def _switch_to_reader_layers(self, new_image: Layer) -> None:
+        """Another image came through napari's reader: save the one open, then make the new one
+        the session's image (one set of lesion layers, the dock naming it)."""
+        if new_image not in self.viewer.layers or self._loading:
+            return
+        new_path = layer_image(new_image)
+        new_layers = [l for l in self.viewer.layers if layer_image(l) == new_path and not self.layers.owns(l)
+                      and _role(l) in IMAGE_ROLES]
+        op = self.opened
+        if op is not None and str(op.record.image) == new_path:
+            # the image open now, opened again: keep the live one (its unsaved edits included)
+            for layer in new_layers:
+                self.viewer.layers.remove(layer)
+            self.status_label.setText(f"{op.record.image.name} is already open")
+            return
+        for finder in self.finders:  # a run on the old image stops; what it proposed goes before the save
+            finder.image_changed()
+        if op is not None and (self.has_unsaved_changes() or self._summary_since is not None):
+            self.save(summary=True)
+        self.ma_review.image_changed()
+        keep = {id(l) for l in new_layers}
+        self._loading = True
+        try:
+            for layer in list(self.viewer.layers):
+                if _role(layer) in IMAGE_ROLES and id(layer) not in keep:
+                    self.viewer.layers.remove(layer)
+            self.opened = None
+        finally:
+            self._loading = False
+        for layer in new_layers:  # napari named them "EX hard exudates [1]" while the old ones were there
+            if _role(layer) == "lesion":
+                layer.name = lesion(layer.metadata[META_KEY]["lesion"]).layer_name
+            elif _role(layer) == "ellipses":
+                layer.name = "ellipses"
+            elif _role(layer) == "image":
+                layer.name = Path(new_path).stem
+        self._adopt_layers()
+        self.viewer.reset_view()
 
     def _adopt_layers(self) -> None:
         """Take over layers the reader added (image, lesions, ellipses) and restore the project."""
         img = self.image_layer
         if img is None or self.opened is not None:
             return
+        self.layers.own(img)
         info = img.metadata[META_KEY]
         image_path = Path(info["image"])
         dataset = None
@@ -447,6 +531,12 @@ class LesionAnnotator(QWidget):
             from_project=pf.exists(),
             dataset_root=dataset.root if dataset else None,
         )
+        if dataset is None and self.session.dataset is not None:
+            # an image of the folder being worked through: keep the folder's image list
+            i = self.session.dataset.index_of(image_path)
+            if i >= 0:
+                dataset = self.session.dataset
+                self.opened.record = dataset.records[i]
         self.dataset = dataset
         self.index = dataset.index_of(image_path) if dataset else 0
         self._ensure_layers()
@@ -469,18 +559,18 @@ class LesionAnnotator(QWidget):
                 missing.append((data, kwargs, kind))
         for item in missing:
             self.viewer.add_layer(Layer.create(*item))
+        for layer in self.viewer.layers:
+            if _role(layer) in IMAGE_ROLES:
+                self.layers.own(layer)  # this image's layers: a reader's new ones are told apart
         for les in LESIONS:
             layer = self.lesion_layer(les.code)
-            if not getattr(layer, "_retina_connected", False):
-                layer.events.paint.connect(self._paint_handler(les.code))
-                layer.events.set_data.connect(self._data_handler(les.code))
-                layer._retina_connected = True
+            self.layers.connect_lesion_layer(layer, les.code)
             layer.selected_label = les.label
         shapes = self.ellipses_layer
-        if not getattr(shapes, "_retina_connected", False):
+        if shapes not in self._connected_shapes:
             shapes.events.data.connect(self._on_shapes_data)
             shapes.events.features.connect(self._on_shapes_features)
-            shapes._retina_connected = True
+            self._connected_shapes.add(shapes)
         info = shapes.metadata.get(META_KEY, {})
         self._extras = dict(info.get("extras", {}))
         self.set_lesion(self.current, activate=False)
@@ -506,6 +596,7 @@ class LesionAnnotator(QWidget):
         n = f" ({self.index + 1}/{len(self.dataset)})" if self.dataset else ""
         self.image_label.setText(f"<b>{op.record.image.name}</b>{n}")
         self.refinement.reset(self.current_ellipses())
+        self.session.emit("image", op)  # the Retrain dock follows the folder
         for finder in self.finders:
             finder.show_restored()
         self.ma_review.image_changed()
@@ -513,14 +604,16 @@ class LesionAnnotator(QWidget):
         self.fov = None
         self._compute_fov()  # the counts follow once the field of view is known
 
-    def reload_models(self) -> None:
-        """Another model version was selected: the next refinement and Find use it (those given by folder stay)."""
-        ref = self.refinement
-        if ref.model_dir is None:
-            ref.refiner, ref.model_error = None, None
-            ref.load_model()
+    def _on_model_changed(self, kind: str, folder) -> None:
+        """A model version was put in use (here, in the Retrain dock or by an import): the next
+        refinement and Find of that kind run on it."""
+        from ..segmentation import SEGMENTER_KINDS
+
+        if kind == REFINER:
+            self.refinement.model_changed()
         for finder in self.finders:
-            finder.model_changed()
+            if SEGMENTER_KINDS.get(finder.code) == kind:
+                finder.model_changed()
 
     # --- reviewed lesions (labels for retraining) ---------------------------------------------
     def _show_reviewed(self) -> None:
@@ -553,6 +646,7 @@ class LesionAnnotator(QWidget):
         les = lesion(code)
         self.current = les.code
         self.class_buttons.button(LESION_CODES.index(les.code)).setChecked(True)
+        self.accept_button.setText(f"Accept {les.code}")
         shapes = self.ellipses_layer
         if shapes is not None:
             shapes.feature_defaults["lesion"] = les.code
@@ -653,70 +747,12 @@ class LesionAnnotator(QWidget):
             self._armed_id = new_id()
             shapes.feature_defaults["id"] = self._armed_id
 
-    def _paint_handler(self, code: str):
-        """Brush, eraser, fill and polygon strokes go to the record (napari sends what changed)."""
-
-        def on_paint(event) -> None:
-            op = self.opened
-            if op is None or self._writing_layers:
-                return
-            record = op.annotation.record
-            for atom in event.value:
-                box, painted, erased = _atom_pixels(atom)
-                if box is not None:
-                    record.hand_edit(code, box, painted=painted, erased=erased)
-            self._edited()
-
-        return on_paint
-
-    def _data_handler(self, code: str):
-        """Undo, redo or new data reach the layer without a paint event: compare once, soon."""
-
-        def on_set_data(event) -> None:
-            if self._writing_layers or self.opened is None or code in self._resync_due:
-                return
-            self._resync_due.add(code)
-            QTimer.singleShot(0, lambda: self._resync(code))
-
-        return on_set_data
-
-    def _resync(self, code: str) -> None:
-        """Take whatever the layer shows that the record does not know as the grader's doing."""
-        self._resync_due.discard(code)
-        op, layer = self.opened, self.lesion_layer(code)
-        if op is None or layer is None or layer.data.shape != tuple(op.annotation.shape):
-            return
-        now = np.asarray(layer.data) != 0
-        diff = now != op.annotation.masks[code]
-        rows = np.flatnonzero(diff.any(axis=1))
-        if rows.size == 0:
-            return
-        cols = np.flatnonzero(diff.any(axis=0))
-        box = (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)
-        op.annotation.record.hand_set(code, box, now[box[0] : box[1], box[2] : box[3]])
-        self._edited()
-
     def show_changes(self, changes) -> None:
-        """Paint the boxes the record changed into the lesion layers (only those boxes are redrawn)."""
-        op = self.opened
-        if op is None:
-            return
-        changed = False
-        self._writing_layers = True
-        try:
-            for change in changes:
-                if not isinstance(change, PixelChange):
-                    continue
-                layer = self.lesion_layer(change.lesion)
-                if layer is not None:
-                    write_box(layer, change, op.annotation.masks[change.lesion], lesion(change.lesion).label)
-                changed = True
-        finally:
-            self._writing_layers = False
-        if changed:
-            self._edited()
+        """Paint the boxes the record changed into the lesion layers (LesionLayers.show_changes)."""
+        self.layers.show_changes(changes)
 
     def _edited(self) -> None:
+        """Something of the open image changed: autosave is due."""
         now = time.monotonic()
         self._last_edit = now
         if self._first_unsaved is None:
@@ -732,10 +768,32 @@ class LesionAnnotator(QWidget):
         self.refinement.refine_all(self.current_ellipses())
 
     def accept_proposals(self, code: str) -> int:
-        n = self.refinement.accept(code)
+        """Accept: the pending pixels shown of one lesion class (refined ellipses and finder
+        candidates alike) become the grader's own; candidates the threshold hides stay pending.
+        Returns the number of proposals accepted."""
+        op = self.opened
+        if op is None:
+            return 0
+        rec = op.annotation.record
+        changes, n = [], 0
+        for p in list(rec.of_lesion(code)):
+            if not p.claim().any():
+                continue  # below the threshold now: nothing shown to accept
+            if p.description.get("candidate"):
+                rec.decide(p.id, "accepted")  # a verdict, so the review counts show it
+            else:
+                rec.accept(ids=[p.id])
+            changes.append(PixelChange(code, p.box))
+            n += 1
+        self.show_changes(changes)  # confirmed pixels turn from the lighter to the full colour
         self._edited()
+        for finder in self.finders:
+            if finder.code == code:
+                finder.changed.emit(code)
+        msg = f"{n} {lesion(code).name} proposals accepted as yours" if n else f"no pending {lesion(code).name} to accept"
+        self.status_label.setText(msg)
         if n:
-            show_info(f"{n} proposed {lesion(code).name} pixels accepted")
+            show_info(msg)
         return n
 
     def _on_auto_refine(self, on: bool) -> None:
@@ -816,12 +874,12 @@ class LesionAnnotator(QWidget):
             return
         rgb = op.rgb
 
-        @thread_worker
+        @thread_worker(ignore_errors=True)  # _display_failed reports it, once
         def compute():
             if mode == "green channel":
                 g = green_channel(rgb)
                 return rgb, np.repeat(g[..., None], 3, axis=2)
-            return rgb, enhance_contrast(rgb)
+            return rgb, enhance_display_contrast(rgb)
 
         # bound methods, not lambdas: Qt drops the connection if the dock is gone when the worker ends
         worker = compute()
@@ -842,7 +900,7 @@ class LesionAnnotator(QWidget):
         op = self.opened
         rgb = op.rgb
 
-        @thread_worker
+        @thread_worker(ignore_errors=True)  # _fov_failed reports it, once
         def compute():
             return rgb, field_of_view_mask(rgb)
 
@@ -859,6 +917,10 @@ class LesionAnnotator(QWidget):
         if self.opened is None or self.opened.rgb is not rgb:
             return  # the grader already moved on
         self.fov = fov
+        self.opened.fundus = looks_like_fundus(fov)
+        if self.session.first_notice(self.opened):
+            show_info(f"{self.opened.record.image.name} has no circular field of view: it does not look like a "
+                      "fundus photograph (the lesion finders will ask before they run)")
         self._on_fov_toggled(self.fov_check.isChecked())
         self._update_counts_from_masks()
 
@@ -940,7 +1002,7 @@ class LesionAnnotator(QWidget):
         self.status_label.setText(f"opening {record.image.name}...")
         dataset, root = self.dataset, self.project_root
 
-        @thread_worker
+        @thread_worker(ignore_errors=True)  # _load_failed reports it, once
         def load():
             return open_record(record, project_root=root, dataset=dataset), index
 
@@ -1155,6 +1217,7 @@ class LesionAnnotator(QWidget):
 
     def closeEvent(self, event) -> None:
         self._timer.stop()
+        self.session.disconnect("model", self._on_model_changed)
         for finder in self.finders:  # a run in progress stops with the window
             finder.image_changed()
         try:
@@ -1176,24 +1239,3 @@ def _user() -> str:
         return getpass.getuser()
     except Exception:  # no login name in some containers
         return ""
-
-
-def _atom_pixels(atom) -> tuple[tuple | None, np.ndarray | None, np.ndarray | None]:
-    """(box, painted pixels of the box, erased pixels of the box) of one napari Labels history atom."""
-    if hasattr(atom, "slice_key"):  # mask-based atom (brush, fill, polygon): one new value
-        key = atom.slice_key[-2:]
-        box = (key[0].start, key[0].stop, key[1].start, key[1].stop)
-        shape = (box[1] - box[0], box[3] - box[2])
-        changed = np.ones(shape, bool) if atom.mask is None else np.asarray(atom.mask, bool).reshape(shape)
-        return (box, changed, None) if atom.new_value != 0 else (box, None, changed)
-    idx, _, new = atom  # (indices, old values, new values), as data_setitem records it
-    rows, cols = (np.asarray(i) for i in idx[-2:])
-    if rows.size == 0:
-        return None, None, None
-    new = np.broadcast_to(np.asarray(new), rows.shape)
-    box = (int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1)
-    painted = np.zeros((box[1] - box[0], box[3] - box[2]), bool)
-    erased = painted.copy()
-    painted[rows - box[0], cols - box[2]] = new != 0
-    erased[rows - box[0], cols - box[2]] = new == 0
-    return box, painted, erased

@@ -16,15 +16,20 @@ from napari.layers import Labels
 from ..proposals import PixelChange
 
 
-def write_box(layer: Labels, change: PixelChange, mask: np.ndarray, label: int) -> None:
-    """Make `layer`'s pixels in `change.box` lesion (`label`) exactly where `mask` (full size) is."""
+def write_box(layer: Labels, change: PixelChange, shown: np.ndarray, hand: np.ndarray, label: int,
+              pending_label: int) -> None:
+    """Make `layer`'s pixels in `change.box` show the record: `label` where the grader's own
+    (`hand`), `pending_label` where only a proposal claims them (`shown` and not `hand`), 0 elsewhere."""
     sl = change.slices
     region = layer.data[sl]  # a view: napari keeps NumPy label data as given
-    want = mask[sl]
+    want_on = shown[sl]
+    want_hand = hand[sl] & want_on
     on = region != 0
-    # touch only pixels whose lesion state differs: a grader's other label values stay as painted
-    region[want & ~on] = label
-    region[~want & on] = 0
+    pending = region == pending_label
+    # touch only pixels whose state differs: a grader's other label values stay as painted
+    region[want_hand & (~on | pending)] = label
+    region[want_on & ~want_hand & (region != pending_label)] = pending_label
+    region[~want_on & on] = 0
     redraw_box(layer, sl)
 
 

@@ -11,18 +11,13 @@ returns; it holds no pixel logic of its own.
 from __future__ import annotations
 
 import time
-from pathlib import Path
-from typing import TYPE_CHECKING
-
 import numpy as np
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QObject, Signal
 
 from ..io.ellipses import Ellipse
-
-if TYPE_CHECKING:
-    from .annotator import LesionAnnotator
+from .lesion_layers import LesionLayers
 
 REFINER = "refiner"  # the `model` of the proposals this class makes
 
@@ -32,15 +27,19 @@ def _key(e: Ellipse) -> tuple:
 
 
 class EllipseRefinement(QObject):
-    """Keeps the lesion layers in step with the ellipses of the annotator's Shapes layer."""
+    """Keeps the lesion layers in step with the ellipses of the session's Shapes layer.
+
+    The model is the session's refiner version in use (`session.model_dir("refiner")`); when
+    another version is put in use, `model_changed` drops the loaded one and the next ellipse is
+    refined by the new one."""
 
     refined = Signal(str, float)  # ellipse id, seconds from request to pixels shown
     model_ready = Signal(object)
+    model_status = Signal(str)  # one line on the model for the dock
 
-    def __init__(self, annotator: "LesionAnnotator", model_dir=None):
-        super().__init__(annotator)
-        self.ann_widget = annotator
-        self.model_dir = Path(model_dir) if model_dir is not None else None
+    def __init__(self, layers: LesionLayers, parent: QObject | None = None):
+        super().__init__(parent)
+        self.layers = layers
         self.refiner = None
         self.model_error: str | None = None
         self.enabled = True
@@ -60,16 +59,16 @@ class EllipseRefinement(QObject):
         if self.refiner is not None or self.model_error:
             return
         from ..models.folder import CONFIG, WEIGHTS
-        from ..models.refiner import default_model_dir
 
-        model_dir = self.model_dir or default_model_dir()
+        model_dir = self.layers.session.model_dir(REFINER)
         if not ((model_dir / WEIGHTS).is_file() and (model_dir / CONFIG).is_file()):
             self.model_error = f"no refinement model in {model_dir}"
-            self.ann_widget.model_label.setText("no refinement model: ellipses are kept as drawn")
+            self.model_status.emit("no refinement model: ellipses are kept as drawn")
             return
         self._loading = True
+        self.model_status.emit("loading the refinement model...")
 
-        @thread_worker
+        @thread_worker(ignore_errors=True)  # _model_failed reports it, once
         def load():
             import os
 
@@ -101,6 +100,11 @@ class EllipseRefinement(QObject):
         self.model_ready.emit(refiner)
         self._kick()
 
+    def model_changed(self) -> None:
+        """Another refiner version is in use: the next ellipse is refined by it (loaded now)."""
+        self.refiner, self.model_error = None, None
+        self.load_model()
+
     def _model_failed(self, exc) -> None:
         self._loading = False
         if self._reload:
@@ -108,6 +112,7 @@ class EllipseRefinement(QObject):
             self.load_model()
             return
         self.model_error = str(exc)
+        self.model_status.emit("refinement unavailable: ellipses are kept as drawn")
         show_error(f"ellipse refinement unavailable: {exc}")
 
     @property
@@ -148,19 +153,19 @@ class EllipseRefinement(QObject):
             self.request(eid, e)
 
     def _kick(self) -> None:
-        if self._busy or not self._queue or self.refiner is None or self.ann_widget.opened is None:
+        if self._busy or not self._queue or self.refiner is None or self.layers.opened is None:
             return
         batch = dict(self._queue)
         self._queue.clear()
         self._busy = True
-        rgb = self.ann_widget.opened.rgb
+        rgb = self.layers.opened.rgb
         refiner, sp = self.refiner, self.superpixels
 
-        @thread_worker
+        @thread_worker(ignore_errors=True)  # _failed reports it, once
         def run():
             ids = list(batch)
             results = refiner.refine_each(rgb, [batch[i][0] for i in ids], superpixels=sp)
-            return rgb, {i: (r, batch[i][1]) for i, r in zip(ids, results)}
+            return rgb, refiner, {i: (r, batch[i][1]) for i, r in zip(ids, results)}
 
         worker = run()
         worker.returned.connect(self._apply_batch)
@@ -174,39 +179,43 @@ class EllipseRefinement(QObject):
 
     def _apply_batch(self, payload) -> None:
         self._busy = False
-        rgb, results = payload
-        op = self.ann_widget.opened
+        rgb, refiner, results = payload
+        op = self.layers.opened
+        if refiner is not self.refiner:  # another version was put in use while this ran: refine again
+            for eid, (res, _) in results.items():
+                if eid in self.known and self.known[eid] == _key(res.ellipse) and eid not in self._queue:
+                    self._queue[eid] = (res.ellipse, time.perf_counter())
+            results = {}
         if op is not None and op.rgb is rgb:
             for eid, (res, t0) in results.items():
                 # the ellipse may have moved or gone while the worker ran
                 if eid in self.known and self.known[eid] == _key(res.ellipse) and eid not in self._queue:
-                    self._propose(eid, res)
+                    self._propose(eid, res, refiner)
                     self.refined.emit(eid, time.perf_counter() - t0)
         self._kick()
 
     # --- forwarding to the pixel record ------------------------------------------------------------
-    def _propose(self, eid: str, res) -> None:
-        op = self.ann_widget.opened
+    def _propose(self, eid: str, res, refiner) -> None:
+        op = self.layers.opened
         record = op.annotation.record
-        desc = {"kind": "model", "model": REFINER, "ellipse_id": eid}
-        if self.refiner is not None:
-            desc["version"] = self.refiner.version
-            op.annotation.provenance.setdefault("models", {})[REFINER] = self.refiner.description
+        # provenance names the version that made these pixels
+        desc = {"kind": "model", "model": REFINER, "ellipse_id": eid, "version": refiner.version}
+        op.annotation.provenance.setdefault("models", {})[REFINER] = refiner.description
         changes = record.withdraw_where(model=REFINER, ellipse_id=eid)  # a stale result of the same ellipse
         _, change = record.propose(res.ellipse.lesion, res.box, prob=res.prob, threshold=self.threshold, description=desc)
-        self.ann_widget.show_changes([*changes, change])
+        self.layers.show_changes([*changes, change])
 
     def remove(self, eid: str) -> None:
         """Take away what ellipse `eid` proposed; hand-painted pixels and other proposals' stay."""
         self.known.pop(eid, None)
         self._queue.pop(eid, None)
-        op = self.ann_widget.opened
+        op = self.layers.opened
         if op is not None:
-            self.ann_widget.show_changes(op.annotation.record.withdraw_where(model=REFINER, ellipse_id=eid))
+            self.layers.show_changes(op.annotation.record.withdraw_where(model=REFINER, ellipse_id=eid))
 
     def accept(self, code: str) -> int:
         """The grader keeps a lesion's proposals: they become hand pixels (deleting the ellipse keeps them)."""
-        op = self.ann_widget.opened
+        op = self.layers.opened
         if op is None:
             return 0
         record = op.annotation.record
@@ -215,9 +224,9 @@ class EllipseRefinement(QObject):
     def set_threshold(self, t: float) -> None:
         """Live preview: re-threshold every refined ellipse (restored ones included)."""
         self.threshold = t
-        op = self.ann_widget.opened
+        op = self.layers.opened
         if op is not None:
-            self.ann_widget.show_changes(op.annotation.record.set_threshold(t, model=REFINER))
+            self.layers.show_changes(op.annotation.record.set_threshold(t, model=REFINER))
 
     def info(self) -> str:
         if self.model_error:

@@ -18,15 +18,12 @@ on reopen.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from napari.utils.notifications import show_info
 from qtpy.QtCore import Qt
 from qtpy.QtGui import QKeySequence
 from qtpy.QtWidgets import QGridLayout, QGroupBox, QLabel, QPushButton, QShortcut
 
-if TYPE_CHECKING:
-    from .annotator import LesionAnnotator
+from .lesion_layers import LesionLayers
 
 REVIEW_ZOOM = 3.0  # screen pixels per image pixel while reviewing: an 18-px microaneurysm shows 54 px wide
 REVIEW_CONTOUR = 1  # the lesion layer outlined while reviewing: a filled candidate hides the dark dot to judge
@@ -37,9 +34,10 @@ KEYS = {"a": "accept", "r": "reject", "n": "next"}
 class LesionReview(QGroupBox):
     """Click tool and candidate review for one small-lesion class (MA)."""
 
-    def __init__(self, annotator: "LesionAnnotator", code: str = "MA"):
+    def __init__(self, layers: LesionLayers, code: str = "MA", overlay_layer=lambda: None):
         super().__init__("Microaneurysm tools")
-        self.ann_widget, self.code = annotator, code
+        self.layers, self.code = layers, code
+        self._overlay_layer = overlay_layer  # the finder's probability overlay (hidden while reviewing)
         self.reviewing = False
         self.current: int | None = None  # the proposal under review
         self._skipped: set[int] = set()
@@ -73,7 +71,7 @@ class LesionReview(QGroupBox):
 
     # --- state shown ---------------------------------------------------------------------------
     def record(self):
-        op = self.ann_widget.opened
+        op = self.layers.opened
         return None if op is None else op.annotation.record
 
     def update_counts(self) -> None:
@@ -91,7 +89,7 @@ class LesionReview(QGroupBox):
         self.counts_label.setText(f"accepted {n['accepted']} · rejected {n['rejected']} · pending {n['pending']}{where}")
 
     def points_layer(self):
-        for layer in self.ann_widget.viewer.layers:
+        for layer in self.layers.viewer.layers:
             meta = layer.metadata.get("napari_retina", {})
             if meta.get("role") == "candidates" and meta.get("lesion") == self.code:
                 return layer
@@ -108,19 +106,19 @@ class LesionReview(QGroupBox):
         ids = review_queue(rec, self.code) if rec is not None else []
         if not ids:
             if layer is not None:
-                self.ann_widget.viewer.layers.remove(layer)
+                self.layers.viewer.layers.remove(layer)
             return
         centres = np.array([rec.proposals[i].description.get("centre", [0, 0]) for i in ids], float)
         scores = np.array([float(rec.proposals[i].description.get("score", 0.0)) for i in ids])
         if layer is None:
-            active = self.ann_widget.viewer.layers.selection.active
-            layer = self.ann_widget.viewer.add_points(
+            active = self.layers.viewer.layers.selection.active
+            layer = self.layers.viewer.add_points(
                 centres, name=f"{self.code} candidates", size=14, symbol="ring", face_color="#00e5ff",
                 border_width=0, opacity=0.9, canvas_size_limits=(6, 40), visible=not self.reviewing,
                 metadata={"napari_retina": {"role": "candidates", "lesion": self.code}},
             )
             layer.size = 14
-            self.ann_widget.viewer.layers.selection.active = active  # painting stays where it was
+            self.layers.viewer.layers.selection.active = active  # painting stays where it was
         else:
             layer.data = centres
         layer.features = {"score": scores}
@@ -147,12 +145,12 @@ class LesionReview(QGroupBox):
 
     # --- click tool ----------------------------------------------------------------------------
     def _on_click_tool(self, on: bool) -> None:
-        layer = self.ann_widget.lesion_layer(self.code)
+        layer = self.layers.lesion_layer(self.code)
         if layer is None:
             self.click_button.setChecked(False)
             return
         if on:
-            self.ann_widget.set_lesion(self.code)
+            self.layers.want_lesion(self.code)
             layer.mode = "pan_zoom"  # a drag pans; a click without moving adds or removes
             if self._on_mouse not in layer.mouse_drag_callbacks:
                 layer.mouse_drag_callbacks.append(self._on_mouse)
@@ -176,14 +174,14 @@ class LesionReview(QGroupBox):
         """What a click at image pixel (row, col) does with the click tool on."""
         from ..segmentation import click_lesion
 
-        op = self.ann_widget.opened
+        op = self.layers.opened
         if op is None:
             return ""
         changes, what = click_lesion(op.annotation.record, op.rgb, self.code, (row, col))
-        self.ann_widget.show_changes(changes)
-        self.ann_widget._edited()  # a rejection changes the table even where no pixel changed
+        self.layers.show_changes(changes)
+        self.layers.mark_edited()  # a rejection changes the table even where no pixel changed
         self.update_counts()
-        self.ann_widget.status_label.setText(f"microaneurysm {what} at ({row}, {col})")
+        self.layers.say(f"microaneurysm {what} at ({row}, {col})")
         return what
 
     # --- review ---------------------------------------------------------------------------------
@@ -204,13 +202,12 @@ class LesionReview(QGroupBox):
                 self._shortcuts.append(sc)
         if on:
             self._skipped.clear()
-            layer = self.ann_widget.lesion_layer(self.code)
+            layer = self.layers.lesion_layer(self.code)
             if layer is not None:
-                self.ann_widget.set_lesion(self.code)
+                self.layers.want_lesion(self.code)
                 self._contour_before = layer.contour
                 layer.contour = max(layer.contour, REVIEW_CONTOUR)
-            finder = getattr(self.ann_widget, "ma_finder", None)
-            for other in (self.points_layer(), finder.overlay_layer() if finder is not None else None):
+            for other in (self.points_layer(), self._overlay_layer()):
                 if other is not None and other.visible:
                     other.visible = False
                     self._hidden.append(other)
@@ -219,12 +216,12 @@ class LesionReview(QGroupBox):
                 self.review_button.setChecked(False)
         else:
             self.current = None
-            layer = self.ann_widget.lesion_layer(self.code)
+            layer = self.layers.lesion_layer(self.code)
             if layer is not None and self._contour_before is not None:
                 layer.contour = self._contour_before  # filled again, as the grader had it
             self._contour_before = None
             for other in self._hidden:
-                if other in self.ann_widget.viewer.layers:
+                if other in self.layers.viewer.layers:
                     other.visible = True
             self._hidden = []
         self.update_counts()
@@ -246,7 +243,7 @@ class LesionReview(QGroupBox):
         self.current = queue[0]
         p = rec.proposals[self.current]
         r, c = p.description.get("centre", [(p.box[0] + p.box[1]) // 2, (p.box[2] + p.box[3]) // 2])
-        viewer = self.ann_widget.viewer
+        viewer = self.layers.viewer
         viewer.camera.center = (float(r), float(c))
         viewer.camera.zoom = REVIEW_ZOOM
         return True
@@ -256,8 +253,8 @@ class LesionReview(QGroupBox):
         if not self.reviewing or rec is None or self.current not in rec.proposals:
             return
         change = rec.decide(self.current, decision)
-        self.ann_widget.show_changes([change] if change is not None else [])
-        self.ann_widget._edited()
+        self.layers.show_changes([change] if change is not None else [])
+        self.layers.mark_edited()
         if not self._show_next():
             self.review_button.setChecked(False)
             show_info("every candidate is reviewed")

@@ -14,20 +14,15 @@ replaced. This class forwards and paints; the pixel logic lives in the headless 
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING
-
 import numpy as np
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QObject, Qt, Signal
-from qtpy.QtWidgets import QGridLayout, QGroupBox, QLabel, QPushButton, QSlider
+from qtpy.QtWidgets import QGridLayout, QGroupBox, QLabel, QMessageBox, QPushButton, QSlider
 
 from ..lesions import lesion as lesion_info
 from .activity import SlowAnimations, move_bar
-
-if TYPE_CHECKING:
-    from .annotator import LesionAnnotator
+from .lesion_layers import LesionLayers
 
 ROLE = "probability"
 # the overlay follows the map at most this often while the model runs: each update uploads the
@@ -60,16 +55,18 @@ class _Progress(QObject):
 
 
 class LesionFinder(QGroupBox):
-    """One lesion's segmenter in the dock: find, cancel, threshold, accept all."""
+    """One lesion's segmenter in the dock: find, cancel, threshold (the dock's Accept keeps the proposals).
+
+    It runs the session's version in use of its model kind (`session.model_dir`); when another
+    version is put in use, `model_changed` drops the loaded model and the next Find loads it."""
 
     finished = Signal(str)  # lesion code, when the proposals are in the layer
     changed = Signal(str)  # lesion code, whenever the model's proposals changed (a run, accept all)
 
-    def __init__(self, annotator: "LesionAnnotator", code: str = "EX", model_dir=None):
+    def __init__(self, layers: LesionLayers, code: str = "EX"):
         super().__init__(f"Find {NAMES.get(code, code)}")
-        self.ann_widget = annotator
+        self.layers = layers
         self.code = code
-        self.model_dir = Path(model_dir) if model_dir is not None else None
         self.segmenter = None
         self.threshold: float | None = None
         self._worker = None
@@ -102,17 +99,13 @@ class LesionFinder(QGroupBox):
         self.threshold_label = QLabel("threshold: model's")
         self.threshold_label.setToolTip("the model's own threshold until you move the slider")
         self.threshold_slider.valueChanged.connect(self._on_threshold)
-        self.accept_button = QPushButton("Accept all")
-        self.accept_button.setToolTip("keep every remaining candidate as the grader's own pixels")
-        self.accept_button.clicked.connect(self.accept_all)
         self.status = QLabel("")
         self.status.setWordWrap(True)
         lay.addWidget(self.find_button, 0, 0)
         lay.addWidget(self.cancel_button, 0, 1)
         lay.addWidget(self.threshold_label, 1, 0)
         lay.addWidget(self.threshold_slider, 1, 1)
-        lay.addWidget(self.accept_button, 2, 0, 1, 2)
-        lay.addWidget(self.status, 3, 0, 1, 2)
+        lay.addWidget(self.status, 2, 0, 1, 2)
 
     # --- running -------------------------------------------------------------------------------
     @property
@@ -120,14 +113,23 @@ class LesionFinder(QGroupBox):
         return self._worker is not None
 
     def find(self) -> None:
-        op = self.ann_widget.opened
+        op = self.layers.opened
         if op is None:
             show_info("open a fundus image first")
             return
         if self.running:
             return
-        rgb, fov = op.rgb, self.ann_widget.fov
-        segmenter, model_dir, code = self.segmenter, self.model_dir, self.code
+        if not self.layers.session.fundus_confirmed(op):
+            if not confirm_not_fundus(self, op.record.image.name):
+                self.status.setText("not run: the image does not look like a fundus photograph")
+                return
+            self.layers.session.confirm_fundus(op)
+        from ..segmentation import SEGMENTER_KINDS
+
+        rgb, fov = op.rgb, self.layers.fov
+        code = self.code
+        segmenter = self.segmenter
+        model_dir = self.layers.session.model_dir(SEGMENTER_KINDS[code]) if segmenter is None else None
         self._run_generation = self._generation
         self._cancel = False
         signals = self._signals
@@ -182,7 +184,7 @@ class LesionFinder(QGroupBox):
         # made here, before the worker can send a tile: napari processes pending events while it
         # makes a progress bar, so made on the first tile, the next tiles' signals made more bars
         self._pbar = progress(total=0, desc=f"finding {NAMES.get(self.code, self.code)}")  # 0: until the tiles are known
-        self._slowed = SlowAnimations(self.ann_widget.viewer)
+        self._slowed = SlowAnimations(self)
         self.find_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.status.setText("loading the model..." if segmenter is None else "segmenting...")
@@ -194,10 +196,9 @@ class LesionFinder(QGroupBox):
             self.segmenter = seg
 
     def model_changed(self) -> None:
-        """Another model version is in use: the next run loads it (a folder given by hand stays)."""
+        """Another model version is in use: the next run loads it."""
         self._generation += 1
-        if self.model_dir is None:
-            self.segmenter = None
+        self.segmenter = None
 
     def cancel(self) -> None:
         self._cancel = True  # checked between tiles: the run stops within one tile
@@ -207,11 +208,11 @@ class LesionFinder(QGroupBox):
         """Withdraw what the run proposed and put back what it replaced (its image is still open)."""
         run, self._run = self._run, None
         if run is not None:
-            self.ann_widget.show_changes(run.roll_back())
+            self.layers.show_changes(run.roll_back())
 
     def _current(self, rgb) -> bool:
         """Is `rgb` (a run's image) the image open now, and the run not cancelled?"""
-        op = self.ann_widget.opened
+        op = self.layers.opened
         return op is not None and op.rgb is rgb and not self._cancel
 
     def _on_tile(self, done: int, total: int) -> None:
@@ -234,7 +235,7 @@ class LesionFinder(QGroupBox):
         self._scale = seg.scale
         if self.threshold is None:
             self.set_threshold_value(seg.threshold)
-        op = self.ann_widget.opened
+        op = self.layers.opened
         self._run = RunProposals(op.annotation.record, self.code, self.threshold, {"kind": "model", **seg.description},
                                  block=self._block)
         self.status.setText("segmenting...")
@@ -249,7 +250,7 @@ class LesionFinder(QGroupBox):
         """A block of the map is final: its candidates go into the record at once."""
         rgb, box, sub = payload
         if self._run is not None and self._current(rgb):
-            self.ann_widget.show_changes(self._run.add(box, sub))
+            self.layers.show_changes(self._run.add(box, sub))
 
     def _restore_overlay(self) -> None:
         layer = self.overlay_layer()
@@ -257,7 +258,7 @@ class LesionFinder(QGroupBox):
         if layer is None:
             return
         if before is None:
-            self.ann_widget.viewer.layers.remove(layer)
+            self.layers.viewer.layers.remove(layer)
         else:
             data, scale, translate = before
             layer.scale, layer.translate = scale, translate
@@ -277,7 +278,7 @@ class LesionFinder(QGroupBox):
     def _failed(self, exc) -> None:
         from ..models.tiling import TilingCancelled
 
-        op = self.ann_widget.opened
+        op = self.layers.opened
         if op is not None and op.rgb is getattr(self._worker, "_rgb", None):
             self._roll_back()
             self._restore_overlay()
@@ -293,7 +294,7 @@ class LesionFinder(QGroupBox):
 
         rgb, seg, result, overlay, components = payload
         self._keep(seg)
-        op = self.ann_widget.opened
+        op = self.layers.opened
         if op is None or op.rgb is not rgb:
             self.status.setText("the image changed while the model ran: run it again")
             return
@@ -313,15 +314,15 @@ class LesionFinder(QGroupBox):
 
             changes, n = propose_candidates(op.annotation.record, self.code, result.prob, self.threshold, desc,
                                             floor=candidate_floor(seg, self.threshold), components=components)
-            self.ann_widget.show_changes(changes)
-            self.ann_widget._edited()
+            self.layers.show_changes(changes)
+            self.layers.mark_edited()
             self.status.setText(f"{n} candidates ({result.seconds:.1f} s); review them, or accept all")
             self.changed.emit(self.code)
             self.finished.emit(self.code)
             return
         if run is None:
             run = RunProposals(op.annotation.record, self.code, self.threshold, desc, block=self._block)
-        self.ann_widget.show_changes(run.finish(result.prob))  # the blocks not proposed yet
+        self.layers.show_changes(run.finish(result.prob))  # the blocks not proposed yet
         n = len(self.proposals())
         self.status.setText(f"{n} blocks with candidates ({result.seconds:.1f} s); erase what is wrong, then accept")
         self.changed.emit(self.code)
@@ -329,7 +330,7 @@ class LesionFinder(QGroupBox):
 
     # --- the overlay and the proposals ------------------------------------------------------------------
     def overlay_layer(self):
-        for layer in self.ann_widget.viewer.layers:
+        for layer in self.layers.viewer.layers:
             meta = layer.metadata.get("napari_retina", {})
             if meta.get("role") == ROLE and meta.get("lesion") == self.code:
                 return layer
@@ -344,7 +345,7 @@ class LesionFinder(QGroupBox):
             layer.scale, layer.translate = (scale, scale), (shift, shift)
             layer.data = prob_u8
             return
-        viewer = self.ann_widget.viewer
+        viewer = self.layers.viewer
         active = viewer.layers.selection.active  # napari selects a new layer: the grader's stays selected
         viewer.add_image(
             prob_u8, name=f"{self.code} probability", colormap="magma", contrast_limits=(0, 255),
@@ -353,14 +354,14 @@ class LesionFinder(QGroupBox):
             interpolation2d="linear",  # a map at a quarter or half scale, zoomed in, shows no blocks
             metadata={"napari_retina": {"role": ROLE, "lesion": self.code}},
         )
-        lesion_layer = self.ann_widget.lesion_layer(self.code)
+        lesion_layer = self.layers.lesion_layer(self.code)
         if lesion_layer is not None:  # the mask stays on top of the overlay
             viewer.layers.move(viewer.layers.index(lesion_layer), len(viewer.layers))
         if active is not None and active in viewer.layers:  # e.g. the eraser works on the lesion layer at once
             viewer.layers.selection.active = active
 
     def proposals(self):
-        op = self.ann_widget.opened
+        op = self.layers.opened
         if op is None:
             return []
         model = NAMES.get(self.code, self.code)
@@ -398,14 +399,14 @@ class LesionFinder(QGroupBox):
         self.threshold_label.setText(f"threshold {self.threshold:.2f}")
         if self._run is not None:
             self._run.threshold = self.threshold  # blocks still to come use it too
-        op = self.ann_widget.opened
+        op = self.layers.opened
         if op is not None:
             ids = [p.id for p in self.proposals()]
             if ids:
-                self.ann_widget.show_changes(op.annotation.record.set_threshold(self.threshold, ids=ids))
+                self.layers.show_changes(op.annotation.record.set_threshold(self.threshold, ids=ids))
 
     def accept_all(self) -> int:
-        op = self.ann_widget.opened
+        op = self.layers.opened
         if op is None:
             return 0
         ids = [p.id for p in self.proposals()]
@@ -416,13 +417,23 @@ class LesionFinder(QGroupBox):
             shown = [i for i in ids if rec.proposals[i].claim().any()]
             for i in shown:
                 rec.decide(i, "accepted")
-            self.ann_widget._edited()
+            self.layers.mark_edited()
             self.status.setText(f"{len(shown)} candidates accepted as yours"
                                 + (f"; {len(ids) - len(shown)} below the threshold stay pending" if len(shown) < len(ids) else ""))
             self.changed.emit(self.code)
             return len(shown)
         n = rec.accept(ids=ids) if ids else 0
-        self.ann_widget._edited()
+        self.layers.mark_edited()
         self.status.setText(f"{n} candidate pixels accepted as yours")
         self.changed.emit(self.code)
         return n
+
+
+def confirm_not_fundus(parent, name: str) -> bool:
+    """Ask once per image whether to propose lesions on an image that does not look like a fundus photograph."""
+    answer = QMessageBox.question(
+        parent, "Not a fundus photograph?",
+        f"{name} has no circular field of view: it does not look like a colour fundus photograph.\n"
+        "The lesion models were trained on fundus photographs. Propose lesions anyway?",
+    )
+    return answer == QMessageBox.StandardButton.Yes

@@ -1,0 +1,246 @@
+"""The way a grader reaches the tool: docks from the Plugins menu (napari hands them a proxy of
+the viewer), files through File > Open (`viewer.open`). One annotation session per viewer:
+every dock, the reader and the model choice act on the same image, project and models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from qtpy.QtCore import Qt
+
+from conftest import fundus_rgb
+from napari_retina.io.ellipses import Ellipse, ellipse_to_corners
+from napari_retina.io.masks import read_mask
+from napari_retina.lesions import LESIONS, lesion
+from napari_retina.models.folder import write_model_folder
+from napari_retina.nets.refiner import RefinerNet
+from napari_retina.nets.segmentation import SegmentationNet
+from napari_retina.widgets.viewer_session import session_of
+
+PLUGIN = "napari-retina"
+ANNOTATOR, RETRAIN = "Lesion annotator", "Retrain models"
+
+
+def _ex_model(folder, version: str, seed: int):
+    torch.manual_seed(seed)
+    net = SegmentationNet(backbone="unet", base_channels=4, depth=2)
+    with torch.no_grad():
+        net.classifier.weight.mul_(40.0)
+    cfg = {"model": "exudates", "lesion": "EX", "version": version, "net": net.config(), "input_scale": 1.0,
+           "tile": 32, "overlap": 16, "threshold": 0.5, "batch": 1}
+    return write_model_folder(folder, net.state_dict(), cfg, "test {sha256}")
+
+
+def _refiner(folder, version: str, seed: int):
+    torch.manual_seed(seed)
+    net = RefinerNet(base_channels=8, fused_channels=16)
+    cfg = {"model": "refiner", "net": net.config(), "geometry": {"size": 128}, "threshold": 0.5, "version": version}
+    return write_model_folder(folder, net.state_dict(), cfg, "test {sha256}")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "ex-a": _ex_model(root / "ex-a", "ex-a", 0),
+        "ex-b": _ex_model(root / "ex-b", "ex-b", 1),
+        "ref-a": _refiner(root / "ref-a", "ref-a", 0),
+        "ref-b": _refiner(root / "ref-b", "ref-b", 1),
+    }
+
+
+@pytest.fixture(autouse=True)
+def _models_loaded_before_teardown(qtbot):
+    """A dock from the Plugins menu loads the refiner at once: let that end before the window goes."""
+    _OPENED.clear()
+    yield
+    for ann in list(_OPENED):
+        qtbot.waitUntil(lambda: not ann.refinement._loading, timeout=60000)
+
+
+def _open_docks(viewer, order):
+    widgets = {}
+    for name in order:
+        _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
+        widgets[name] = widget
+    _OPENED.append(widgets[ANNOTATOR])
+    return widgets[ANNOTATOR], widgets[RETRAIN]
+
+
+_OPENED: list = []
+
+
+def _pin_test_models(viewer, models):
+    """Small models instead of the shipped ones, for this viewer only."""
+    s = session_of(viewer)
+    s.pin_model("refiner", models["ref-a"])
+    s.pin_model("exudates", models["ex-a"])
+
+
+def _lesion_layers(viewer):
+    return [layer for layer in viewer.layers if layer.name.split(" [")[0] in {les.layer_name for les in LESIONS}]
+
+
+@pytest.mark.parametrize("order", [(ANNOTATOR, RETRAIN), (RETRAIN, ANNOTATOR)])
+def test_docks_from_the_plugins_menu_share_the_viewers_session_in_either_order(make_napari_viewer, qtbot, flat_folder, order):
+    viewer = make_napari_viewer()
+    ann, train = _open_docks(viewer, order)
+    session = session_of(viewer)
+    assert session_of(ann.viewer) is session and session_of(train.viewer) is session
+    assert session_of(make_napari_viewer()) is not session  # another window, another session
+    viewer.open(str(flat_folder), plugin=PLUGIN)  # File > Open of a folder
+    qtbot.waitUntil(lambda: ann.opened is not None, timeout=10000)
+    assert session.opened is ann.opened and session.data_folder == flat_folder
+    qtbot.waitUntil(lambda: train.data_edit.text() == str(flat_folder), timeout=5000)
+    ann.flush()
+
+
+def _find(ann, qtbot):
+    finder = ann.exudate_finder
+    with qtbot.waitSignal(finder.finished, timeout=60000):
+        qtbot.mouseClick(finder.find_button, Qt.MouseButton.LeftButton)
+
+
+def _draw(ann, e: Ellipse):
+    ann.set_lesion(e.lesion)
+    ann.ellipses_layer.add_ellipses(np.asarray([ellipse_to_corners(e)]))
+
+
+def test_a_version_put_in_use_is_the_one_the_next_find_and_refinement_run(make_napari_viewer, qtbot, flat_folder, models):
+    viewer = make_napari_viewer()
+    _pin_test_models(viewer, models)
+    ann, train = _open_docks(viewer, (RETRAIN, ANNOTATOR))
+    viewer.open(str(flat_folder / "IDRiD_02.jpg"), plugin=PLUGIN)
+    qtbot.waitUntil(lambda: ann.opened is not None, timeout=10000)
+    proj = ann.opened.project_dir
+    _find(ann, qtbot)
+    ann.flush()
+    prov = json.loads((proj / "provenance.json").read_text())
+    assert prov["models"]["exudates"]["version"] == "ex-a"
+
+    session = session_of(train.viewer)  # what the Retrain dock's "Use" does
+    session.use_model("exudates", models["ex-b"])
+    session.use_model("refiner", models["ref-b"])
+    _find(ann, qtbot)
+    with qtbot.waitSignal(ann.refinement.refined, timeout=30000):
+        _draw(ann, Ellipse("EX", (60.0, 45.0), (10.0, 8.0), 0.0))
+    ann.flush()
+    prov = json.loads((proj / "provenance.json").read_text())
+    assert prov["models"]["exudates"]["version"] == "ex-b"
+    assert prov["models"]["refiner"]["version"] == "ref-b"
+    table = json.loads((proj / "proposals.json").read_text())
+    versions = {p["description"].get("version") for p in table["proposals"] if p["description"].get("model") == "refiner"}
+    assert versions == {"ref-b"}
+
+
+def test_file_open_of_another_image_switches_the_session_and_saves_both(make_napari_viewer, qtbot, flat_folder, models):
+    viewer = make_napari_viewer()
+    _pin_test_models(viewer, models)
+    ann, _ = _open_docks(viewer, (ANNOTATOR, RETRAIN))
+    viewer.open(str(flat_folder / "IDRiD_01.jpg"), plugin=PLUGIN)
+    qtbot.waitUntil(lambda: ann.opened is not None, timeout=10000)
+    first = ann.opened
+    ex = ann.lesion_layer("EX")
+    ex.brush_size = 3
+    ex.paint((20, 20), 1)  # an edit on A, not yet saved when B opens
+
+    viewer.open(str(flat_folder / "IDRiD_02.jpg"), plugin=PLUGIN)  # File > Open of B while A is open
+    qtbot.waitUntil(lambda: ann.opened is not None and ann.opened is not first, timeout=10000)
+    assert ann.opened.record.image.name == "IDRiD_02.jpg"
+    assert "IDRiD_02.jpg" in ann.image_label.text()
+    names = sorted(layer.name for layer in _lesion_layers(viewer))
+    assert names == sorted(les.layer_name for les in LESIONS)  # one set, no "[1]" copies
+    assert [layer.name for layer in viewer.layers if layer.name.startswith("IDRiD_")] == ["IDRiD_02"]
+    assert session_of(viewer).opened is ann.opened
+
+    he = ann.lesion_layer("HE")
+    assert he is not ex and he.data.shape == (96, 128)
+    he.brush_size = 3
+    he.paint((40, 60), lesion("HE").label)
+    b_project = flat_folder / "IDRiD_02.retina"
+    qtbot.waitUntil(lambda: (b_project / "IDRiD_02_HE.tif").is_file(), timeout=5000)  # within the autosave delay
+    qtbot.waitUntil(lambda: read_mask(b_project / "IDRiD_02_HE.tif")[40, 60], timeout=5000)
+    a_mask = read_mask(flat_folder / "IDRiD_01.retina" / "IDRiD_01_EX.tif")
+    assert a_mask[20, 20]  # A's edit was saved when B opened
+    ann.flush()
+
+
+def test_opening_the_image_already_open_keeps_its_unsaved_edits(make_napari_viewer, qtbot, flat_folder):
+    viewer = make_napari_viewer()
+    ann, _ = _open_docks(viewer, (ANNOTATOR, RETRAIN))
+    viewer.open(str(flat_folder / "IDRiD_02.jpg"), plugin=PLUGIN)
+    qtbot.waitUntil(lambda: ann.opened is not None, timeout=10000)
+    opened = ann.opened
+    ex = ann.lesion_layer("EX")
+    ex.paint((30, 30), 1)
+    viewer.open(str(flat_folder / "IDRiD_02.jpg"), plugin=PLUGIN)
+    qtbot.wait(50)
+    assert ann.opened is opened and ann.lesion_layer("EX") is ex and ex.data[30, 30] == 1
+    assert len(_lesion_layers(viewer)) == len(LESIONS)
+    ann.flush()
+
+
+def test_find_with_nothing_accepted_leaves_no_pending_pixel_on_disk_and_comes_back(make_napari_viewer, qtbot, flat_folder, models):
+    viewer = make_napari_viewer()
+    _pin_test_models(viewer, models)
+    ann, _ = _open_docks(viewer, (ANNOTATOR, RETRAIN))
+    viewer.open(str(flat_folder / "IDRiD_02.jpg"), plugin=PLUGIN)
+    qtbot.waitUntil(lambda: ann.opened is not None, timeout=10000)
+    _find(ann, qtbot)
+    layer = ann.lesion_layer("EX")
+    les = lesion("EX")
+    pending = layer.data == les.pending_label
+    assert pending.any() and not (layer.data == les.label).any()  # shown lighter, none confirmed
+    ann.flush()
+    proj = flat_folder / "IDRiD_02.retina"
+    assert not read_mask(proj / "IDRiD_02_EX.tif").any()
+
+    viewer2 = make_napari_viewer()
+    _pin_test_models(viewer2, models)
+    ann2, _ = _open_docks(viewer2, (RETRAIN, ANNOTATOR))
+    viewer2.open(str(proj), plugin=PLUGIN)  # the project folder, through File > Open
+    qtbot.waitUntil(lambda: ann2.opened is not None, timeout=10000)
+    assert np.array_equal(ann2.lesion_layer("EX").data == les.pending_label, pending)
+
+    # one Accept for the class: the pending pixels become the grader's, and the mask on disk holds them
+    ann2.set_lesion("EX")
+    qtbot.mouseClick(ann2.accept_button, Qt.MouseButton.LeftButton)
+    assert np.array_equal(ann2.lesion_layer("EX").data == les.label, pending)
+    ann2.flush()
+    assert np.array_equal(read_mask(proj / "IDRiD_02_EX.tif"), pending)
+
+
+def test_an_image_that_is_not_a_fundus_photograph_is_noticed_once_and_finders_ask(make_napari_viewer, qtbot, tmp_path, models, monkeypatch):
+    from PIL import Image
+
+    from napari_retina.widgets import segment
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(tmp_path / "noise.png")
+    Image.fromarray(fundus_rgb(3)).save(tmp_path / "fundus.png")
+    notices = []
+    monkeypatch.setattr("napari_retina.widgets.annotator.show_info", lambda m: notices.append(m))
+    asked = []
+    monkeypatch.setattr(segment, "confirm_not_fundus", lambda parent, name: asked.append(name) or False)
+    viewer = make_napari_viewer()
+    _pin_test_models(viewer, models)
+    ann, _ = _open_docks(viewer, (ANNOTATOR, RETRAIN))
+    viewer.open(str(tmp_path / "noise.png"), plugin=PLUGIN)
+    qtbot.waitUntil(lambda: ann.opened is not None and ann.opened.fundus is not None, timeout=10000)
+    assert ann.opened.fundus is False
+    assert sum("does not look like a fundus photograph" in m for m in notices) == 1
+    qtbot.mouseClick(ann.exudate_finder.find_button, Qt.MouseButton.LeftButton)
+    assert asked == ["noise.png"] and not ann.exudate_finder.running
+    assert not (ann.lesion_layer("EX").data != 0).any()
+
+    viewer.open(str(tmp_path / "fundus.png"), plugin=PLUGIN)
+    qtbot.waitUntil(lambda: ann.opened is not None and ann.opened.record.image.name == "fundus.png"
+                    and ann.opened.fundus is not None, timeout=10000)
+    assert ann.opened.fundus is True
+    viewer.open(str(tmp_path / "noise.png"), plugin=PLUGIN)  # back to it: no second notice
+    qtbot.waitUntil(lambda: ann.opened.record.image.name == "noise.png" and ann.opened.fundus is not None, timeout=10000)
+    assert sum("does not look like a fundus photograph" in m for m in notices) == 1
+    ann.flush()

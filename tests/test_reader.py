@@ -133,6 +133,24 @@ def test_writer_saves_a_labels_layer_as_a_binary_mask(tmp_path, ext):
         assert im.mode == "P"
 
 
+@pytest.mark.parametrize("meta", [
+    {"name": "MA microaneurysms", "metadata": {}},
+    {"name": "renamed", "metadata": {"napari_retina": {"role": "lesion", "lesion": "MA"}}},
+])
+def test_writer_saves_a_lesion_layers_confirmed_pixels_only(tmp_path, meta):
+    from napari_retina.lesions import lesion
+
+    ma = lesion("MA")
+    data = np.zeros((6, 8), np.uint8)
+    data[1, 1:4] = ma.label  # confirmed
+    data[4, 2:6] = ma.pending_label  # a model's pending proposal
+    [out] = _npe2.write_labels(str(tmp_path / "x_MA.tif"), data, meta)
+    np.testing.assert_array_equal(read_mask(out), data == ma.label)
+    # a Labels layer that is not a lesion layer keeps every labelled pixel
+    [other] = _npe2.write_labels(str(tmp_path / "cells.tif"), data, {"name": "cells", "metadata": {}})
+    np.testing.assert_array_equal(read_mask(other), data != 0)
+
+
 def test_writer_reports_an_unwritable_place(tmp_path, notes):
     blocker = tmp_path / "file"
     blocker.write_text("x")

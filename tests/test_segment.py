@@ -139,6 +139,10 @@ def test_into_projects_never_touches_the_graders_pixels_and_reruns_do_not_stack(
     hand = blob_mask(EX_BLOBS)  # IDRiD_01_EX.tif beside the image: the grader's starting mask
     first = segment_into_project(rec, seg)
     assert first["proposed_px"] > 0
+    from napari_retina.io.masks import read_mask
+
+    # the mask file keeps the grader's pixels only: the proposals are pending, in the record
+    np.testing.assert_array_equal(read_mask(flat_folder / "IDRiD_01.retina" / "IDRiD_01_EX.tif"), hand)
     again = open_record(open_dataset(flat_folder).records[0])
     assert again.from_project
     ann = again.annotation
@@ -155,6 +159,37 @@ def test_into_projects_never_touches_the_graders_pixels_and_reruns_do_not_stack(
     for p in ann2.record.find(model="exudates"):
         ann2.record.withdraw(p.id)
     np.testing.assert_array_equal(ann2.masks["EX"], hand)
+
+
+def test_into_projects_leaves_the_masks_empty_until_a_grader_accepts(model_dir, tmp_path):
+    import csv
+
+    from napari_retina.io.masks import read_mask
+    from napari_retina.io.project import ProjectFolder
+
+    folder = tmp_path / "fresh"
+    folder.mkdir()
+    Image.fromarray(fundus_rgb(1)).save(folder / "eye.png")  # no grader has marked it
+    t = round(_median_threshold(load_model(model_dir), fundus_rgb(1)), 4)
+    r = subprocess.run(
+        [sys.executable, "-m", "napari_retina.cli", "segment", "--lesion", "EX", str(folder / "eye.png"),
+         "--into-projects", "--model", str(model_dir), "--threshold", str(t)],
+        capture_output=True, text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "px proposed, pending until a grader accepts them" in r.stderr
+    proj = ProjectFolder(folder / "eye.retina")
+    for code in ("EX", "HE", "MA", "SE", "OD"):
+        assert not read_mask(proj.mask_path(code)).any(), code
+    rows = {row["lesion"]: row for row in csv.DictReader((proj.path / "lesions.csv").open())}
+    assert rows["EX"]["count"] == "0" and rows["EX"]["area_px"] == "0"
+    ann = proj.load()
+    shown = ann.masks["EX"].copy()
+    assert shown.any() and not ann.confirmed("EX").any() and ann.record.find(model="exudates")
+    # a grader accepts: now the mask file holds them
+    ann.record.accept(lesion="EX")
+    proj.save(ann)
+    np.testing.assert_array_equal(read_mask(proj.mask_path("EX")), shown)
 
 
 def test_evaluate_ex_scores_a_known_map_by_hand(model_dir, flat_folder):

@@ -79,3 +79,49 @@ def test_two_distributed_processes_write_one_model_folder(recipe, folder, tmp_pa
     assert len(start) == 1 and start[0]["world_size"] == 2  # one process speaks
     assert [e["epoch"] for e in log if e["event"] == "epoch"] == [1, 2]
     assert check_model_folder(tmp_path / "ddp", expect=KIND[recipe])
+
+
+@pytest.mark.parametrize("recipe", ["refiner", "exudates", "ma-prn"])
+def test_one_labelled_image_is_advice_in_one_line_and_leaves_no_model_folder(recipe, tmp_path):
+    d = tmp_path / "one"
+    d.mkdir()
+    rgb = fundus_rgb(1)
+    Image.fromarray(rgb).save(d / "IDRiD_01.png")
+    write_palette_mask(d / "IDRiD_01_EX.tif", blob_mask([(30, 40)], radius=3))
+    write_palette_mask(d / "IDRiD_01_MA.tif", blob_mask([(50, 60)], radius=1))
+    out = tmp_path / "models" / "v1"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "training", recipe, "--data", str(d), "--out", str(out), "--epochs", "1",
+                        "--device", "cpu"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2
+    (line,) = r.stderr.strip().splitlines()  # one line, no traceback
+    assert "only IDRiD_01.png has a label for" in line and "tick *reviewed*" in line and "IDRiD-layout folder" in line
+    assert not out.exists() and not (tmp_path / "models").exists()  # no empty version folder left behind
+
+
+def test_a_run_that_fails_after_preparing_leaves_no_version_folder_but_an_existing_one_stays(folder, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    # a budget spent before training starts: split and log were written, then the trainer refuses
+    args = ["--data", str(folder), "--minutes", "0.001", "--device", "cpu", *TINY["exudates"]]
+    out = tmp_path / "v1"
+    r = subprocess.run([sys.executable, "-m", "training", "exudates", "--out", str(out), *args],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and "budget leaves no time to train" in r.stderr.strip().splitlines()[-1]
+    assert not out.exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    r = subprocess.run([sys.executable, "-m", "training", "exudates", "--out", str(mine), *args],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and (mine / "notes.txt").read_text() == "mine"  # a folder it did not make is kept
+
+
+def test_the_log_shows_the_preparation_then_every_step_with_elapsed_time_and_eta(folder, tmp_path):
+    log = _train([sys.executable], "exudates", folder, tmp_path / "a")
+    kinds = [e["event"] for e in log]
+    assert kinds[0] == "prepare" and kinds.index("start") > kinds.index("prepare")
+    prepare = [e for e in log if e["event"] == "prepare"]
+    assert [e["done"] for e in prepare] == [1, 2, 3] and all(e["total"] == 3 for e in prepare)
+    steps = [e for e in log if e["event"] == "step"]
+    assert steps[0]["step"] == 1 and all(e["elapsed"] >= prepare[-1]["elapsed"] and e["eta"] >= 0 for e in steps)
+    assert log[-1]["event"] == "end" and log[-1]["elapsed"] >= steps[-1]["elapsed"]

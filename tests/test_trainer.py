@@ -76,7 +76,7 @@ def same_weights(a: dict, b: dict) -> bool:
 
 
 def test_loss_falls_and_the_log_follows_the_run(tmp_path):
-    summary = make_trainer(tmp_path, epochs=6, log_every_steps=2).fit()
+    summary = make_trainer(tmp_path, epochs=6, log_every_steps=2, log_every_seconds=1e9).fit()
     log = read_log(tmp_path)
     assert [e["event"] for e in log][0] == "start" and log[-1]["event"] == "end"
     epochs = [e for e in log if e["event"] == "epoch"]
@@ -87,9 +87,12 @@ def test_loss_falls_and_the_log_follows_the_run(tmp_path):
     for e in epochs:
         assert e["device"] == "cpu" and e["lr"] == pytest.approx(3e-2)
         assert e["seconds"] > 0 and e["samples_per_s"] > 0 and e["partial"] is False
-    # 32 samples in batches of 8: 4 steps an epoch, a step event every 2 steps
+    # 32 samples in batches of 8: 4 steps an epoch, the first step at once, then a step event every 2 steps
     steps = [e for e in log if e["event"] == "step"]
-    assert [e["step"] for e in steps] == list(range(2, 25, 2))
+    assert [e["step"] for e in steps] == [1, *range(2, 25, 2)]
+    # with epochs and no budget, the estimate of what is left falls to the last closing
+    assert all(e["eta"] >= 0 for e in steps) and steps[0]["eta"] > steps[-1]["eta"]
+    assert [e["epoch"] for e in log if e["event"] == "validate"] == [1, 2, 3, 4, 5, 6]
     assert all(e["batches"] == 4 and e["loss"] > 0 for e in steps)
     assert summary["epochs"] == 6 and summary["steps"] == 24 and summary["stopped"] == "epochs"
     assert summary["device"] == "cpu" and summary["best"] == pytest.approx(min(e["val_loss"] for e in epochs))
@@ -154,15 +157,104 @@ def test_resume_without_a_checkpoint_is_a_training_error(tmp_path):
     assert read_log(tmp_path)[-1]["event"] == "error"
 
 
-def test_time_budget_stops_after_one_step_with_a_checkpoint(tmp_path):
-    def runaway(trainer, metrics):  # fail fast instead of training forever if the budget is ignored
-        assert metrics["epoch"] < 3, "the time budget did not stop training"
+class FakeClock:
+    """A clock that moves only when told: each training step and each validation "takes" set seconds."""
 
-    summary = make_trainer(tmp_path, epochs=None, minutes=1e-6, on_epoch_end=[runaway]).fit()
-    assert summary["stopped"] == "time" and summary["steps"] == 1 and summary["epochs"] == 1
-    (epoch,) = epoch_events(tmp_path)
-    assert epoch["partial"] is True and epoch["val_loss"] > 0
-    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 1
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def budget_trainer(tmp_path, clock, minutes, step_s, val_s, prepared_s=0.0, expect=None, **kw):
+    """A trainer on `clock` whose steps take `step_s` and validations `val_s`, in a run whose data
+    preparation took `prepared_s` (the budget started that long before the trainer)."""
+    from training.trainer import RunBudget
+
+    budget = RunBudget(minutes, clock=clock, started=clock.t)
+    clock.t += prepared_s
+    if expect is not None:
+        budget.expect_closing(expect)
+
+    def timed_loss(outputs, batch):
+        clock.t += step_s
+        return loss_fn(outputs, batch)
+
+    def val_fn(model, _val, _device):
+        clock.t += val_s
+        return {"loss": 1.0}
+
+    kw = {"device": "cpu", "batch_size": 8, "lr": 3e-2, "seed": 0, "verbose": False, **kw}
+    trainer = Trainer(tiny_net(), timed_loss, ThresholdSet(32, 1), None, tmp_path, val_fn=val_fn, budget=budget,
+                      log_every_steps=1000, log_every_seconds=5, **kw)
+    return trainer, budget
+
+
+def test_the_budget_bounds_the_whole_run_with_an_injected_clock(tmp_path):
+    # 2 minutes; data preparation took 20 s; a step takes 1 s, a validation 10 s (the recipe's estimate)
+    clock = FakeClock()
+    trainer, budget = budget_trainer(tmp_path / "a", clock, 2, step_s=1.0, val_s=10.0, prepared_s=20.0, expect=10.0)
+    summary = trainer.fit()
+    assert summary["stopped"] == "time"
+    ended = clock.t - budget.started
+    assert ended <= 120.0, ended  # the last validation included
+    assert ended >= 120.0 - 1.0 - 2 * 10.0 * budget.SAFETY  # and little of it left unused
+    # 32 samples in batches of 8: 4 steps an epoch, each epoch validated (10 s): 20 + k epochs of 14 s
+    log = read_log(tmp_path / "a")
+    epochs = [e for e in log if e["event"] == "epoch"]
+    assert epochs[-1]["partial"] is True or epochs[-1]["elapsed"] <= 120
+    # progress from the first step on, every 5 s of the clock after it, with what is left to come
+    steps = [e for e in log if e["event"] == "step"]
+    assert steps[0]["step"] == 1 and steps[0]["elapsed"] == pytest.approx(21.0)
+    assert steps[0]["eta"] == pytest.approx(120 - 21.0)
+    progress = [e for e in log if e["event"] in ("step", "validate", "epoch")]
+    assert all(b["elapsed"] - a["elapsed"] <= 10.0 + 1.0 for a, b in zip(progress, progress[1:]))  # never silent
+    assert log[-1]["event"] == "end" and log[-1]["elapsed"] == pytest.approx(ended)
+
+
+def test_without_the_recipes_estimate_the_first_validation_is_measured_and_kept_to(tmp_path):
+    # no estimate: 10 % of the budget is assumed for the closing until one validation is timed
+    clock = FakeClock()
+    trainer, budget = budget_trainer(tmp_path, clock, 1, step_s=1.0, val_s=3.0)
+    summary = trainer.fit()
+    ended = clock.t - budget.started
+    assert summary["stopped"] == "time" and ended <= 60.0, ended
+    assert budget.closing_seconds == pytest.approx(3.0 * budget.SAFETY)  # measured on the epochs before
+
+
+def test_a_budget_spent_on_preparing_the_data_is_a_one_line_error(tmp_path):
+    clock = FakeClock()
+    trainer, _ = budget_trainer(tmp_path, clock, 1, step_s=1.0, val_s=10.0, prepared_s=55.0, expect=10.0)
+    with pytest.raises(TrainingError, match="budget leaves no time to train.*give more minutes"):
+        trainer.fit()
+    assert read_log(tmp_path)[-1]["event"] == "error"
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_the_stop_rule(tmp_path):
+    from training.trainer import RunBudget
+
+    clock = FakeClock(0.0)
+    b = RunBudget(1, clock=clock)  # 60 s from 0
+    assert not b.must_stop() and b.closing_seconds == pytest.approx(6.0)  # 10 % assumed
+    b.expect_closing(10.0)
+    b.note_step(2.0)
+    clock.t = 60 - 2.0 - 10.0 * b.SAFETY - 0.01
+    assert not b.must_stop()
+    clock.t += 0.02
+    assert b.must_stop()
+    b.note_closing(4.0)  # measured: replaces the estimate
+    assert b.closing_seconds == pytest.approx(4.0 * b.SAFETY) and not b.must_stop()
+    b.finish_factor = 3.0  # a recipe with more work at its very end
+    assert b.must_stop()
+    assert RunBudget(None, clock=clock).must_stop() is False and RunBudget(None, clock=clock).eta() is None
+    clock.t = 50.0
+    assert b.eta() == pytest.approx(10.0)  # the budget's end
+    assert b.eta(steps_left=1, closings_left=1) == pytest.approx(10.0)  # the budget ends first
+    clock.t = 30.0  # one 2-s step and the closing (3 x 4 s x SAFETY) come before the budget's end
+    assert b.eta(steps_left=1, closings_left=1) == pytest.approx(2.0 + 3.0 * 4.0 * b.SAFETY, abs=0.05)
+    assert b.eta(steps_left=0, closings_left=0) == 0.0
 
 
 def test_request_stop_from_a_hook_and_hooks_see_each_epoch(tmp_path):

@@ -114,6 +114,14 @@ def describe_labels(records: list[ImageRecord], lesions) -> str:
             f"{n['ground truth']} from ground truth, {n['left out']} left out")
 
 
+def labelled(records: list[ImageRecord], lesions) -> list[ImageRecord]:
+    """The records with a label for at least one of `lesions` (a reviewed project's, or ground truth):
+    only those can be trained or validated on (`session.label_source`; no pixel is read)."""
+    from napari_retina.session import label_source
+
+    return [r for r in records if any(label_source(r, code) != "left out" for code in lesions)]
+
+
 def write_split(path: Path, train: list[ImageRecord], val: list[ImageRecord]) -> None:
     from napari_retina.io.atomic import atomic_write_text
 

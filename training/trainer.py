@@ -18,6 +18,15 @@ recipes' exports (`Trainer.eval_module`) use the averaged weights, training goes
 raw ones (both are in the checkpoints). It steadies a model whose validation swings from epoch
 to epoch at small batches.
 
+Time budget (`minutes`): a `RunBudget` bounds the whole run, not only the training loop. It
+starts when the run starts (the recipe's data preparation counts), and the loop stops as soon as
+one more step and the run's closing (the last validation, the checkpoints and the export, timed
+on the epochs before or estimated by the recipe beforehand) would no longer end within it. Its
+clock is injectable, so the stop rule is tested without sleeping. Every "step" and "epoch" event
+carries the seconds elapsed since the run started and an estimate of those still to come
+(`eta`); the first step is logged at once, later ones every `log_every_steps` steps or
+`log_every_seconds` seconds, whichever comes first.
+
 Multi-GPU: `torchrun --nproc_per_node=N -m training <model> ...` sets WORLD_SIZE,
 RANK and LOCAL_RANK; the Trainer then joins the process group (NCCL on CUDA,
 Gloo on CPU), wraps the model in DistributedDataParallel, shards the training
@@ -66,6 +75,8 @@ __all__ = [
     "count_parameters",
     "save_checkpoint",
     "load_checkpoint",
+    "RunBudget",
+    "open_run_log",
     "Trainer",
 ]
 
@@ -449,6 +460,107 @@ class JsonLog:
         self._file.close()
 
 
+# ---- the time budget of a whole run -------------------------------------------------------------------------
+
+
+class RunBudget:
+    """The wall-clock budget of one run (`--minutes`): data preparation, training and the closing
+    (the last validation, checkpoints and export) all count.
+
+    Pure bookkeeping on `clock` (injectable: the stop rule is tested without sleeping). `started`
+    is when the run began on that clock (default: now). The trainer notes how long each step and
+    each closing took; `must_stop()` says whether one more step plus the closing would still end
+    by the deadline. Before the first closing has been timed, the recipe's estimate
+    (`expect_closing`) stands for it, else `DEFAULT_CLOSING` of the budget.
+    """
+
+    DEFAULT_CLOSING = 0.1  # of the budget: the closing's share assumed while nothing better is known
+    SAFETY = 1.15  # a closing may take a little longer than the last one did (other processes, export)
+
+    def __init__(self, minutes: float | None, clock: Callable[[], float] = time.monotonic,
+                 started: float | None = None):
+        if minutes is not None and not minutes > 0:
+            raise TrainingError(f"minutes must be positive, not {minutes}")
+        self.clock = clock
+        self.seconds = None if minutes is None else 60.0 * float(minutes)
+        self.started = clock() if started is None else float(started)
+        self.finish_factor = 1.0  # the run's very end costs this many closings (recipes with extra end work: more)
+        self._steps: list[float] = []
+        self._closing: float | None = None  # measured
+        self._expected: float | None = None  # the recipe's estimate, before anything was measured
+
+    @property
+    def deadline(self) -> float | None:
+        return None if self.seconds is None else self.started + self.seconds
+
+    def elapsed(self) -> float:
+        return self.clock() - self.started
+
+    def left(self) -> float | None:
+        return None if self.seconds is None else self.deadline - self.clock()
+
+    def note_step(self, seconds: float) -> None:
+        self._steps = (self._steps + [max(0.0, float(seconds))])[-8:]
+
+    def note_closing(self, seconds: float) -> None:
+        self._closing = max(0.0, float(seconds))
+
+    def expect_closing(self, seconds: float) -> None:
+        """The recipe's estimate of one closing (e.g. one validation timed on a tile), until one is measured."""
+        self._expected = max(0.0, float(seconds))
+
+    @property
+    def step_seconds(self) -> float:
+        """What one more step is expected to take: the slowest of the last few (0 before the first)."""
+        return max(self._steps, default=0.0)
+
+    @property
+    def mean_step_seconds(self) -> float | None:
+        return sum(self._steps) / len(self._steps) if self._steps else None
+
+    @property
+    def closing_seconds(self) -> float:
+        """What one closing is expected to take (validation, checkpoints, export)."""
+        if self._closing is not None:
+            return self._closing * self.SAFETY
+        if self._expected is not None:
+            return self._expected * self.SAFETY
+        return 0.0 if self.seconds is None else self.DEFAULT_CLOSING * self.seconds
+
+    @property
+    def final_closing_seconds(self) -> float:
+        return self.closing_seconds * self.finish_factor
+
+    def must_stop(self) -> bool:
+        """True when one more step and the run's closing would not both end by the deadline."""
+        if self.seconds is None:
+            return False
+        return self.clock() + self.step_seconds + self.final_closing_seconds >= self.deadline
+
+    def eta(self, steps_left: int | None = None, closings_left: int = 1) -> float | None:
+        """Seconds still to come: the smaller of what `steps_left` steps and `closings_left`
+        closings take (None: not known) and what the budget leaves."""
+        guesses = []
+        if steps_left is not None and self.mean_step_seconds is not None:
+            closings = (closings_left - 1) * self.closing_seconds + self.final_closing_seconds if closings_left else 0.0
+            guesses.append(steps_left * self.mean_step_seconds + closings)
+        if self.seconds is not None:
+            guesses.append(max(0.0, self.left()))
+        return round(max(0.0, min(guesses)), 1) if guesses else None
+
+
+def open_run_log(run_dir: str | os.PathLike, resume: bool = False) -> "JsonLog | None":
+    """The run's log, opened before its data is prepared (fresh unless `resume`), so the
+    preparation's "prepare" events come first; hand it to the Trainer (`log=`), which goes on
+    writing it. None outside the main process (one process speaks)."""
+    if not is_main_process():
+        return None
+    try:
+        return JsonLog(Path(run_dir) / "log.jsonl", append=resume)
+    except OSError as e:
+        raise TrainingError(f"cannot write the log in {run_dir}: {e.strerror or e}") from None
+
+
 # ---- the trainer -------------------------------------------------------------------------------------------
 
 EpochHook = Callable[["Trainer", dict], None]
@@ -475,10 +587,13 @@ class Trainer:
     that many epochs (the checkpoints keep the best epoch).
 
     `epochs` is the total target (a resumed run continues the count); `minutes` is a
-    wall-clock budget for this call: when it is spent the current step finishes, the
-    epoch ends there (logged "partial": true, counted as done), is validated and saved.
-    At least one of the two must be given. SIGTERM/SIGINT (the widget's cancel) and
-    `request_stop()` stop the same way.
+    wall-clock budget: `budget` (a RunBudget the recipe started when the run began, so that
+    its data preparation counts), else one started when `fit` is called. Training stops
+    where one more step and the closing (validation, checkpoints, export) would end past
+    it; the epoch ends there (logged "partial": true, counted as done), is validated and
+    saved. At least one of the two must be given. SIGTERM/SIGINT (the widget's cancel) and
+    `request_stop()` stop the same way. `log`: the run's log as `open_run_log` opened it
+    for the preparation's events (default: the trainer opens `out_dir/log.jsonl`).
 
     `on_epoch_end` hooks run in the main process after the checkpoints are written,
     as `hook(trainer, metrics)`; `metrics["is_best"]` says whether best.pt was updated.
@@ -515,6 +630,9 @@ class Trainer:
         weight_decay: float = 0.0,
         grad_clip: float | None = None,
         log_every_steps: int = 50,
+        log_every_seconds: float = 5.0,
+        budget: RunBudget | None = None,
+        log: JsonLog | None = None,
         forward_fn: Callable[[nn.Module, dict], Any] | None = None,
         on_epoch_end: Iterable[EpochHook] = (),
         on_epoch_end_every_rank: Iterable[EpochHook] = (),
@@ -524,6 +642,8 @@ class Trainer:
         info: dict | None = None,
         verbose: bool = True,
     ):
+        if budget is not None and minutes is None:
+            minutes = None if budget.seconds is None else budget.seconds / 60.0
         if epochs is None and minutes is None:
             raise TrainingError("give a number of epochs, a time budget in minutes, or both")
         if epochs is not None and epochs < 1:
@@ -556,6 +676,10 @@ class Trainer:
             raise TrainingError(f"early-stopping patience must be at least 1 epoch, not {early_stop_patience}")
         self.early_stop_patience = early_stop_patience
         self.log_every_steps = max(1, int(log_every_steps))
+        self.log_every_seconds = float(log_every_seconds)
+        self.budget = budget
+        self.clock = budget.clock if budget is not None else time.monotonic
+        self._given_log = log
         self.on_epoch_end: list[EpochHook] = list(on_epoch_end)
         self.on_epoch_end_every_rank: list[EpochHook] = list(on_epoch_end_every_rank)
         self.info = dict(info or {})
@@ -708,7 +832,7 @@ class Trainer:
         local = 0
         if self._stop_requested:
             local = 2
-        elif self._deadline is not None and time.monotonic() >= self._deadline:
+        elif self._budget.must_stop():
             local = 1
         if self.distributed:
             if not sync:
@@ -757,7 +881,8 @@ class Trainer:
         batches = len(loader)
         reason = None
         i = 0
-        t0 = time.monotonic()
+        clock, budget = self.clock, self._budget
+        t0 = t_prev = clock()
         for i, batch in enumerate(loader, 1):
             batch = to_device(batch, self.device, self.channels_last)
             n = batch_len(batch)
@@ -774,6 +899,9 @@ class Trainer:
             if self.ema is not None:
                 self.ema.update_parameters(self.module)
             self.step += 1
+            now = clock()
+            budget.note_step(now - t_prev)
+            t_prev = now
 
             # accumulate on the device: a .item() every step would stall the GPU
             value = loss.detach().double()
@@ -781,18 +909,23 @@ class Trainer:
             samples += n
             window_sum += value
             window_steps += 1
-            if self.step % self.log_every_steps == 0:
+            # the first step at once (progress from the start), then every so many steps or seconds
+            if (self.step % self.log_every_steps == 0 or self._last_step_event is None
+                    or now - self._last_step_event >= self.log_every_seconds):
+                self._last_step_event = now
+                steps_left = None if self.epochs is None else (self.epochs - epoch) * batches + batches - i
                 self._event(
                     "step", epoch=epoch, step=self.step, batch=i, batches=batches,
                     loss=window_sum.item() / window_steps, lr=self.current_lr,
-                    seconds=round(time.monotonic() - t_fit, 3),
+                    seconds=round(now - t_fit, 3), elapsed=round(budget.elapsed(), 1),
+                    eta=budget.eta(steps_left, 0 if self.epochs is None else self.epochs - epoch + 1),
                 )
                 window_sum.zero_()
                 window_steps = 0
             reason = self._stop_reason(sync=i % DDP_STOP_CHECK_EVERY == 0 or i == batches)
             if reason is not None:
                 break
-        seconds = time.monotonic() - t0
+        seconds = clock() - t0
 
         totals = torch.stack([loss_sum, torch.tensor(float(samples), dtype=torch.float64, device=self.device)])
         if self.distributed:
@@ -856,7 +989,7 @@ class Trainer:
         }
 
     def _seconds(self) -> float:
-        return time.monotonic() - self._t_fit
+        return self.clock() - self._t_fit
 
     @property
     def training_seconds(self) -> float:
@@ -895,15 +1028,20 @@ class Trainer:
         call), train_seconds (all runs), steps, stopped ("epochs", "time", "early" or "requested"),
         device, world_size.
         """
-        self._t_fit = time.monotonic()
-        self._deadline = None if self.minutes is None else self._t_fit + 60.0 * self.minutes
+        self._t_fit = self.clock()
+        # without a budget from the recipe, the budget starts here
+        self._budget = self.budget if self.budget is not None else RunBudget(self.minutes, clock=self.clock)
+        self._last_step_event = None  # the clock when the last step event was logged
         self._stop_requested = False
         seed_everything(self.seed + self.rank, self.deterministic)
         if self.is_main:
-            try:
-                self._log = JsonLog(self.log_path, append=resume)
-            except OSError as e:
-                raise TrainingError(f"cannot write the log in {self.out_dir}: {e.strerror or e}") from None
+            if self._given_log is not None:
+                self._log, self._given_log = self._given_log, None
+            else:
+                try:
+                    self._log = JsonLog(self.log_path, append=resume)
+                except OSError as e:
+                    raise TrainingError(f"cannot write the log in {self.out_dir}: {e.strerror or e}") from None
         try:
             if resume:
                 self._resume()
@@ -936,14 +1074,24 @@ class Trainer:
             train_samples=len(self.train_set), val_samples=None if self.val_set is None else len(self.val_set),
             batches_per_epoch=len(self._train_loader), parameters=count_parameters(self.model),
             monitor=self.monitor, mode=self.mode, info=self.info,
+            elapsed=round(self._budget.elapsed(), 1), budget_seconds=self._budget.seconds,
+            expected_closing=round(self._budget.final_closing_seconds, 1),
         )
+        if self._stop_reason(sync=True) == "time":  # the preparation left no time for a step and the closing
+            raise TrainingError(
+                f"the {self._budget.seconds / 60:g}-minute budget leaves no time to train: "
+                f"{self._budget.elapsed():.0f} s went into preparing the data and closing the run takes about "
+                f"{self._budget.final_closing_seconds:.0f} s (its validation); give more minutes")
         stopped = "epochs"
         for epoch in itertools.count(self.epoch + 1):
             if self.epochs is not None and epoch > self.epochs:
                 break
-            t_epoch = time.monotonic()
+            t_epoch = self.clock()
             lr = self.current_lr  # the rate this epoch trained with, before the scheduler changes it
             stats, reason = self._train_epoch(epoch, self._t_fit)
+            t_close = self.clock()
+            self._event("validate", epoch=epoch, elapsed=round(self._budget.elapsed(), 1),
+                        expected=round(self._budget.closing_seconds, 1))
             metrics = {"train_loss": stats["train_loss"], **self._validate()}
             if self.monitor not in metrics:
                 raise TrainingError(f"monitored metric {self.monitor!r} is not among {', '.join(sorted(metrics))}")
@@ -962,11 +1110,15 @@ class Trainer:
                 if is_best:
                     save_checkpoint(self.checkpoint_dir / "best.pt", state)
             record = {
-                "epoch": epoch, **metrics, "lr": lr, "seconds": round(time.monotonic() - t_epoch, 3),
+                "epoch": epoch, **metrics, "lr": lr, "seconds": round(self.clock() - t_epoch, 3),
                 "samples_per_s": stats["samples_per_s"], "device": str(self.device), "step": self.step,
                 "best": self.best, "is_best": is_best, "partial": stats["partial"],
             }
-            self._event("epoch", **record)
+            last = reason is not None or (self.epochs is not None and epoch >= self.epochs)
+            batches = len(self._train_loader)
+            self._event("epoch", **record, elapsed=round(self._budget.elapsed(), 1), eta=0.0 if last else self._budget.eta(
+                None if self.epochs is None else (self.epochs - epoch) * batches,
+                0 if self.epochs is None else self.epochs - epoch))
             total = f"/{self.epochs}" if self.epochs else ""
             shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
             self._say(f"epoch {epoch}{total}  {shown}  lr {lr:.3g}  {record['seconds']:.1f} s{'  *' if is_best else ''}")
@@ -975,6 +1127,7 @@ class Trainer:
             if self.is_main:
                 for hook in self.on_epoch_end:
                     hook(self, dict(record))
+            self._budget.note_closing(self.clock() - t_close)
             if reason is None and self.epochs is not None and epoch >= self.epochs:
                 break  # done: "epochs", even if the time budget ran out meanwhile
             if reason is None:
@@ -991,7 +1144,7 @@ class Trainer:
             "train_seconds": round(self._train_seconds_before + self._seconds(), 3),
             "steps": self.step, "stopped": stopped, "device": str(self.device), "world_size": self.world_size,
         }
-        self._event("end", **summary)
+        self._event("end", **summary, elapsed=round(self._budget.elapsed(), 1))
         best = "none" if self.best is None else f"{self.best:.4g}"
         self._say(f"done: {self.epoch} epochs, best {self.monitor} {best} (epoch {self.best_epoch}), "
                   f"{summary['seconds']:.1f} s on {self.device}, stopped by {stopped}")

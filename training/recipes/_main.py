@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
+import time
 from typing import Callable
 
 from napari_retina.io.errors import RetinaInputError
@@ -84,6 +87,42 @@ def say_end(say: Callable, summary: dict, out, figure: str) -> None:
             f"stopped by {summary['stopped']})")
 
 
+# when `python -m training` started (time.monotonic), set by training.__main__ before it imports a
+# recipe: a run's --minutes budget counts from there (imports and data preparation included)
+RUN_STARTED: float | None = None
+
+
+
+def advice(lesions: str) -> str:
+    """What to do about too little labelled data, in a line's end."""
+    return (f"annotate {lesions} on another image and tick *reviewed* there, or add an IDRiD-layout folder as extra "
+            "data (the Retrain dock's \"and\" field, or a second folder after --data)")
+
+
+def too_little_data(lesions: str, labelled: list[str]) -> "DataError":
+    """The one-line error for too few labelled images, with what to do about it."""
+    have = (f"only {labelled[0]} has a label for {lesions}" if len(labelled) == 1 else
+            f"no image has a label for {lesions}" if not labelled else f"only {len(labelled)} images have a label for {lesions}")
+    return DataError(f"{have}, and training holds whole images out for validation, so it needs at least two: {advice(lesions)}")
+
+
+class Preparation:
+    """The run log's "prepare" events while a recipe loads its data (`open_run_log`): how many
+    of how many, the seconds since the run started and about how many are still to come, so
+    progress shows from the start even when loading takes minutes."""
+
+    def __init__(self, log, budget, total: int, what: str = "loading images"):
+        self.log, self.budget, self.total, self.what = log, budget, max(1, int(total)), what
+        self.t0 = time.monotonic()
+
+    def __call__(self, done: int) -> None:
+        if self.log is None:
+            return
+        per = (time.monotonic() - self.t0) / max(done, 1)
+        self.log.write("prepare", what=self.what, done=done, total=self.total,
+                       elapsed=round(self.budget.elapsed(), 1), eta=round(per * max(0, self.total - done), 1))
+
+
 DESCRIBE = "--describe-options"  # `python -m training <model> --describe-options`: the options as JSON
 
 
@@ -130,14 +169,25 @@ def recipe_main(name: str, build_parser: Callable, validate: Callable, run: Call
     if argv == [DESCRIBE]:
         print(json.dumps(describe_options(p)))
         return 0
+    global RUN_STARTED
+    started, RUN_STARTED = (RUN_STARTED if RUN_STARTED is not None else time.monotonic()), None
     a = p.parse_args(argv)
     validate(p, a)
     if getattr(a, "scheduler", None) == "cosine" and getattr(a, "epochs", 0) is None:
         p.error("--scheduler cosine needs --epochs")
     if not getattr(a, "quiet", False):
         print(f"training {name}: " + json.dumps({k: v for k, v in vars(a).items()}, default=str), flush=True)
+    if hasattr(a, "minutes"):  # the whole run's budget, from the process's start (training.trainer.RunBudget)
+        from ..trainer import RunBudget
+
+        a.budget = RunBudget(a.minutes, started=started)
     lock = None
+    previous = signal.getsignal(signal.SIGTERM)
     try:
+        # SIGTERM (the dock's Cancel) while the data is prepared: stop there, as Ctrl-C does; the
+        # trainer stops at a step's end instead once it runs
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _interrupt)
         lock = run_lock(a)
         return run(a, argv)
     except (RetinaInputError, DataError, OSError) as e:
@@ -145,31 +195,52 @@ def recipe_main(name: str, build_parser: Callable, validate: Callable, run: Call
         print(f"training {name}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"training {name}: interrupted; resume with --resume", file=sys.stderr)
+        kept = lock is not None and not lock._kept_nothing()
+        print(f"training {name}: interrupted; " + ("resume with --resume" if kept else "nothing was kept"), file=sys.stderr)
         return 130
     finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
         if lock is not None:
             lock.release()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 class _RunLock:
     """A FileLock on the run folder that knows which folders it made, so that releasing it takes
     them away again if the run wrote nothing into them."""
 
-    def __init__(self, path: str, created: list):
+    def __init__(self, path: str, created: list, out=None):
         from filelock import FileLock
 
-        self._lock, self._path, self._created = FileLock(path), path, created
+        self._lock, self._path, self._created, self._out = FileLock(path), path, created, out
 
     def acquire(self, timeout: float) -> None:
         self._lock.acquire(timeout=timeout)
 
+    def _kept_nothing(self) -> bool:
+        """Whether the run left neither a model (config.json) nor a checkpoint to resume from."""
+        from pathlib import Path
+
+        run_dir = Path(self._path).parent
+        model = self._out is not None and (Path(self._out) / "config.json").is_file()
+        return not model and not any((run_dir / "checkpoints").glob("*.pt"))
+
     def release(self) -> None:
         import os
+        import shutil
 
         created = self._created
         try:  # decided while the lock is still held, so no other run can have started here
-            if not created or {q.name for q in created[0].iterdir()} != {".lock"}:
+            if created and self._kept_nothing():
+                # a failed run, or one cancelled before its first checkpoint: no empty version folder
+                # (what it wrote is its log and split, which describe nothing that exists)
+                shutil.rmtree(created[-1], ignore_errors=True)
+                created = []
+            elif not created or {q.name for q in created[0].iterdir()} != {".lock"}:
                 created = []
             else:
                 os.remove(self._path)
@@ -201,7 +272,7 @@ def run_lock(a):
     run_dir = Path(a.run_dir) if a.run_dir else Path(a.out) / "run"
     created = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # deepest first
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = _RunLock(str(run_dir / ".lock"), created)
+    lock = _RunLock(str(run_dir / ".lock"), created, out=a.out)
     try:
         lock.acquire(timeout=0)
     except Timeout:  # the folder is another run's: leave it as it is

@@ -46,10 +46,12 @@ import numpy as np
 from napari_retina import __version__
 from napari_retina.io.errors import RetinaInputError
 
-from ._main import add_optimisation_args, add_run_args, ema_text, optimisation_kwargs, precision, say_end
+from ._main import (
+    Preparation, add_optimisation_args, advice, add_run_args, ema_text, optimisation_kwargs, precision, say_end, too_little_data,
+)
 from ..data import (
-    DataError, SegmentationPatches, describe_labels, gather_records, load_scaled, parents_held_out, split_by_image,
-    write_split,
+    DataError, SegmentationPatches, describe_labels, gather_records, labelled, load_scaled, parents_held_out,
+    split_by_image, write_split,
 )
 
 BACKBONES = ("unet", "unetpp", "resunet", "cenet")
@@ -123,16 +125,43 @@ def _validate_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 
 
 def scaled_predictions(net, images, tile: int, overlap: int, stride_multiple: int, device) -> list[np.ndarray]:
-    """Each image's map at the working scale, tiled exactly as inference runs it."""
+    """Each image's map at the working scale, tiled and in the arithmetic that inference runs
+    (`inference_precision`: bfloat16 where the processor computes it natively, twice as fast)."""
+    from napari_retina.models.precision import inference_precision
     from napari_retina.models.tiling import predict_tiled, torch_predictor
 
     predict = torch_predictor(net, device)
     out = []
-    for im in images:
-        t = min(tile, -(-max(im.fov.shape) // stride_multiple) * stride_multiple)
-        out.append(predict_tiled(predict, im.x, t, min(overlap, t // 2), fov=im.fov, batch=2,
-                                 stride_multiple=stride_multiple)[0])
+    with inference_precision(device):
+        for im in images:
+            t = min(tile, -(-max(im.fov.shape) // stride_multiple) * stride_multiple)
+            out.append(predict_tiled(predict, im.x, t, min(overlap, t // 2), fov=im.fov, batch=2,
+                                     stride_multiple=stride_multiple)[0])
     return out
+
+
+def validation_seconds(net, images, tile: int, overlap: int, stride_multiple: int, device) -> float:
+    """About how long `scaled_predictions` takes over `images`: one batch of windows timed (after
+    one to warm up), times the batches of every image. For the run's time budget."""
+    from napari_retina.models.precision import inference_precision
+    from napari_retina.models.tiling import plan_tiles, torch_predictor
+
+    if not images:
+        return 0.0
+    predict = torch_predictor(net, device)
+    im, batches = images[0], 0
+    for other in images:
+        t = min(tile, -(-max(other.fov.shape) // stride_multiple) * stride_multiple)
+        batches += -(-len(plan_tiles(other.fov.shape, t, min(overlap, t // 2), other.fov, stride_multiple).origins) // 2)
+    t = min(tile, -(-max(im.fov.shape) // stride_multiple) * stride_multiple)
+    windows = np.zeros((2, im.x.shape[0], t, t), np.float32)
+    windows[:, :, : min(t, im.x.shape[1]), : min(t, im.x.shape[2])] = im.x[:, :t, :t]
+    with inference_precision(device):
+        predict(windows)  # the first call sets the convolutions up
+        t0 = time.monotonic()
+        predict(windows)
+        per_batch = time.monotonic() - t0
+    return per_batch * batches + 0.02 * len(images)  # and scoring, per image
 
 
 LOGIT_RANGE = 16.0  # float32 probabilities resolve logits to about +-16
@@ -262,7 +291,10 @@ def run(a: argparse.Namespace, argv: list[str], spec: Spec) -> int:
     run_dir = Path(a.run_dir) if a.run_dir else out / "run"
     main_process = is_main_process()  # under torchrun, one process speaks
     say = (lambda *x: None) if a.quiet or not main_process else (lambda *x: print(*x, flush=True))
-    records = gather_records(a.data)
+    from training.trainer import RunBudget, open_run_log
+
+    budget = getattr(a, "budget", None) or RunBudget(a.minutes)
+    records = labelled(gather_records(a.data), [spec.lesion])  # images without a label teach nothing
     parent_config = check_model_folder(Path(a.init), expect=spec.kind) if a.init else None
     split_file = run_dir / "split.json"
     val_names = a.val_images
@@ -272,21 +304,29 @@ def run(a: argparse.Namespace, argv: list[str], spec: Spec) -> int:
         val_names = parents_held_out(parent_config, records)  # those of the parent's held-out images that are here
     if parent_config and float(parent_config.get("input_scale", a.scale)) != a.scale:
         raise DataError(f"--init {a.init}: a model at scale {parent_config.get('input_scale')}, not {a.scale}")
+    if len(records) < 2 and not val_names:
+        raise too_little_data(spec.lesion, [r.image.name for r in records])
     train_recs, val_recs = split_by_image(records, a.val_fraction, a.seed, val_names)
     if not val_recs:
-        raise DataError("no validation image: give at least two images")
+        raise too_little_data(spec.lesion, [r.image.name for r in records])
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_main_process():
         write_split(split_file, train_recs, val_recs)
+    log = open_run_log(run_dir, a.resume)  # the preparation's progress first, then the trainer's
     t0 = time.monotonic()
     dtype = np.float16 if spec.half_inputs else np.float32
     say(describe_labels(train_recs + val_recs, [spec.lesion]))
-    train_imgs = [im for r in train_recs if (im := load_scaled(r, spec.lesion, a.scale, spec.preprocess, dtype))]
-    val_imgs = [im for r in val_recs if (im := load_scaled(r, spec.lesion, a.scale, spec.preprocess, dtype))]
+    todo = train_recs + val_recs
+    prepared = Preparation(log, budget, len(todo))  # progress (and what is left of it) while the images load
+    loaded = [(load_scaled(r, spec.lesion, a.scale, spec.preprocess, dtype), prepared(i + 1))[0]
+              for i, r in enumerate(todo)]
+    train_imgs = [im for im in loaded[: len(train_recs)] if im is not None]
+    val_imgs = [im for im in loaded[len(train_recs):] if im is not None]
     if not val_imgs:
-        raise DataError(f"no validation image has a {spec.lesion} label")
+        raise DataError(f"none of the validation images ({', '.join(r.image.name for r in val_recs)}) has a "
+                        f"{spec.lesion} label: {advice(spec.lesion)}")
     if not any(len(im.lesion_px) for im in train_imgs):
-        raise DataError(f"no {spec.lesion} in the training images' masks")
+        raise DataError(f"no {spec.lesion} in the training images' masks: {advice(spec.lesion)}")
     say(f"{len(train_imgs)} training images ({sum(len(im.lesion_px) > 0 for im in train_imgs)} with {spec.lesion}), "
         f"{len(val_imgs)} validation images at scale {a.scale}; loaded in {time.monotonic() - t0:.0f} s")
     train_set = SegmentationPatches(train_imgs, a.patch_size, augment=True, seed=a.seed, length=a.samples_per_epoch)
@@ -363,8 +403,10 @@ def run(a: argparse.Namespace, argv: list[str], spec: Spec) -> int:
         num_workers=a.workers, seed=a.seed, val_fn=val_fn, monitor="val_aupr", mode="max",
         lr_patience=max(1, a.patience // 2), early_stop_patience=a.patience, forward_fn=forward_fn,
         on_epoch_end=[export], info={k: info[k] for k in ("version", "data", "command", "loss")},
-        verbose=not a.quiet,
+        verbose=not a.quiet, budget=budget, log=log,
     )
+    if budget.seconds is not None and is_main_process():  # the closing's time, before the first one is measured
+        budget.expect_closing(validation_seconds(trainer.eval_module, val_imgs, 512, 128, stride, trainer.device))
     summary = trainer.fit(resume=a.resume)
     say_end(say, summary, out, "val AUPR {:.3f} at the working scale")
     return 0

@@ -61,8 +61,10 @@ import numpy as np
 from napari_retina import __version__
 from napari_retina.io.errors import RetinaInputError
 
-from ._main import add_optimisation_args, add_run_args, ema_text, optimisation_kwargs, precision, say_end
-from ..data import DataError, describe_labels, gather_records, parents_held_out, split_by_image, write_split
+from ._main import add_optimisation_args, add_run_args, advice, ema_text, optimisation_kwargs, precision, say_end
+from ..data import (
+    DataError, describe_labels, gather_records, labelled, parents_held_out, split_by_image, write_split,
+)
 
 LESION = "MA"
 # the detector's ways of combining a candidate's peak p with the PRN's score s (models.microaneurysms.PRN_RULES)
@@ -399,7 +401,12 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
     out = Path(a.out)
     run_dir = Path(a.run_dir) if a.run_dir else out / "run"
     say = (lambda *x: None) if a.quiet or not is_main_process() else (lambda *x: print(*x, flush=True))
-    records = gather_records(a.data)
+    from training.trainer import RunBudget, open_run_log
+
+    from ._main import Preparation, too_little_data
+
+    budget = getattr(a, "budget", None) or RunBudget(a.minutes)
+    records = labelled(gather_records(a.data), [LESION])  # images without a label teach nothing
     parent = check_model_folder(Path(a.init), expect="ma-prn") if a.init else None
     split_file = run_dir / "split.json"
     val_names = a.val_images
@@ -407,12 +414,16 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
         val_names = json.loads(split_file.read_text())["val"]
     elif parent and not val_names:
         val_names = parents_held_out(parent, records)
+    if len(records) < 2 and not val_names:
+        raise too_little_data(LESION, [r.image.name for r in records])
     train_recs, val_recs = split_by_image(records, a.val_fraction, a.seed, val_names)
     if not val_recs:
-        raise DataError("no validation image: give at least two images")
+        raise too_little_data(LESION, [r.image.name for r in records])
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_main_process():
         write_split(split_file, train_recs, val_recs)
+    log = open_run_log(run_dir, a.resume)  # the preparation's progress first, then the trainer's
+    prepared = Preparation(log, budget, len(train_recs) + len(val_recs), "loading images (and mining candidates)")
     t0 = time.monotonic()
     rng = np.random.default_rng(a.seed)
     say(describe_labels(train_recs + val_recs, [LESION]))
@@ -430,13 +441,13 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
                                    write=is_main_process(), say=say)
         say(f"candidates: the candidate lesions of detector {cands.version}, touching a microaneurysm or not "
             f"({len(cands.found)} of {len(train_recs) + len(val_recs)} images mined before)")
-    train_imgs = [im for r in train_recs
-                  if (im := PatchImage(r, a.clearance, a.healthy_per_image, rng, hard, cands)).labelled]
-    val_imgs = [im for r in val_recs
-                if (im := PatchImage(r, a.clearance, a.healthy_per_image, rng, hard, cands)).labelled]
+    loaded = [(PatchImage(r, a.clearance, a.healthy_per_image, rng, hard, cands), prepared(i + 1))[0]
+              for i, r in enumerate(train_recs + val_recs)]
+    train_imgs = [im for im in loaded[: len(train_recs)] if im.labelled]
+    val_imgs = [im for im in loaded[len(train_recs):] if im.labelled]
     n_hard = (sum(im.n_hard for im in train_imgs), sum(im.n_hard for im in val_imgs))
     if not train_imgs or not any(len(im.lesion_px) for im in train_imgs):
-        raise DataError("no training image has a microaneurysm label")
+        raise DataError(f"no training image has a microaneurysm label: {advice(LESION)}")
     sampler = SelectiveSampler(max(1, sum(len(im.healthy_px) for im in train_imgs)), seed=a.seed)
     train_set = TripletPatches(train_imgs, sampler, a.samples_per_epoch, augment=True, seed=a.seed, jitter=a.jitter)
     val_pos = [im.patch(c) for im in val_imgs for c in im.lesion_centres]
@@ -445,7 +456,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
     val_hard = np.concatenate([np.arange(len(im.healthy_px)) >= len(im.healthy_px) - im.n_hard for im in val_imgs]
                               ) if val_imgs else np.zeros(0, bool)
     if not val_pos:
-        raise DataError("no microaneurysms in the validation images' masks")
+        raise DataError(f"no microaneurysms in the validation images' masks: {advice(LESION)}")
     # the detector's validation candidates (with --candidates): the decision the PRN is there to make
     val_cand = [im.patch(c) for im in val_imgs for c in im.cand["centres"]] if cands is not None else []
     val_cand_peak = np.concatenate([im.cand["peaks"] for im in val_imgs]) if val_cand else np.zeros(0)
@@ -619,7 +630,7 @@ weights.safetensors SHA-256: {{sha256}}
         seed=a.seed, val_fn=val_fn, monitor="val_cand_auc_rule" if cands is not None else "val_aupr", mode="max",
         lr_patience=max(1, a.patience // 2), early_stop_patience=a.patience, forward_fn=forward_fn,
         on_epoch_end_every_rank=[refresh], on_epoch_end=[export], info={k: info[k] for k in ("version", "data", "command")},
-        verbose=not a.quiet,
+        verbose=not a.quiet, budget=budget, log=log,
     )
     summary = trainer.fit(resume=a.resume)
     say_end(say, summary, out, f"candidate ROC AUC ({a.rule}) {{:.3f}}" if cands is not None else "patch AUPR {:.3f}")

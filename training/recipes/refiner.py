@@ -47,6 +47,7 @@ from ..data import (
     describe_labels,
     parents_held_out,
     gather_records,
+    labelled,
     load_image,
     simulate_samples,
     split_by_image,
@@ -380,7 +381,13 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
     run_dir = Path(a.run_dir) if a.run_dir else out / "run"
     say = (lambda *x: None) if a.quiet else (lambda *x: print(*x, flush=True))
 
-    records = gather_records(a.data)
+    from training.trainer import RunBudget, open_run_log
+
+    from ._main import Preparation, advice, too_little_data
+
+    budget = getattr(a, "budget", None) or RunBudget(a.minutes)
+    budget.finish_factor = 3.0 if a.variant == "prototype" else 1.0  # finish_model validates again, with superpixels
+    records = labelled(gather_records(a.data), REFINER_LESIONS)  # images without a label teach nothing
     split_file = run_dir / "split.json"
     val_names = a.val_images
     # through the registry's checks: a refiner folder whose weights match their checksum
@@ -389,23 +396,28 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
         val_names = json.loads(split_file.read_text())["val"]  # a resumed run keeps its split
     elif parent_config and not val_names:
         val_names = parents_held_out(parent_config, records)  # fine-tuning keeps the parent's held-out images
+    lesions = ", ".join(REFINER_LESIONS)
+    if len(records) < 2 and not val_names:
+        raise too_little_data(lesions, [r.image.name for r in records])
     train_recs, val_recs = split_by_image(records, a.val_fraction, a.seed, val_names)
     if not val_recs:
-        raise DataError("no validation image: give at least two images")
+        raise too_little_data(lesions, [r.image.name for r in records])
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_main_process():
         write_split(split_file, train_recs, val_recs)
+    log = open_run_log(run_dir, a.resume)  # the preparation's progress first, then the trainer's
 
     t0 = time.monotonic()
     say(describe_labels(train_recs + val_recs, REFINER_LESIONS))
-    train_imgs = [load_image(r) for r in train_recs]
-    val_imgs = [load_image(r) for r in val_recs]
+    prepared = Preparation(log, budget, len(train_recs) + len(val_recs))
+    loaded = [(load_image(r), prepared(i + 1))[0] for i, r in enumerate(train_recs + val_recs)]
+    train_imgs, val_imgs = loaded[: len(train_recs)], loaded[len(train_recs):]
     train_samples = [s for red in a.reduction for s in simulate_samples(train_imgs, red, a.seed)]
     val_images = validation_images(val_imgs, a.val_reduction, a.seed)
     if not train_samples:
-        raise DataError("no lesions (MA, SE, EX, HE) in the training images' masks")
+        raise DataError(f"no lesions ({lesions}) in the training images' masks: {advice(lesions)}")
     if not any(e for v in val_images for e in v.ellipses.values()):
-        raise DataError("no lesions in the validation images' masks")
+        raise DataError(f"no lesions in the validation images' masks: {advice(lesions)}")
     counts = {c: sum(s.ellipse.lesion == c for s in train_samples) for c in REFINER_LESIONS}
     say(f"{len(train_imgs)} training images ({', '.join(f'{c} {n}' for c, n in counts.items())} ellipses), "
         f"{len(val_imgs)} validation images; loaded in {time.monotonic() - t0:.0f} s")
@@ -463,6 +475,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
         grad_clip=a.grad_clip or None, forward_fn=lambda m, b: m(b["image"], b["mask"]),
         on_epoch_end=[lambda tr, m: export_model(tr, m, out, info, geom) if m["is_best"] else None],
         info={k: info[k] for k in ("variant", "version", "data", "command")}, verbose=not a.quiet,
+        budget=budget, log=log,
     )
     summary = trainer.fit(resume=a.resume)
     if is_main_process():

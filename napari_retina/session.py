@@ -388,4 +388,4 @@ def looks_like_fundus(fov: np.ndarray) -> bool:
     rows, cols = np.flatnonzero(fov.any(axis=1)), np.flatnonzero(fov.any(axis=0))
     bh, bw = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
     fill = fov.sum() / float(bh * bw)
-    return 0.6 <= fill <= 0.97 and bw >= 0.3 * w
+    return bool(0.6 <= fill <= 0.97 and bw >= 0.3 * w)

@@ -242,6 +242,7 @@ def shown_annotator(make_napari_viewer, qtbot, flat_folder):
 
 def test_all_lesion_rows_of_the_count_table_are_visible(shown_annotator, qtbot):
     table = shown_annotator.counts
+    shown_annotator.tabs.setCurrentIndex(1)  # the "Image & project" page holds the table
     qtbot.waitUntil(lambda: table.isVisible() and table.viewport().height() > 0, timeout=3000)
     qtbot.wait(100)
     assert table.rowCount() == 5
@@ -255,9 +256,15 @@ def test_nothing_in_the_dock_is_cut_off_at_the_right(shown_annotator, qtbot):
     qtbot.wait(200)
     viewport, content = widget._scroll.viewport(), widget._content
     assert content.width() <= viewport.width(), (content.width(), viewport.width())
-    for w in (widget.superpixel_check, widget.fov_check, widget.exudate_finder.cancel_button, widget.counts):
-        right = w.mapTo(content, w.rect().topRight()).x()
-        assert right < viewport.width(), (type(w).__name__, right, viewport.width())
+    pages = {0: (widget.superpixel_check, widget.exudate_finder.cancel_button, widget.ma_review.next_button),
+             1: (widget.fov_check, widget.counts, widget.save_button)}
+    for page, shown in pages.items():
+        widget.tabs.setCurrentIndex(page)
+        qtbot.wait(50)
+        for w in shown:
+            assert w.isVisible()
+            right = w.mapTo(content, w.rect().topRight()).x()
+            assert right < viewport.width(), (type(w).__name__, right, viewport.width())
 
 
 @pytest.fixture

@@ -43,6 +43,7 @@ from qtpy.QtWidgets import (
     QPushButton,
     QSizePolicy,
     QSlider,
+    QTabWidget,
     QTableWidget,
     QTableWidgetItem,
     QToolButton,
@@ -195,6 +196,19 @@ class LesionAnnotator(QWidget):
         self.image_label = QLabel("Open a fundus image or a folder (File > Open)")
         self.image_label.setWordWrap(True)
         lay.addWidget(self.image_label)
+        self.status_label = QLabel("")
+        self.status_label.setWordWrap(True)
+        lay.addWidget(self.status_label)  # saving, errors and tool messages: always in view
+        # two pages, so that each fits a 1000-px-high window without scrolling: what the grader
+        # does to the image, and what concerns the image and its project
+        self.tabs = QTabWidget()
+        annotate_page, image_page = QWidget(), QWidget()
+        alay, ilay = QVBoxLayout(annotate_page), QVBoxLayout(image_page)
+        for page_lay in (alay, ilay):
+            page_lay.setContentsMargins(0, 4, 0, 0)
+        self.tabs.addTab(annotate_page, "Annotate")
+        self.tabs.addTab(image_page, "Image && project")
+        lay.addWidget(self.tabs)
 
         box = QGroupBox("Lesion class")
         grid = QGridLayout(box)
@@ -229,7 +243,7 @@ class LesionAnnotator(QWidget):
         self.accept_button.setToolTip("keep the pending (lighter) pixels of the active lesion class as yours")
         self.accept_button.clicked.connect(lambda: self.accept_proposals(self.current))
         grid.addWidget(self.accept_button, 4, 0, 1, 2)
-        lay.addWidget(box)
+        alay.addWidget(box)
 
         ref = QGroupBox("Ellipse refinement")
         rl = QGridLayout(ref)
@@ -258,15 +272,16 @@ class LesionAnnotator(QWidget):
         rl.addWidget(self.import_button, 2, 1)
         self.model_label = QLabel("loading the refinement model...")
         rl.addWidget(self.model_label, 4, 0, 1, 2)
-        lay.addWidget(ref)
+        alay.addWidget(ref)
 
         self.exudate_finder = LesionFinder(self.layers, "EX")
-        lay.addWidget(self.exudate_finder)
+        alay.addWidget(self.exudate_finder)
         self.ma_finder = LesionFinder(self.layers, "MA")
-        lay.addWidget(self.ma_finder)
+        alay.addWidget(self.ma_finder)
         self.ma_review = LesionReview(self.layers, "MA", overlay_layer=self.ma_finder.overlay_layer)
         self.ma_finder.changed.connect(lambda code: self.ma_review.candidates_changed())
-        lay.addWidget(self.ma_review)
+        alay.addWidget(self.ma_review)
+        alay.addStretch(1)
         self.finders = (self.exudate_finder, self.ma_finder)
 
         view = QGroupBox("Display")
@@ -278,7 +293,7 @@ class LesionAnnotator(QWidget):
         self.fov_check.toggled.connect(self._on_fov_toggled)
         vl.addWidget(self.display_combo)
         vl.addWidget(self.fov_check)
-        lay.addWidget(view)
+        ilay.addWidget(view)
 
         self.counts = _CountsTable(len(LESIONS), 4)
         self.counts.setHorizontalHeaderLabels(["lesion", "count", "% of FOV", "reviewed"])
@@ -299,7 +314,7 @@ class LesionAnnotator(QWidget):
             check.setToolTip(f"{les.name}: reviewed (the mask is a label for retraining)")
             self.counts.setItem(i, 3, check)
         self.counts.itemChanged.connect(self._on_review_item)
-        lay.addWidget(self.counts)
+        ilay.addWidget(self.counts)
 
         imgs = QGroupBox("Images (PageUp / PageDown)")
         il = QVBoxLayout(imgs)
@@ -315,7 +330,7 @@ class LesionAnnotator(QWidget):
         nav.addWidget(self.prev_button)
         nav.addWidget(self.next_button)
         il.addLayout(nav)
-        lay.addWidget(imgs)
+        ilay.addWidget(imgs)
 
         proj = QGroupBox("Project (autosaved)")
         pl = QGridLayout(proj)
@@ -333,10 +348,8 @@ class LesionAnnotator(QWidget):
         self.save_button.clicked.connect(lambda: self.save(summary=True))
         pl.addWidget(self.choose_button, 2, 0)
         pl.addWidget(self.save_button, 2, 1)
-        self.status_label = QLabel("")
-        self.status_label.setWordWrap(True)
-        pl.addWidget(self.status_label, 3, 0, 1, 2)
-        lay.addWidget(proj)
+        ilay.addWidget(proj)
+        ilay.addStretch(1)
         lay.addStretch(1)
         self.class_buttons.button(0).setChecked(True)
         # as wide as the content: only the height scrolls

@@ -61,12 +61,13 @@ class LesionReview(QGroupBox):
         self.next_button.clicked.connect(self.next)
         self.counts_label = QLabel("")
         self.counts_label.setWordWrap(True)
-        lay.addWidget(self.click_button, 0, 0)
-        lay.addWidget(self.review_button, 0, 1)
-        lay.addWidget(self.accept_button, 1, 0)
-        lay.addWidget(self.reject_button, 1, 1)
-        lay.addWidget(self.next_button, 2, 0, 1, 2)
-        lay.addWidget(self.counts_label, 3, 0, 1, 2)
+        # the review's three buttons on one row: the dock fits a 1000-px-high window
+        lay.addWidget(self.click_button, 0, 0, 1, 3)
+        lay.addWidget(self.review_button, 0, 3, 1, 3)
+        lay.addWidget(self.accept_button, 1, 0, 1, 2)
+        lay.addWidget(self.reject_button, 1, 2, 1, 2)
+        lay.addWidget(self.next_button, 1, 4, 1, 2)
+        lay.addWidget(self.counts_label, 2, 0, 1, 6)
         self._enable_review_buttons()
 
     # --- state shown ---------------------------------------------------------------------------

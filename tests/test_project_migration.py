@@ -182,8 +182,9 @@ def test_a_folder_that_cannot_be_written_opens_as_before_with_one_note_and_its_n
 
 @pytest.mark.parametrize("killed_at", ["table", "masks"])
 def test_a_rewrite_killed_half_way_loses_nothing(old_project, monkeypatch, killed_at):
-    """Killed before the table is written (old table, new proposal files) or after it (new table,
-    mask files still holding shown pixels): the next opening reads the same and finishes."""
+    """Killed before the table is written (old table, new proposal files): the next opening reads
+    the same and rewrites it. Killed after it (new table, mask files still holding shown pixels):
+    the next opening reads the same, and the next save rewrites the mask files."""
     e = _expected()
     target = "atomic_write_text" if killed_at == "table" else "write_mask"
 
@@ -199,6 +200,12 @@ def test_a_rewrite_killed_half_way_loses_nothing(old_project, monkeypatch, kille
     assert read_mask(old_project / "eye_EX.tif").sum() == 61  # still the shown pixels
     ann = ProjectFolder(old_project).load()
     _check_reads_like_today(ann, e)
+    if killed_at == "masks":
+        assert ann.legacy_sources and read_mask(old_project / "eye_EX.tif").sum() == 61  # opening wrote nothing
+        ann.record.hand_edit("SE", (0, H, 0, W), painted=np.zeros((H, W), bool) | (np.arange(W) == 0))
+        ProjectWriter(old_project, old_project / "eye.png", fundus_rgb(0, H, W), ann).write(ann.snapshot())
+        e["shown_SE"] = e["hand_SE"] = ann.confirmed("SE")
+        _check_reads_like_today(ProjectFolder(old_project).load(), e)
     for c in LESION_CODES:
         np.testing.assert_array_equal(read_mask(old_project / f"eye_{c}.tif"), e[f"hand_{c}"], err_msg=c)
     assert json.loads((old_project / "proposals.json").read_text())["format"] == 2

@@ -313,7 +313,8 @@ class ProjectFolder:
         every intermediate state still reads the same (`_migrate`); a first save would mix the
         rewrite with the grader's edits, and a folder only read (training, evaluate) would
         stay in the old form for good. If it cannot be written (a read-only folder) the
-        annotation opens as read, with one note, and its next save rewrites it whole.
+        annotation opens as read, with one note, and its next save rewrites it whole. A folder
+        of the current form is never written here (a reader may run beside the grader's autosave).
         """
         old_form = False
         try:
@@ -357,12 +358,11 @@ class ProjectFolder:
         if old_form and not masks_from_files:
             self._shown_from_files(ann, {str(e.get("lesion")) for e in entries if isinstance(e, dict)})
         stale = ann.record.restore(dict(table, format=form), arrays)
-        if stale and masks_from_files:
-            # a killed migration left mask files with pending pixels in them: finish it
+        if not old_form and ((stale and masks_from_files) or (self.path / LEGACY_SOURCES_TABLE).exists()):
+            # a killed rewrite left mask files with pending pixels in them (they read right) or
+            # sources.json behind: the next save rewrites it whole. Not here: a reader of a
+            # current-form folder (training while the grader annotates) must never write into it
             ann.legacy_sources = True
-            return True
-        if not old_form and (self.path / LEGACY_SOURCES_TABLE).exists():
-            return True  # a killed migration left sources.json behind
         return old_form
 
     def _shown_from_files(self, ann: Annotation, lesions: set[str]) -> None:

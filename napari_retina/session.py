@@ -389,3 +389,179 @@ def looks_like_fundus(fov: np.ndarray) -> bool:
     bh, bw = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
     fill = fov.sum() / float(bh * bw)
     return bool(0.6 <= fill <= 0.97 and bw >= 0.3 * w)
+
+
+# --- autosave of the open image's project ------------------------------------------------------
+
+SAVE_WHEN_QUIET_S = 0.5  # a burst of edits is written once it pauses...
+SAVE_AT_LATEST_S = 1.5  # ...or this long after its first unsaved edit: a crash loses at most ~2 s
+SUMMARY_EVERY_S = 5.0  # overlay.png and lesions.csv are whole-image work: at most this often,
+SUMMARY_WHEN_QUIET_S = 1.0  # while the grader pauses (and no model is running),
+SUMMARY_AT_LATEST_S = 30.0  # or anyway this long after the masks changed
+
+
+class ProjectAutosave:
+    """When and what of the open image's project to write, written in one background thread.
+
+    Headless: whoever shows the session calls `edited` on every change and `due` on a timer,
+    then `save`. Each save copies only what the record says changed (`Annotation.snapshot`) and
+    writes it in the one writer thread, so successive saves of a project land in order and the
+    caller never waits on the disk. `on_done(project_dir, rows, error, snapshot)` is called in
+    the writer thread when a save ends (rows: the lesion counts, or None; error: one line, or
+    None); after an error, `give_back` makes the snapshot's changes unsaved again.
+    """
+
+    def __init__(self, on_done) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-retina-save")
+        self._on_done = on_done
+        self._pending: list = []
+        self.writer = None  # io.project.ProjectWriter of the open image, used only in the writer thread
+        self.started = False  # the project folder was written (or restored): later saves write only changes
+        self.saved_ellipses: list[dict] | None = None
+        self.ellipses_dirty = False  # the ellipses changed since the last save
+        self.first_unsaved: float | None = None  # monotonic time of the oldest unsaved edit
+        self.last_edit = 0.0
+        self.summary_since: float | None = None  # masks changed since overlay/lesions.csv were written
+        self.last_summary = 0.0
+
+    # --- what the session tells it ----------------------------------------------------------------
+    def begin(self, opened: OpenedImage, ellipse_dicts: list[dict], grader: str) -> None:
+        """Another image is open: what is shown now is the baseline (a project is written only once
+        the grader edits, so browsing a read-only data set creates nothing)."""
+        from .io.project import ProjectWriter
+
+        opened.annotation.record.take_changes()
+        self.saved_ellipses, self.ellipses_dirty = ellipse_dicts, False
+        self.first_unsaved = self.summary_since = None
+        self.started = opened.from_project
+        self.writer = ProjectWriter(opened.project_dir, opened.record.image, opened.rgb, opened.annotation,
+                                    grader=grader)  # it keeps the confirmed pixels
+
+    def move_to(self, opened: OpenedImage, grader: str) -> None:
+        """The open image's project now goes to `opened.project_dir` (a new folder gets every file)."""
+        from .io.project import ProjectWriter
+
+        opened.from_project = False
+        self.saved_ellipses, self.ellipses_dirty = None, True
+        self.started = False
+        self.writer = ProjectWriter(opened.project_dir, opened.record.image, opened.rgb, opened.annotation,
+                                    grader=grader)  # it keeps the confirmed pixels
+
+    def edited(self, now: float | None = None) -> None:
+        import time
+
+        now = time.monotonic() if now is None else now
+        self.last_edit = now
+        if self.first_unsaved is None:
+            self.first_unsaved = now
+
+    def ellipses_edited(self) -> None:
+        self.ellipses_dirty = True
+        self.edited()
+
+    # --- when ---------------------------------------------------------------------------------------
+    @property
+    def writing(self) -> bool:
+        return any(not f.done() for f in self._pending)
+
+    def has_unsaved_changes(self, opened: OpenedImage | None) -> bool:
+        """Edits not yet on disk: unsaved in memory, or a save still being written."""
+        if opened is None:
+            return False
+        return self.writing or opened.annotation.record.has_changes() or self.ellipses_dirty
+
+    def due(self, opened: OpenedImage | None, now: float, busy: bool = False) -> str | None:
+        """"save" once a burst of edits pauses (or ~1.5 s after it began), "summary" when overlay.png
+        and lesions.csv are due (not while a model is `busy`), else None."""
+        if opened is None or self.writing:
+            return None
+        if opened.annotation.record.has_changes() or self.ellipses_dirty:
+            if self.first_unsaved is None:
+                self.first_unsaved = self.last_edit = now
+            if now - self.last_edit >= SAVE_WHEN_QUIET_S or now - self.first_unsaved >= SAVE_AT_LATEST_S:
+                return "save"
+        elif self.summary_since is not None:
+            quiet = now - self.last_edit >= SUMMARY_WHEN_QUIET_S and not busy
+            if now - self.last_summary >= SUMMARY_EVERY_S and (quiet or now - self.summary_since >= SUMMARY_AT_LATEST_S):
+                return "summary"
+        return None
+
+    # --- what -----------------------------------------------------------------------------------------
+    def save(self, opened: OpenedImage | None, ellipse_file, grader: str, summary: bool = False, counts: bool = True):
+        """Queue a save of what changed (plus overlay.png and lesions.csv if `summary`); its Future, or
+        None when there is nothing to write. `ellipse_file()` gives the ellipses as they are now."""
+        import time
+
+        writer = self.writer
+        if opened is None or writer is None:
+            return None
+        ellipses = None
+        if self.ellipses_dirty or not self.started or self.saved_ellipses is None:
+            ellipses = ellipse_file()
+            dicts = [e.to_dict() for e in ellipses.ellipses]
+            if dicts == self.saved_ellipses and self.started:
+                ellipses = None  # e.g. a shape selected, nothing moved
+            self.saved_ellipses, self.ellipses_dirty = dicts, False
+        snap = opened.annotation.snapshot(ellipses=ellipses, all_lesions=not self.started)
+        self.first_unsaved = None
+        if not snap.has_content() and not summary and self.started:
+            return None  # e.g. a shape selected: nothing to write
+        self.started = True
+        if snap.masks:
+            self.summary_since = self.summary_since or time.monotonic()
+        if summary:
+            self.summary_since, self.last_summary = None, time.monotonic()
+        project_dir, on_done = opened.project_dir, self._on_done
+
+        def write():
+            try:
+                rows = writer.write(snap, summary=summary, grader=grader, counts=counts)
+                on_done(project_dir, rows, None, snap)
+            except RetinaInputError as e:
+                on_done(project_dir, None, str(e), snap)
+            except Exception as e:  # never a traceback dialog from a background save
+                on_done(project_dir, None, f"saving {project_dir.name} failed: {e}", snap)
+
+        fut = self._executor.submit(write)
+        self._pending = [f for f in self._pending if not f.done()] + [fut]
+        return fut
+
+    def give_back(self, opened: OpenedImage, snap) -> None:
+        """A save failed: what it took is unsaved again, and the next tick retries."""
+        import time
+
+        ann = opened.annotation
+        ann.record.give_back(snap.changes)
+        ann.legacy_sources = ann.legacy_sources or snap.drop_legacy_sources
+        self.saved_ellipses, self.ellipses_dirty = None, True
+        self.started = self.started and opened.from_project
+        self.first_unsaved = self.first_unsaved or time.monotonic()
+
+    def count(self, fov, on_counted) -> None:
+        """Lesion counts as % of the field of view, from the writer's copy of the masks, in its thread:
+        `on_counted(writer, rows)`."""
+        writer = self.writer
+        if writer is None:
+            return
+
+        def count():
+            writer.set_fov(fov)
+            on_counted(writer, writer.counts())
+
+        self._executor.submit(count)
+
+    def wait(self, timeout: float = 30.0) -> None:
+        for f in list(self._pending):
+            f.result(timeout=timeout)
+
+    def flush(self, opened: OpenedImage | None, ellipse_file, grader: str, timeout: float = 30.0) -> None:
+        """Write everything now, overlay and lesion table included, and wait."""
+        if self.has_unsaved_changes(opened) or self.summary_since is not None:
+            self.wait(timeout)
+            self.save(opened, ellipse_file, grader, summary=True)
+        self.wait(timeout)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True)

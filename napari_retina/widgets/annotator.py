@@ -17,7 +17,7 @@ import functools
 import getpass
 import time
 import weakref
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from datetime import datetime
 from pathlib import Path
 
@@ -55,7 +55,7 @@ from ..fundus import enhance_display_contrast, field_of_view_mask, green_channel
 from ..io.datasets import Dataset, ImageRecord, open_dataset
 from ..io.ellipses import Ellipse, EllipseFile, load_ellipses, new_id
 from ..io.errors import RetinaInputError
-from ..io.project import Annotation, ProjectFolder, ProjectSnapshot, ProjectWriter, now_iso
+from ..io.project import Annotation, ProjectFolder, now_iso
 from ..lesions import LESION_CODES, LESIONS, lesion
 from ..proposals import PixelChange
 from ..session import (
@@ -63,6 +63,7 @@ from ..session import (
     OpenedImage,
     ellipses_from_shapes,
     layer_data,
+    ProjectAutosave,
     looks_like_fundus,
     open_record,
 )
@@ -72,12 +73,7 @@ from .review import LesionReview
 from .segment import LesionFinder
 from .viewer_session import real_viewer, session_of
 
-AUTOSAVE_TICK_MS = 250
-SAVE_WHEN_QUIET_S = 0.5  # a burst of edits is written once it pauses...
-SAVE_AT_LATEST_S = 1.5  # ...or this long after its first unsaved edit: a crash loses at most ~2 s
-SUMMARY_EVERY_S = 5.0  # overlay.png and lesions.csv are whole-image work: at most this often,
-SUMMARY_WHEN_QUIET_S = 1.0  # while the grader pauses (and no refinement is running),
-SUMMARY_AT_LATEST_S = 30.0  # or anyway this long after the masks changed
+AUTOSAVE_TICK_MS = 250  # how often the session's autosave is asked whether a save is due
 DISPLAY_MODES = ("colour", "green channel", "contrast-enhanced (CLAHE)")
 FOV_LAYER = "field of view"
 
@@ -154,26 +150,17 @@ class LesionAnnotator(QWidget):
         self.current = LESION_CODES[0]
         self.summary: list[dict] = []
         self.last_saved: datetime | None = None
-        self.project_writer: ProjectWriter | None = None  # used only from the writer thread
-        self._project_started = False  # the first save of a new project writes every mask
-        self._saved_ellipses: list[dict] | None = None
-        self._ellipses_dirty = False  # the Shapes layer changed since the last save (events say so)
-        self._first_unsaved: float | None = None  # monotonic time of the oldest unsaved edit
-        self._last_edit = 0.0
-        self._summary_since: float | None = None  # masks changed since overlay/lesions.csv were written
-        self._last_summary = 0.0
+        self._last_error: str | None = None
+        self._loading = False
+        self._signals = _SaveSignals()
+        self._signals.done.connect(self._on_saved)
+        self._signals.counted.connect(self._on_counted)
+        # the writer thread reports through Qt signals, delivered on the GUI thread
+        self.autosave = ProjectAutosave(on_done=lambda *result: self._signals.done.emit(result))
         self._extras: dict[str, dict] = {}
         self._connected_shapes: "weakref.WeakSet[Shapes]" = weakref.WeakSet()
         self._armed_id = ""  # the id a shape drawn next gets (see _label_new_shapes)
         self._labelling = False
-        self._last_error: str | None = None
-        self._loading = False
-        self._pending: list[Future] = []
-        # one writer thread so successive saves of a project land in order
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-retina-save")
-        self._signals = _SaveSignals()
-        self._signals.done.connect(self._on_saved)
-        self._signals.counted.connect(self._on_counted)
         self._build_ui()
         self._bind_keys()
         self.viewer.layers.events.inserted.connect(self._on_layer_inserted)
@@ -477,7 +464,7 @@ class LesionAnnotator(QWidget):
             return
         for finder in self.finders:  # a run on the old image stops; what it proposed goes before the save
             finder.image_changed()
-        if op is not None and (self.has_unsaved_changes() or self._summary_since is not None):
+        if op is not None and (self.has_unsaved_changes() or self.autosave.summary_since is not None):
             self.save(summary=True)
         self.ma_review.image_changed()
         keep = {id(l) for l in new_layers}
@@ -590,16 +577,7 @@ class LesionAnnotator(QWidget):
 
     def _after_open(self) -> None:
         op = self.opened
-        # what is shown now is the baseline: a project is only written once the grader edits,
-        # so browsing a read-only data set creates nothing
-        op.annotation.record.take_changes()
-        self._saved_ellipses = self._ellipse_dicts()
-        self._ellipses_dirty = False
-        self._first_unsaved = self._summary_since = None
-        self._project_started = op.from_project
-        self.project_writer = ProjectWriter(
-            op.project_dir, op.record.image, op.rgb, op.annotation.masks, grader=self._grader()
-        )
+        self.autosave.begin(op, self._ellipse_dicts(), self._grader())
         self.display_combo.blockSignals(True)
         self.display_combo.setCurrentIndex(0)
         self.display_combo.blockSignals(False)
@@ -695,8 +673,7 @@ class LesionAnnotator(QWidget):
         layer.mode = mode
 
     def _on_ellipses_edited(self, event=None) -> None:
-        self._ellipses_dirty = True
-        self._edited()
+        self.autosave.ellipses_edited()
 
     def _on_shapes_data(self, event) -> None:
         self._on_ellipses_edited()
@@ -766,10 +743,7 @@ class LesionAnnotator(QWidget):
 
     def _edited(self) -> None:
         """Something of the open image changed: autosave is due."""
-        now = time.monotonic()
-        self._last_edit = now
-        if self._first_unsaved is None:
-            self._first_unsaved = now
+        self.autosave.edited()
 
     # --- refinement ----------------------------------------------------------------------
     def current_ellipses(self) -> dict[str, Ellipse]:
@@ -955,19 +929,12 @@ class LesionAnnotator(QWidget):
     # --- counts --------------------------------------------------------------------------
     def _update_counts_from_masks(self) -> None:
         """Counts as % of the field of view, from the writer's copy of the masks (in its thread)."""
-        writer, fov = self.project_writer, self.fov
-        if self.opened is None or writer is None:
-            return
-
-        def count():
-            writer.set_fov(fov)
-            self._signals.counted.emit((writer, writer.counts()))
-
-        self._writer.submit(count)
+        if self.opened is not None:
+            self.autosave.count(self.fov, lambda writer, rows: self._signals.counted.emit((writer, rows)))
 
     def _on_counted(self, result) -> None:
         writer, rows = result
-        if writer is self.project_writer:
+        if writer is self.autosave.writer:
             self._show_counts(rows)
 
     def _show_counts(self, rows: list[dict]) -> None:
@@ -1008,7 +975,7 @@ class LesionAnnotator(QWidget):
             return
         for finder in self.finders:  # a run on this image stops, and what it proposed goes before the save
             finder.image_changed()
-        if self.opened is not None and (self.has_unsaved_changes() or self._summary_since is not None):
+        if self.opened is not None and (self.has_unsaved_changes() or self.autosave.summary_since is not None):
             self.save(summary=True)  # leaving this image: its overlay and lesion table too
         record = self.dataset.records[index]
         self._loading = True
@@ -1098,69 +1065,26 @@ class LesionAnnotator(QWidget):
 
     def has_unsaved_changes(self) -> bool:
         """Edits not yet on disk: unsaved in memory, or a save still being written."""
-        if self.opened is None:
-            return False
-        if any(not f.done() for f in self._pending):
-            return True
-        return self.opened.annotation.record.has_changes() or self._ellipses_dirty
+        return self.autosave.has_unsaved_changes(self.opened)
 
     def autosave_tick(self) -> None:
         """Write what changed once a burst of edits pauses (or at the latest ~1.5 s after it began)."""
-        if self.opened is None or self._loading or any(not f.done() for f in self._pending):
+        if self._loading:
             return
-        now = time.monotonic()
         try:
-            if self.opened.annotation.record.has_changes() or self._ellipses_dirty:
-                if self._first_unsaved is None:
-                    self._first_unsaved = self._last_edit = now
-                if now - self._last_edit >= SAVE_WHEN_QUIET_S or now - self._first_unsaved >= SAVE_AT_LATEST_S:
-                    self.save()
-            elif self._summary_since is not None:
-                quiet = now - self._last_edit >= SUMMARY_WHEN_QUIET_S and not self.refinement.busy
-                if now - self._last_summary >= SUMMARY_EVERY_S and (
-                    quiet or now - self._summary_since >= SUMMARY_AT_LATEST_S
-                ):
-                    self.save(summary=True)
+            due = self.autosave.due(self.opened, time.monotonic(), busy=self.refinement.busy)
+            if due is not None:
+                self.save(summary=due == "summary")
         except Exception as e:  # a malformed shape must not stop autosave for good
             self._report_error(f"autosave: {e}")
 
     def save(self, summary: bool = False) -> Future | None:
         """Queue a save of what changed (plus overlay.png and lesions.csv if `summary`); returns its Future."""
-        op, writer = self.opened, self.project_writer
-        if op is None or writer is None:
-            return None
-        ellipses = None
-        if self._ellipses_dirty or not self._project_started or self._saved_ellipses is None:
-            ellipses = self._ellipse_file()
-            dicts = [e.to_dict() for e in ellipses.ellipses]
-            if dicts == self._saved_ellipses and self._project_started:
-                ellipses = None  # e.g. a shape selected, nothing moved
-            self._saved_ellipses, self._ellipses_dirty = dicts, False
-        snap = op.annotation.snapshot(ellipses=ellipses, all_lesions=not self._project_started)
-        self._first_unsaved = None
-        if not snap.has_content() and not summary and self._project_started:
-            return None  # e.g. a shape selected: nothing to write
-        self._project_started = True
-        if snap.masks:
-            self._summary_since = self._summary_since or time.monotonic()
-        if summary:
-            self._summary_since, self._last_summary = None, time.monotonic()
-        grader = self._grader()
-        project_dir = op.project_dir
-        counts = not self.refinement.busy  # recounting lesions can wait while the model has the CPU
-
-        def write():
-            try:
-                rows = writer.write(snap, summary=summary, grader=grader, counts=counts)
-                self._signals.done.emit((project_dir, rows, None, snap))
-            except RetinaInputError as e:
-                self._signals.done.emit((project_dir, None, str(e), snap))
-            except Exception as e:  # never a traceback dialog from a background save
-                self._signals.done.emit((project_dir, None, f"saving {project_dir.name} failed: {e}", snap))
-
-        fut = self._writer.submit(write)
-        self._pending = [f for f in self._pending if not f.done()] + [fut]
-        self.status_label.setText("saving...")
+        # recounting lesions can wait while the model has the CPU
+        fut = self.autosave.save(self.opened, self._ellipse_file, self._grader(), summary=summary,
+                                 counts=not self.refinement.busy)
+        if fut is not None:
+            self.status_label.setText("saving...")
         return fut
 
     def _on_saved(self, result) -> None:
@@ -1168,7 +1092,7 @@ class LesionAnnotator(QWidget):
         same = self.opened is not None and self.opened.project_dir == project_dir
         if error is not None:
             if same:  # keep the edits: what this save took is unsaved again, the next tick retries
-                self._give_back(snap)
+                self.autosave.give_back(self.opened, snap)
             self._report_error(error)
             return
         self._last_error = None
@@ -1180,14 +1104,6 @@ class LesionAnnotator(QWidget):
                 self._show_counts(rows)
         self.status_label.setText(f"saved {self.last_saved:%H:%M:%S}")
 
-    def _give_back(self, snap: ProjectSnapshot) -> None:
-        ann = self.opened.annotation
-        ann.record.give_back(snap.changes)
-        ann.legacy_sources = ann.legacy_sources or snap.drop_legacy_sources
-        self._saved_ellipses, self._ellipses_dirty = None, True
-        self._project_started = self._project_started and self.opened.from_project
-        self._first_unsaved = self._first_unsaved or time.monotonic()
-
     def _report_error(self, message: str) -> None:
         self.status_label.setText(f"NOT SAVED: {message}")
         if message != self._last_error:  # one notification per problem, not one per tick
@@ -1196,12 +1112,7 @@ class LesionAnnotator(QWidget):
 
     def flush(self, timeout: float = 30.0) -> None:
         """Write everything now, overlay and lesion table included, and wait (closing napari, tests, CLI)."""
-        if self.has_unsaved_changes() or self._summary_since is not None:
-            for f in list(self._pending):
-                f.result(timeout=timeout)
-            self.save(summary=True)
-        for f in list(self._pending):
-            f.result(timeout=timeout)
+        self.autosave.flush(self.opened, self._ellipse_file, self._grader(), timeout=timeout)
         from qtpy.QtWidgets import QApplication
 
         QApplication.processEvents()
@@ -1217,12 +1128,7 @@ class LesionAnnotator(QWidget):
         op = self.opened
         if op is not None:
             op.project_dir = self.project_root / f"{op.record.image.stem}.retina"
-            op.from_project = False
-            self._saved_ellipses, self._ellipses_dirty = None, True
-            self._project_started = False  # a new folder gets every file
-            self.project_writer = ProjectWriter(
-                op.project_dir, op.record.image, op.rgb, op.annotation.masks, grader=self._grader()
-            )
+            self.autosave.move_to(op, self._grader())
             self._last_error = None
             self._update_counts_from_masks()
             self.project_label.setText(f"will be saved in {self.opened.project_dir}")
@@ -1237,7 +1143,7 @@ class LesionAnnotator(QWidget):
             self.flush()
         except Exception as e:
             show_error(f"saving on close failed: {e}")
-        self._writer.shutdown(wait=True)
+        self.autosave.shutdown()
         super().closeEvent(event)
 
 

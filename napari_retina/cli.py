@@ -165,6 +165,22 @@ def check_openable(path: Path) -> None:
     read_fundus(path)  # a full decode: a truncated JPEG has an intact header
 
 
+OPEN_WINDOW = (1600, 1000)  # the whole fundus and the annotator dock, without scrolling
+
+
+def _fit_window(viewer) -> None:
+    """Size the window to OPEN_WINDOW, or to the screen where that is smaller (napari's default
+    window cuts the fundus off and makes the dock scroll)."""
+    from qtpy.QtWidgets import QApplication
+
+    width, height = OPEN_WINDOW
+    screen = QApplication.primaryScreen()
+    if screen is not None:
+        free = screen.availableGeometry()
+        width, height = min(width, free.width()), min(height, free.height())
+    viewer.window.resize(width, height)
+
+
 def cmd_open(args) -> int:
     path = Path(args.path).expanduser() if args.path else None
     if path is not None:
@@ -176,6 +192,7 @@ def cmd_open(args) -> int:
     import napari
 
     viewer = napari.Viewer(title="napari-retina")
+    _fit_window(viewer)
     _, widget = viewer.window.add_plugin_dock_widget("napari-retina", "Lesion annotator")
     if args.grader:
         widget.grader_edit.setText(args.grader)

@@ -244,3 +244,30 @@ def test_an_image_that_is_not_a_fundus_photograph_is_noticed_once_and_finders_as
     qtbot.waitUntil(lambda: ann.opened.record.image.name == "noise.png" and ann.opened.fundus is not None, timeout=10000)
     assert sum("does not look like a fundus photograph" in m for m in notices) == 1
     ann.flush()
+
+
+def test_napari_retina_open_shows_the_whole_fundus_and_the_dock_without_scrolling(make_napari_viewer, qtbot, flat_folder, monkeypatch):
+    import napari
+
+    from napari_retina import cli
+
+    made = []
+    monkeypatch.setattr(napari, "Viewer", lambda **kw: made.append(make_napari_viewer(show=True, **kw)) or made[-1])
+    monkeypatch.setattr(napari, "run", lambda: None)
+    assert cli.main(["open", str(flat_folder / "IDRiD_01.jpg")]) == 0
+    viewer = made[0]
+    session = session_of(viewer)
+    qtbot.waitUntil(lambda: session.opened is not None, timeout=10000)
+    _, _, width, height = viewer.window.geometry()
+    assert (width, height) == cli.OPEN_WINDOW  # the test screen is 1600x1000
+    _, dock = viewer.window.add_plugin_dock_widget(PLUGIN, ANNOTATOR)  # the one `open` docked
+    assert dock.opened is session.opened
+    _OPENED.append(dock)
+    qtbot.waitUntil(lambda: dock._scroll.viewport().height() > 0, timeout=5000)
+    qtbot.wait(200)
+    for page in (0, 1):
+        dock.tabs.setCurrentIndex(page)
+        qtbot.wait(50)
+        assert dock._scroll.verticalScrollBar().maximum() == 0, page  # nothing to scroll to
+    dock.flush()
+

@@ -271,3 +271,95 @@ def test_napari_retina_open_shows_the_whole_fundus_and_the_dock_without_scrollin
         assert dock._scroll.verticalScrollBar().maximum() == 0, page  # nothing to scroll to
     dock.flush()
 
+
+
+@pytest.mark.slow
+def test_a_graders_day_end_to_end(make_napari_viewer, qtbot, tmp_path, models, monkeypatch):
+    """Open a folder, draw an ellipse, Find, erase part, accept, File > Open the next image, paint,
+    train a tiny model from the Retrain dock, use it, Find again, close and reopen everything."""
+    import warnings
+
+    import napari_retina.widgets.train as train_module
+    from conftest import write_exudate_folder
+
+    folder = write_exudate_folder(tmp_path / "day")
+    monkeypatch.setattr(train_module, "confirm_use", lambda parent, text: True)  # "use it anyway"
+    les = lesion("EX")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        viewer = make_napari_viewer()
+        _pin_test_models(viewer, models)
+        ann, train = _open_docks(viewer, (ANNOTATOR, RETRAIN))
+        viewer.open(str(folder), plugin=PLUGIN)  # File > Open of the folder
+        qtbot.waitUntil(lambda: ann.opened is not None, timeout=10000)
+        assert ann.opened.record.image.name == "IDRiD_01.png" and train.data_edit.text() == str(folder)
+
+        with qtbot.waitSignal(ann.refinement.refined, timeout=30000):
+            _draw(ann, Ellipse("HE", (50.0, 40.0), (9.0, 7.0), 0.0))
+        _find(ann, qtbot)
+        ex = ann.lesion_layer("EX")
+        pending = ex.data == les.pending_label
+        assert pending.any()
+        rows, cols = np.nonzero(pending)
+        erase_at = (int(rows[0]), int(cols[0]))
+        ex.brush_size = 3
+        ex.mode = "erase"
+        ex.paint(erase_at, 0)  # the eraser on a false candidate
+        qtbot.mouseClick(ann.accept_button, Qt.MouseButton.LeftButton)  # Accept EX: the rest is the grader's
+        first_ex = ex.data == les.label
+        assert first_ex.any() and not first_ex[erase_at] and not (ex.data == les.pending_label).any()
+        first_he = ann.lesion_layer("HE").data.copy()  # the refined ellipse, still pending
+
+        viewer.open(str(folder / "IDRiD_02.png"), plugin=PLUGIN)  # the next image through File > Open
+        qtbot.waitUntil(lambda: ann.opened.record.image.name == "IDRiD_02.png", timeout=10000)
+        ma = ann.lesion_layer("MA")
+        ma.brush_size = 2
+        ma.paint((30, 70), lesion("MA").label)
+        second_ma = ma.data == lesion("MA").label
+
+        # train a tiny exudate segmenter from the dock, on the folder's ground truth
+        train.model_combo.setCurrentText("hard-exudate segmenter")
+        train.start_combo.setCurrentText("scratch")
+        train.device_combo.setCurrentText("cpu")
+        train.epochs_spin.setValue(1)
+        train.batch_spin.setValue(4)
+        train.extra_edit.setText("--samples-per-epoch 8 --patch-size 32 --scale 1.0 --base-channels 4 --depth 2 "
+                                 "--val-images IDRiD_03.png")
+        qtbot.mouseClick(train.start_button, Qt.MouseButton.LeftButton)
+        qtbot.waitUntil(lambda: train.process is None, timeout=240000)
+        new = train.out
+        assert (new / "config.json").is_file(), train.status.text()
+        qtbot.mouseClick(train.use_button, Qt.MouseButton.LeftButton)
+        assert session_of(viewer).model_dir("exudates") == new.resolve()
+        new_version = json.loads((new / "config.json").read_text())["version"]
+        _find(ann, qtbot)  # Find again: the new version proposes
+        second_ex_pending = ann.lesion_layer("EX").data == les.pending_label
+        ann.flush()
+        viewer.close()
+    napari_warnings = [str(w.message) for w in caught
+                       if issubclass(w.category, (FutureWarning, DeprecationWarning)) and "napari" in str(w.message).lower()]
+    assert not napari_warnings, napari_warnings
+
+    one, two = folder / "IDRiD_01.retina", folder / "IDRiD_02.retina"
+    assert np.array_equal(read_mask(one / "IDRiD_01_EX.tif"), first_ex)  # confirmed pixels only on disk
+    assert not read_mask(one / "IDRiD_01_HE.tif").any()  # the ellipse's pixels were never accepted
+    assert np.array_equal(read_mask(two / "IDRiD_02_MA.tif"), second_ma)
+    assert not read_mask(two / "IDRiD_02_EX.tif").any()
+    prov_one = json.loads((one / "provenance.json").read_text())
+    prov_two = json.loads((two / "provenance.json").read_text())
+    assert prov_one["models"]["exudates"]["version"] == "ex-a" and prov_one["models"]["refiner"]["version"] == "ref-a"
+    assert prov_two["models"]["exudates"]["version"] == new_version
+
+    viewer2 = make_napari_viewer()  # the next morning: everything is back
+    _pin_test_models(viewer2, models)
+    session_of(viewer2).pin_model("exudates", None)
+    ann2, _ = _open_docks(viewer2, (RETRAIN, ANNOTATOR))
+    viewer2.open(str(folder), plugin=PLUGIN)
+    qtbot.waitUntil(lambda: ann2.opened is not None, timeout=10000)
+    assert np.array_equal(ann2.lesion_layer("EX").data == les.label, first_ex)
+    assert np.array_equal(ann2.lesion_layer("HE").data, first_he)  # the ellipse's proposal, pending again
+    ann2.next_image()
+    qtbot.waitUntil(lambda: ann2.opened.record.image.name == "IDRiD_02.png", timeout=10000)
+    assert np.array_equal(ann2.lesion_layer("MA").data == lesion("MA").label, second_ma)
+    assert np.array_equal(ann2.lesion_layer("EX").data == les.pending_label, second_ex_pending)
+    ann2.flush()

@@ -161,6 +161,7 @@ class LesionAnnotator(QWidget):
         self._connected_shapes: "weakref.WeakSet[Shapes]" = weakref.WeakSet()
         self._armed_id = ""  # the id a shape drawn next gets (see _label_new_shapes)
         self._labelling = False
+        self._tabified = False
         self._build_ui()
         self._bind_keys()
         self.viewer.layers.events.inserted.connect(self._on_layer_inserted)
@@ -358,6 +359,11 @@ class LesionAnnotator(QWidget):
     def showEvent(self, event) -> None:
         self._fit_width()
         super().showEvent(event)
+        if not self._tabified:  # once: opened beside the Retrain dock, it becomes a tab next to it
+            from ._docking import tabify_with_plugin_docks
+
+            self._tabified = True
+            QTimer.singleShot(0, lambda: tabify_with_plugin_docks(self))
 
     def _bind_keys(self) -> None:
         for les in LESIONS:
@@ -762,10 +768,12 @@ class LesionAnnotator(QWidget):
         if op is None:
             return 0
         rec = op.annotation.record
-        changes, n = [], 0
+        changes, n, pixels = [], 0, 0
         for p in list(rec.of_lesion(code)):
-            if not p.claim().any():
+            claim = p.claim()
+            if not claim.any():
                 continue  # below the threshold now: nothing shown to accept
+            pixels += int(claim.sum())
             if p.description.get("candidate"):
                 rec.decide(p.id, "accepted")  # a verdict, so the review counts show it
             else:
@@ -777,7 +785,8 @@ class LesionAnnotator(QWidget):
         for finder in self.finders:
             if finder.code == code:
                 finder.changed.emit(code)
-        msg = f"{n} {lesion(code).name} proposals accepted as yours" if n else f"no pending {lesion(code).name} to accept"
+        name = lesion(code).name
+        msg = f"{pixels:,} {name} pixels accepted as yours" if n else f"no pending {name} to accept"
         self.status_label.setText(msg)
         if n:
             show_info(msg)

@@ -363,3 +363,78 @@ def test_a_graders_day_end_to_end(make_napari_viewer, qtbot, tmp_path, models, m
     assert np.array_equal(ann2.lesion_layer("MA").data == lesion("MA").label, second_ma)
     assert np.array_equal(ann2.lesion_layer("EX").data == les.pending_label, second_ex_pending)
     ann2.flush()
+
+
+_PAINT_THEN_WAIT = r"""
+import sys
+import napari
+from qtpy.QtCore import QTimer
+
+viewer = napari.Viewer(show=False)
+_, ann = viewer.window.add_plugin_dock_widget("napari-retina", "Lesion annotator")
+viewer.open(sys.argv[1], plugin="napari-retina")
+
+def paint():
+    if ann.opened is None:
+        QTimer.singleShot(50, paint)
+        return
+    layer = ann.lesion_layer("HE")
+    layer.brush_size = 5
+    layer.paint((40, 60), 2)
+    print("painted", flush=True)
+
+QTimer.singleShot(50, paint)
+napari.run()
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_napari_loses_no_stroke_older_than_the_autosave_delay(tmp_path, flat_folder):
+    """SIGKILL while painting: what was painted more than ~2 s before is in the project folder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from napari_retina.session import SAVE_AT_LATEST_S, SAVE_WHEN_QUIET_S
+
+    script = tmp_path / "paint.py"
+    script.write_text(_PAINT_THEN_WAIT)
+    env = dict(os.environ, NAPARI_RETINA_DATA=str(tmp_path / "data"))
+    proc = subprocess.Popen([sys.executable, str(script), str(flat_folder / "IDRiD_02.jpg")], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        line = ""
+        while "painted" not in line and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+        assert "painted" in line, "napari did not start"
+        time.sleep(SAVE_WHEN_QUIET_S + SAVE_AT_LATEST_S + 0.5)  # the autosave delay, and a little
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    mask = read_mask(flat_folder / "IDRiD_02.retina" / "IDRiD_02_HE.tif")
+    assert mask[40, 60] and mask[38:43, 58:63].sum() >= 9
+
+
+def test_a_truncated_photograph_in_the_image_list_is_one_message_and_keeps_the_open_image(
+        make_napari_viewer, qtbot, flat_folder, models, monkeypatch):
+    data = (flat_folder / "IDRiD_02.jpg").read_bytes()
+    (flat_folder / "IDRiD_02.jpg").write_bytes(data[: len(data) // 2])  # a copy cut short
+    errors = []
+    monkeypatch.setattr("napari_retina.widgets.annotator.show_error", errors.append)
+    viewer = make_napari_viewer()
+    _pin_test_models(viewer, models)
+    ann, _ = _open_docks(viewer, (ANNOTATOR, RETRAIN))
+    viewer.open(str(flat_folder), plugin=PLUGIN)
+    qtbot.waitUntil(lambda: ann.opened is not None, timeout=10000)
+    first = ann.opened
+    qtbot.mouseClick(ann.next_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: not ann._loading, timeout=10000)
+    qtbot.wait(200)  # a second report would come from the worker's re-raised error
+    assert len(errors) == 1 and "IDRiD_02.jpg" in errors[0], errors
+    assert ann.opened is first and ann.image_layer is not None
+    ann.flush()

@@ -248,12 +248,18 @@ def test_the_stop_rule(tmp_path):
     assert b.closing_seconds == pytest.approx(4.0 * b.SAFETY) and not b.must_stop()
     b.finish_factor = 3.0  # a recipe with more work at its very end
     assert b.must_stop()
+    b.finish_factor = 1.0
+    for _ in range(8):  # the steps now take twice as long (another process on the cores): so will the closing
+        b.note_step(4.0)
+    assert b.closing_seconds == pytest.approx(4.0 * b.SAFETY * 2.0)
+    b.note_closing(8.0)  # measured at the slower pace: no further factor
+    assert b.closing_seconds == pytest.approx(8.0 * b.SAFETY)
     assert RunBudget(None, clock=clock).must_stop() is False and RunBudget(None, clock=clock).eta() is None
     clock.t = 50.0
     assert b.eta() == pytest.approx(10.0)  # the budget's end
     assert b.eta(steps_left=1, closings_left=1) == pytest.approx(10.0)  # the budget ends first
-    clock.t = 30.0  # one 2-s step and the closing (3 x 4 s x SAFETY) come before the budget's end
-    assert b.eta(steps_left=1, closings_left=1) == pytest.approx(2.0 + 3.0 * 4.0 * b.SAFETY, abs=0.05)
+    clock.t = 30.0  # one 4-s step and the closing (8 s x SAFETY) come before the budget's end
+    assert b.eta(steps_left=1, closings_left=1) == pytest.approx(4.0 + 8.0 * b.SAFETY, abs=0.05)
     assert b.eta(steps_left=0, closings_left=0) == 0.0
 
 

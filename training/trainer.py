@@ -471,7 +471,9 @@ class RunBudget:
     is when the run began on that clock (default: now). The trainer notes how long each step and
     each closing took; `must_stop()` says whether one more step plus the closing would still end
     by the deadline. Before the first closing has been timed, the recipe's estimate
-    (`expect_closing`) stands for it, else `DEFAULT_CLOSING` of the budget.
+    (`expect_closing`) stands for it, else `DEFAULT_CLOSING` of the budget. A closing is timed
+    against the steps of its moment: when the steps later run slower (other processes on the
+    same cores), the closing is expected to slow down as much.
     """
 
     DEFAULT_CLOSING = 0.1  # of the budget: the closing's share assumed while nothing better is known
@@ -488,6 +490,8 @@ class RunBudget:
         self._steps: list[float] = []
         self._closing: float | None = None  # measured
         self._expected: float | None = None  # the recipe's estimate, before anything was measured
+        self._closing_ref: float | None = None  # the mean step of the closing's moment
+        self._expected_ref: list[float] = []  # the first steps after the estimate: its moment's pace
 
     @property
     def deadline(self) -> float | None:
@@ -501,13 +505,22 @@ class RunBudget:
 
     def note_step(self, seconds: float) -> None:
         self._steps = (self._steps + [max(0.0, float(seconds))])[-8:]
+        if self._expected is not None and len(self._expected_ref) < 3:
+            self._expected_ref.append(max(0.0, float(seconds)))
 
     def note_closing(self, seconds: float) -> None:
         self._closing = max(0.0, float(seconds))
+        self._closing_ref = self.mean_step_seconds
 
     def expect_closing(self, seconds: float) -> None:
         """The recipe's estimate of one closing (e.g. one validation timed on a tile), until one is measured."""
         self._expected = max(0.0, float(seconds))
+        self._expected_ref = []
+
+    def _slowdown(self, ref: float | None) -> float:
+        """How much slower the steps run now than at `ref` (never below 1: never less careful)."""
+        now = self.mean_step_seconds
+        return 1.0 if not ref or now is None else max(1.0, now / ref)
 
     @property
     def step_seconds(self) -> float:
@@ -522,9 +535,10 @@ class RunBudget:
     def closing_seconds(self) -> float:
         """What one closing is expected to take (validation, checkpoints, export)."""
         if self._closing is not None:
-            return self._closing * self.SAFETY
+            return self._closing * self.SAFETY * self._slowdown(self._closing_ref)
         if self._expected is not None:
-            return self._expected * self.SAFETY
+            ref = sum(self._expected_ref) / len(self._expected_ref) if self._expected_ref else None
+            return self._expected * self.SAFETY * self._slowdown(ref)
         return 0.0 if self.seconds is None else self.DEFAULT_CLOSING * self.seconds
 
     @property

@@ -142,7 +142,7 @@ def scaled_predictions(net, images, tile: int, overlap: int, stride_multiple: in
 
 def validation_seconds(net, images, tile: int, overlap: int, stride_multiple: int, device) -> float:
     """About how long `scaled_predictions` takes over `images`: one batch of windows timed (after
-    one to warm up), times the batches of every image. For the run's time budget."""
+    two to warm up), times the batches of every image. For the run's time budget."""
     from napari_retina.models.precision import inference_precision
     from napari_retina.models.tiling import plan_tiles, torch_predictor
 
@@ -157,7 +157,8 @@ def validation_seconds(net, images, tile: int, overlap: int, stride_multiple: in
     windows = np.zeros((2, im.x.shape[0], t, t), np.float32)
     windows[:, :, : min(t, im.x.shape[1]), : min(t, im.x.shape[2])] = im.x[:, :t, :t]
     with inference_precision(device):
-        predict(windows)  # the first call sets the convolutions up
+        for _ in range(2):  # oneDNN sets the convolutions up over the first two calls (4x slower)
+            predict(windows)
         t0 = time.monotonic()
         predict(windows)
         per_batch = time.monotonic() - t0

@@ -6,18 +6,24 @@ scratch; device; epochs or minutes; batch size; any further recipe options) and 
 own process (QProcess), so the GUI stays responsive and Cancel is clean: the trainer stops at the
 end of the current step on SIGTERM, validates and keeps the best epoch in the new version's
 folder. While it runs, the JSON-lines log is read once a second: napari's progress bar with an
-ETA, a live plot of the training loss and the validation figure (pyqtgraph), device and
-throughput. When it ends: the new version's validation figure beside the one in use (both from
-the same held-out images, named in the cards), and "Use this model" selects it for the
-annotator and the segmenters at once (`models.versions`); the previous version stays listed.
-"Import model..." adds a folder trained elsewhere (checksum checked).
+ETA (the trainer's own estimate, from the data preparation's first image on), a live plot of the
+training loss and the validation figure (pyqtgraph), device and throughput. When it ends: one
+status line with the result and whether it is in use, the new version's validation figure beside
+the one in use (both from the same held-out images, named in the cards), and "Use this model"
+puts it in use through the viewer's annotation session (`session_of(viewer).use_model`), so the
+refiner and every finder load it on their next call; the previous version stays listed. A
+version that scores below the one in use on the same validation images, or never validated, is
+used only after a question that shows both figures (`confirm_use`). "Import model..." adds a
+folder trained elsewhere (checksum checked). The dock binds to the session, never to another dock.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,10 +33,11 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QProcess, QProcessEnvironment, Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QListWidget, QListWidgetItem,
-    QPushButton, QSpinBox, QVBoxLayout, QWidget,
+    QMessageBox, QPushButton, QSpinBox, QVBoxLayout, QWidget,
 )
 
 from .activity import SlowAnimations, move_bar
+from .viewer_session import session_of
 
 # what the form offers: label -> (recipe, model kind, fixed recipe options)
 MODELS = {
@@ -46,6 +53,57 @@ FORM_OPTIONS = {"data", "out", "init", "resume", "run_dir", "epochs", "minutes",
                 "quiet", "workers"}
 EVALUATE = {"exudates": "ex", "refiner": "refine"}  # kinds `napari-retina evaluate` scores on their own
 LESIONS_OF = {"refiner": ["MA", "SE", "EX", "HE"], "exudates": ["EX"], "ma-hgn": ["MA"], "ma-prn": ["MA"]}
+# each kind's headline validation figure in config.json: (name shown, path of keys); the first present counts
+HEADLINE = {
+    "exudates": [("validation AUPR", ("training", "val_aupr_working_scale"))],
+    "ma-hgn": [("validation AUPR", ("training", "val_aupr_working_scale"))],
+    "refiner": [("validation IoU %", ("training", "val_image_iou"))],
+    "ma-prn": [("candidate ROC AUC", ("training", "val_candidate_auc_rule")),
+               ("patch AUPR", ("training", "val_patch_aupr"))],
+    "microaneurysms": [("validation AUPR", ("validation_scores", "aupr"))],
+}
+
+
+def confirm_use(parent, text: str) -> bool:
+    """Ask before a version that scores worse (or never validated) is used; True: use it."""
+    answer = QMessageBox.question(parent, "Use this model version?", text,
+                                  QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+                                  QMessageBox.StandardButton.No)
+    return answer == QMessageBox.StandardButton.Yes
+
+
+def headline(folder: Path | None) -> tuple[str, float, frozenset, str] | None:
+    """(figure's name, value, validation image stems, version) of a model folder; None without a figure."""
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return None
+    for name, path in HEADLINE.get(cfg.get("model"), []):
+        v = cfg
+        for key in path:
+            v = v.get(key) if isinstance(v, dict) else None
+        if isinstance(v, (int, float)) and v == v:
+            images = frozenset(Path(n).stem for n in cfg.get("validation_images") or [])
+            return name, float(v), images, str(cfg.get("version", Path(folder).name))
+    return None
+
+
+def worse_than_in_use(new: Path, in_use: Path | None) -> str | None:
+    """The question to ask before `new` replaces `in_use`, or None when there is nothing to ask:
+    `new` never validated, or scores below `in_use` on the same validation images."""
+    try:
+        version = json.loads((Path(new) / "config.json").read_text()).get("version", Path(new).name)
+    except (OSError, ValueError):
+        version = Path(new).name
+    a = headline(new)
+    b = headline(in_use) if in_use is not None and Path(in_use).resolve() != Path(new).resolve() else None
+    if a is None:
+        cur = f" The version in use, {b[3]}, has {b[0]} {b[1]:.4g}." if b else ""
+        return f"{version} was never validated: nothing says how well it works.{cur}\n\nUse it anyway?"
+    if b is None or a[0] != b[0] or a[2] != b[2] or a[1] >= b[1]:
+        return None  # better, as good, or not comparable (other images or another figure)
+    return (f"{version} scores below the version in use on the same {len(a[2])} validation images:\n\n"
+            f"  {version}: {a[0]} {a[1]:.4g}\n  {b[3]} (in use): {b[0]} {b[1]:.4g}\n\nUse {version} anyway?")
 
 
 def cuda_devices() -> list[str]:
@@ -86,6 +144,12 @@ class TrainWidget(QWidget):
     def __init__(self, napari_viewer: napari.Viewer, parent: QWidget | None = None):
         super().__init__(parent)
         self.viewer = napari_viewer
+        self.session = session_of(napari_viewer)  # whatever proxy napari hands the dock
+        # what must be stopped when the dock goes (window closed while training): plain Python,
+        # reachable from the `destroyed` handler when the widget's own wrappers are gone
+        self._live = _LiveProcesses()
+        self.destroyed.connect(functools.partial(_LiveProcesses.end, self._live))
+        self._auto_data = ""  # the data folder last filled in from the session (a typed one is kept)
         self.process: QProcess | None = None
         self.out: Path | None = None
         self.kind: str | None = None
@@ -105,12 +169,37 @@ class TrainWidget(QWidget):
         self._build()
         self._refresh_versions()
         self._load_options()
+        self.session.connect("image", self._on_image)
+        self.session.connect("model", self._on_model)
+        self.destroyed.connect(functools.partial(_disconnect, self.session, self._on_image, self._on_model))
+
+    # --- the session ------------------------------------------------------------------------------
+    def _on_image(self, _opened=None) -> None:
+        """Another image or folder opened: the data folder follows, unless one was typed."""
+        try:
+            folder = self.session.data_folder
+            text = self.data_edit.text().strip()
+            if folder is not None and (not text or text == self._auto_data):
+                self._auto_data = str(folder)
+                self.data_edit.setText(self._auto_data)
+        except RuntimeError:  # the dock is going
+            pass
+
+    def _on_model(self, kind: str, folder) -> None:
+        """A version was put in use (here or in another view): the list and the status say which."""
+        try:
+            self._refresh_versions()
+            if self.process is None and self._done_runs:
+                self.status.setText(self._final_line())
+        except RuntimeError:
+            pass
 
     # --- form ------------------------------------------------------------------------------------
     def _build(self) -> None:
         from ._scroll import scrolling_layout
 
-        lay, _, _ = scrolling_layout(self)  # squeezed, the wrapped lines would be cut
+        lay, self._scroll, self._content = scrolling_layout(self)  # squeezed, the wrapped lines would be cut
+        self._build_run_box(lay)  # first: the status, the result and its buttons show without scrolling
         form_box = QGroupBox("Retrain")
         form = QFormLayout(form_box)
         self.model_combo = QComboBox()
@@ -200,41 +289,6 @@ class TrainWidget(QWidget):
         self.options_box.toggled.connect(self._show_options)
         lay.addWidget(self.options_box)
 
-        run_box = QGroupBox("Progress")
-        rl = QVBoxLayout(run_box)
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
-        rl.addWidget(self.status)
-        import pyqtgraph as pg
-
-        self.plot = pg.PlotWidget()
-        self.plot.setMinimumHeight(160)
-        self.plot.setMaximumHeight(230)
-        self.plot.addLegend()
-        self.plot.setLabel("bottom", "epoch")
-        self.loss_curve = self.plot.plot([], [], pen=pg.mkPen("#f0a030", width=2), symbol="o", symbolSize=5,
-                                         name="training loss")
-        self.val_curve = self.plot.plot([], [], pen=pg.mkPen("#40c0f0", width=2), symbol="o", symbolSize=5,
-                                        name="validation figure (0-1)")
-        rl.addWidget(self.plot)
-        self.result = QLabel("")
-        self.result.setWordWrap(True)
-        rl.addWidget(self.result)
-        self.compare_button = QPushButton("Compare on the same images")
-        self.compare_button.setToolTip("score the version in use and the new one on the new one's validation "
-                                       "images, at full resolution (napari-retina evaluate; takes minutes)")
-        self.compare_button.setEnabled(False)
-        self.compare_button.clicked.connect(self.compare)
-        self.use_button = QPushButton("Use this model")
-        self.use_button.setEnabled(False)
-        self.use_button.clicked.connect(self.use_new)
-        rl.addWidget(self.compare_button)
-        rl.addWidget(self.use_button)
-        self.compare_label = QLabel("")
-        self.compare_label.setWordWrap(True)
-        rl.addWidget(self.compare_label)
-        lay.addWidget(run_box)
-
         ver_box = QGroupBox("Versions")
         vl = QVBoxLayout(ver_box)
         self.version_list = QListWidget()
@@ -251,11 +305,50 @@ class TrainWidget(QWidget):
         lay.addWidget(ver_box)
         lay.addStretch(1)
 
+    def _build_run_box(self, lay) -> None:
+        """Status, result, Use/Compare, then the plot: hidden until the first run."""
+        self.run_box = run_box = QGroupBox("Training")
+        rl = QVBoxLayout(run_box)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        rl.addWidget(self.status)
+        self.result = QLabel("")
+        self.result.setWordWrap(True)
+        rl.addWidget(self.result)
+        self.compare_button = QPushButton("Compare on the same images")
+        self.compare_button.setToolTip("score the version in use and the new one on the new one's validation "
+                                       "images, at full resolution (napari-retina evaluate; takes minutes)")
+        self.compare_button.setEnabled(False)
+        self.compare_button.clicked.connect(self.compare)
+        self.use_button = QPushButton("Use this model")
+        self.use_button.setEnabled(False)
+        self.use_button.clicked.connect(self.use_new)
+        brow = QHBoxLayout()
+        brow.addWidget(self.use_button)
+        brow.addWidget(self.compare_button)
+        rl.addLayout(brow)
+        self.compare_label = QLabel("")
+        self.compare_label.setWordWrap(True)
+        rl.addWidget(self.compare_label)
+        import pyqtgraph as pg
+
+        self.plot = pg.PlotWidget()
+        self.plot.setMinimumHeight(160)
+        self.plot.setMaximumHeight(230)
+        self.plot.addLegend()
+        self.plot.setLabel("bottom", "epoch")
+        self.loss_curve = self.plot.plot([], [], pen=pg.mkPen("#f0a030", width=2), symbol="o", symbolSize=5,
+                                         name="training loss")
+        self.val_curve = self.plot.plot([], [], pen=pg.mkPen("#40c0f0", width=2), symbol="o", symbolSize=5,
+                                        name="validation figure (0-1)")
+        rl.addWidget(self.plot)
+        run_box.setVisible(False)
+        lay.addWidget(run_box)
+
     def _default_data(self) -> str:
-        ann = _annotator_of(self.viewer)
-        if ann is not None and ann.dataset is not None:
-            return str(ann.dataset.root)
-        return ""
+        folder = self.session.data_folder
+        self._auto_data = "" if folder is None else str(folder)
+        return self._auto_data
 
     def _browse(self, edit: QLineEdit) -> None:
         d = QFileDialog.getExistingDirectory(self, "Folder of images and annotation projects")
@@ -307,10 +400,10 @@ class TrainWidget(QWidget):
         proc.setProcessEnvironment(env)
 
         def done(code, _status=None, proc=proc, recipe=recipe):
-            out = bytes(proc.readAllStandardOutput()).decode(errors="replace")
-            err = bytes(proc.readAllStandardError()).decode(errors="replace").strip().splitlines()
-            proc.deleteLater()
-            try:
+            try:  # RuntimeError: the dock, or the process itself at the application's exit, is gone
+                out = bytes(proc.readAllStandardOutput()).decode(errors="replace")
+                err = bytes(proc.readAllStandardError()).decode(errors="replace").strip().splitlines()
+                proc.deleteLater()
                 try:
                     if code != 0:
                         raise ValueError((err or ["python -m training failed"])[-1])
@@ -319,7 +412,7 @@ class TrainWidget(QWidget):
                     self.options_box.setTitle(f"Recipe options: unavailable ({e})")
                     return
                 self._build_options(recipe, options)
-            except RuntimeError:  # the dock was closed meanwhile
+            except RuntimeError:
                 return
 
         proc.finished.connect(done)
@@ -391,10 +484,8 @@ class TrainWidget(QWidget):
         """The device line: the CUDA devices, or what the version in use cost to train and where."""
         if self._gpus:
             return f"{len(self._gpus)} CUDA device(s): {', '.join(self._gpus)}"
-        from ..models.versions import current_model_dir
-
         try:
-            t = json.loads((current_model_dir(kind) / "config.json").read_text()).get("training", {})
+            t = json.loads((self.session.model_dir(kind) / "config.json").read_text()).get("training", {})
             cost = (f" (the version in use took {float(t['minutes']):.0f} min for {t['epochs']} epochs on "
                     f"{t.get('device', '?')})")
         except (OSError, ValueError, KeyError, TypeError):
@@ -403,13 +494,13 @@ class TrainWidget(QWidget):
                 "is at hand")
 
     def _refresh_versions(self) -> None:
-        from ..models.versions import current_model_dir, versions
+        from ..models.versions import versions
 
         _, kind, _ = self.choice
         self.device_label.setText(self._cost_line(kind))
         self.version_list.clear()
         self._versions = versions(kind)
-        current = current_model_dir(kind).resolve()
+        current = self.session.model_dir(kind).resolve()
         for v in self._versions:
             mark = "in use: " if v.folder.resolve() == current else ""
             self.version_list.addItem(mark + v.label)
@@ -419,19 +510,34 @@ class TrainWidget(QWidget):
         if 0 <= row < len(self._versions):
             self._use(self._versions[row].kind, self._versions[row].folder)
 
-    def _use(self, kind: str, folder: Path) -> None:
-        from ..models.versions import select
-
+    def _use(self, kind: str, folder: Path, ask: bool = True) -> bool:
+        """Put `folder` in use for `kind` through the session (every live model of that kind loads it
+        on its next call); a version worse than the one in use, or never validated, asks first."""
+        question = worse_than_in_use(folder, self.session.model_dir(kind)) if ask else None
+        if question is not None and not confirm_use(self, question):
+            self.status.setText(f"{kind}: kept {self._version_name(self.session.model_dir(kind))} in use; "
+                                f"{self._version_name(folder)} not used")
+            return False
         try:
-            select(kind, folder)
-        except Exception as e:  # noqa: BLE001 - one line for a refused folder
+            self.session.use_model(kind, folder)
+        except Exception as e:  # noqa: BLE001 - the registry's one line for a refused folder
             show_error(str(e).splitlines()[0])
-            return
-        ann = _annotator_of(self.viewer)
-        if ann is not None:
-            ann.reload_models()
+            return False
         self._refresh_versions()
-        show_info(f"{kind}: now using {folder.name}")
+        line = f"{kind}: now using {self._version_name(folder)}"
+        self.status.setText(self._final_line() if self._done_runs and self.process is None else line)
+        show_info(line)
+        return True
+
+    @staticmethod
+    def _version_name(folder: Path) -> str:
+        h = headline(folder)
+        if h is not None:
+            return h[3]
+        try:
+            return str(json.loads((Path(folder) / "config.json").read_text()).get("version", Path(folder).name))
+        except (OSError, ValueError):
+            return Path(folder).name
 
     def _choose_import(self) -> None:
         d = QFileDialog.getExistingDirectory(self, "Model folder trained elsewhere")
@@ -447,8 +553,12 @@ class TrainWidget(QWidget):
             show_error(f"import model: {str(e).splitlines()[0]}")
             return None
         kind = json.loads((target / "config.json").read_text())["model"]
-        self._use(kind, target)  # an imported model is imported to be used; the previous version stays
-        show_info(f"imported {target.name} and put it in use")
+        # an imported model is imported to be used (after the question, if it scores worse); the previous version stays
+        if self._use(kind, target):
+            show_info(f"imported {target.name} and put it in use")
+        else:
+            self._refresh_versions()  # listed, not in use
+            show_info(f"imported {target.name}; not in use")
         return target
 
     # --- running ------------------------------------------------------------------------------------
@@ -458,7 +568,7 @@ class TrainWidget(QWidget):
         `label`: a queued model instead of the one shown: the same data, device and budget, its
         own options line, its recipe's defaults for the rest.
         """
-        from ..models.versions import current_model_dir, new_version_dir
+        from ..models.versions import new_version_dir
 
         shown = label is None or label == self.model_combo.currentText()
         label = self.model_combo.currentText() if label is None else label
@@ -473,7 +583,7 @@ class TrainWidget(QWidget):
         args = ["-m", "training", recipe, "--data", *data, "--out", str(out), "--version", out.name,
                 "--device", self.device_combo.currentText(), "--batch-size", str(self.batch_spin.value()), *fixed,
                 *self._budget()]
-        current = current_model_dir(kind)
+        current = self.session.model_dir(kind)
         if self.start_combo.currentIndex() == 0 and (current / "config.json").is_file() and _same_scale(current, fixed):
             args += ["--init", str(current)]
         return args + options, out, kind
@@ -537,9 +647,11 @@ class TrainWidget(QWidget):
             self.loss_curve.setData([], [])
             self.val_curve.setData([], [])
         self._cancelled = False
+        self._bar_done = 0
         self.result.setText("")
         self.use_button.setEnabled(False)
-        proc = QProcess(self)
+        self.run_box.setVisible(True)
+        proc = QProcess()  # no Qt parent: the dock's end stops it (`_LiveProcesses`), never its destructor
         env = QProcessEnvironment()
         for k, v in _training_env().items():
             env.insert(k, v)
@@ -552,12 +664,14 @@ class TrainWidget(QWidget):
             err == QProcess.ProcessError.FailedToStart and self.process is proc) else None)
         self._output = ""
         self.process = proc
+        self._live.processes.append(proc)
+        self._live.out = self.out if fresh else None  # a resumed folder has checkpoints to keep anyway
         if self._pbar is None:
             from napari.utils import progress
 
             # made before the process starts: napari processes pending events while it makes a
-            # bar, and the process's end must find it. 0: until the log gives the epochs
-            self._pbar = progress(total=0, desc=f"training {self.kind}")
+            # bar, and the process's end must find it. In percent of the run's estimated length
+            self._pbar = progress(total=100, desc=f"training {self.kind}")
         if self._slowed is None:
             self._slowed = SlowAnimations(self.viewer)  # for hours it would slow the training
         self._started_at = time.monotonic()
@@ -574,52 +688,111 @@ class TrainWidget(QWidget):
             self.process.terminate()  # SIGTERM: the trainer stops cleanly at the end of the step
 
     def _on_output(self) -> None:
-        if self.process is not None:
-            self._output = (self._output + bytes(self.process.readAllStandardOutput()).decode(errors="replace"))[-4000:]
+        try:
+            if self.process is not None:
+                self._output = (self._output + bytes(self.process.readAllStandardOutput()).decode(errors="replace"))[-4000:]
+        except RuntimeError:  # the window closed meanwhile
+            pass
+
+    def progress_line(self) -> tuple[str, float | None]:
+        """(the status line the log's events so far describe, the fraction of the run done or None)."""
+        events = self.events
+        start = next((e for e in reversed(events) if e.get("event") == "start"), None)
+        last = next((e for e in reversed(events) if e.get("event") in ("prepare", "start", "step", "validate", "epoch")),
+                    None)
+        if last is None:
+            return "", None
+        # the trainer's estimate of what is left, less the time since it was logged
+        eta = last.get("eta")
+        if eta is not None and last.get("time"):
+            eta = max(0.0, float(eta) - max(0.0, time.time() - float(last["time"])))
+        elapsed = last.get("elapsed")
+        if elapsed is not None and last.get("time"):
+            elapsed = float(elapsed) + max(0.0, time.time() - float(last["time"]))
+        done = None if eta is None or elapsed is None else elapsed / max(elapsed + eta, 1e-9)
+        event = last.get("event")
+        parts = []
+        if event == "prepare":
+            left = f", about {_duration(eta)} more" if eta is not None else ""
+            parts.append(f"preparing the data: {last.get('what', 'loading')} {last.get('done')} of "
+                         f"{last.get('total')}{left}")
+            # the preparation knows its own end only; the run's is the budget's, when there is one
+            minutes = self._budget_minutes()
+            done = None if minutes is None or elapsed is None else min(elapsed / (60 * minutes), 1.0)
+            eta = None if minutes is None or elapsed is None else max(0.0, 60 * minutes - elapsed)
+        else:
+            start = start or {}
+            monitor = start.get("monitor", "val_loss")
+            total = start.get("epochs")
+            parts.append(f"device {start.get('device', '?')}")
+            epochs = [e for e in events if e.get("event") == "epoch"]
+            epoch = last.get("epoch", 1)
+            of = f" of {total}" if total else ""
+            if event == "step":
+                parts.append(f"epoch {epoch}{of}: batch {last.get('batch')} of {last.get('batches')}, "
+                             f"loss {float(last.get('loss', float('nan'))):.3g}")
+            elif event == "validate":
+                parts.append(f"epoch {epoch}{of}: validating (about {float(last.get('expected', 0)):.0f} s)")
+            elif event == "start":
+                parts.append("training starts")
+            if epochs:
+                e = epochs[-1]
+                name = MONITOR_NAMES.get(monitor, monitor)
+                parts.append(f"after epoch {e['epoch']}: {name} {float(e.get(monitor, float('nan'))):.3g} "
+                             f"(best {float(e.get('best', float('nan'))):.3g}), "
+                             f"{float(e.get('samples_per_s', 0)):.1f} samples/s")
+        if eta is not None:
+            parts.append(f"ETA {_duration(eta)}")
+        return ", ".join(parts), done
+
+    def _budget_minutes(self) -> float | None:
+        args = getattr(self, "_last_args", []) or []
+        try:
+            return float(args[args.index("--minutes") + 1]) if "--minutes" in args else None
+        except (ValueError, IndexError):
+            return None
 
     def poll(self) -> None:
         """Read what the log gained since the last call; update plot, progress and status."""
         if self.out is None:
             return
         events, self._offset = read_log(self.out / "run" / "log.jsonl", self._offset)
-        if not events:
+        if events:
+            self.events += events
+        elif self.process is None or not self.events:
             return
-        self.events += events
         start = next((e for e in self.events if e.get("event") == "start"), {})
         epochs = [e for e in self.events if e.get("event") == "epoch"]
         monitor = start.get("monitor", "val_loss")
-        total = start.get("epochs") or self.epochs_spin.value()
-        first = int(start.get("start_epoch", 1))
-        if epochs:
+        if events and epochs:
             xs = [e["epoch"] for e in epochs]
             self.loss_curve.setData(xs, [e.get("train_loss", float("nan")) for e in epochs])
             vals = [float(e.get(monitor, float("nan"))) for e in epochs]
             scale = 100.0 if monitor == "val_iou" else 1.0
             self.val_curve.setData(xs, [v / scale for v in vals])
-        done = len(epochs)
-        last = epochs[-1] if epochs else None
-        step = next((e for e in reversed(self.events) if e.get("event") == "step"), None)
-        parts = [f"device {start.get('device', '?')}"]
-        if last:
-            per_epoch = (time.monotonic() - self._started_at) / max(done, 1)
-            left = max(0, total - first + 1 - done) * per_epoch
-            name = MONITOR_NAMES.get(monitor, monitor)
-            parts += [f"epoch {last['epoch']} of {total}", f"{name} {float(last.get(monitor, float('nan'))):.3g}"
-                      f" (best {float(last.get('best', float('nan'))):.3g})",
-                      f"{float(last.get('samples_per_s', 0)):.1f} samples/s", f"ETA {left / 60:.0f} min"]
-        elif step:
-            parts += [f"epoch {step['epoch']}: batch {step['batch']} of {step['batches']}"]
-        self.status.setText(", ".join(parts))
-        if self._pbar is not None:  # last: it may run the process's end, whose status line stays
-            move_bar(self._pbar, done, max(1, total - first + 1))
+        line, done = self.progress_line()
+        if line and self.process is not None:
+            self.status.setText(line)
+        if self._pbar is not None and done is not None:  # last: it may run the process's end, whose status line stays
+            self._bar_done = max(self._bar_done, min(99, int(100 * done)))  # never backwards
+            move_bar(self._pbar, self._bar_done, 100)
 
     def _on_finished(self, code: int, _status=None) -> None:
+        try:
+            self._finish(code)
+        except RuntimeError:  # the window closed meanwhile: nothing left to show
+            pass
+
+    def _finish(self, code: int) -> None:
         self.poll()
         self._poll.stop()
         proc, self.process = self.process, None
         if proc is not None:
             self._on_output()
+            if proc in self._live.processes:
+                self._live.processes.remove(proc)
             proc.deleteLater()
+        self._live.out = None
         if self._pbar is not None:
             self._pbar.close()
             self._pbar = None
@@ -628,26 +801,29 @@ class TrainWidget(QWidget):
             self._slowed = None
         self.start_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
-        self._refresh_versions()
         new = self._figure(self.out) if self.out is not None else None
         if new is None:
-            tail = self._output.strip().splitlines()[-1:] or ["no model was written"]
+            removed = self.out is not None and discard_unfinished(self.out)  # no empty version folder
+            self._refresh_versions()
             dropped = f"; not started: {', '.join(self._queue)}" if self._queue else ""
             self._queue = []
-            self.status.setText(f"training ended (exit {code}) without a model: {tail[0]}{dropped}")
+            what = "cancelled before its first checkpoint" if self._cancelled else f"failed (exit {code})"
+            self.status.setText(f"training {what}, no model{' (its folder removed)' if removed else ''}: "
+                                f"{_error_line(self._output)}{dropped}")
             return
-        from ..models.versions import current_model_dir
-
-        cur = self._figure(current_model_dir(self.kind))
+        self._refresh_versions()
+        cur = self._figure(self.session.model_dir(self.kind))
         verb = "cancelled; kept" if self._cancelled else "done:"
         self.resume_button.setEnabled(self._cancelled)
         self._done_runs.append((self.kind, self.out, f"{verb} new {self.kind} version {self.out.name}: {new}"
                                 f"   |   in use: {cur or 'none'}"))
+        self._end_event = next((e for e in reversed(self.events) if e.get("event") == "end"), {})
         self.result.setText("\n".join(line for _, _, line in self._done_runs)
                             + "\n(figures of training: their validation images may differ)")
         self.use_button.setText("Use this model" if len(self._done_runs) == 1 else
                                 f"Use these {len(self._done_runs)} models")
         self.use_button.setEnabled(True)
+        self.status.setText(self._final_line())
         if self._queue and not self._cancelled:
             QTimer.singleShot(0, self._start_next)
         elif self._queue:
@@ -658,6 +834,24 @@ class TrainWidget(QWidget):
                                    "assemble the microaneurysm networks (python -m training microaneurysms) "
                                    "to compare detectors with napari-retina evaluate ma")
 
+    def _final_line(self) -> str:
+        """The run's last status: how it ended, each new version's figure against the one in use, and
+        whether it is in use."""
+        end = getattr(self, "_end_event", {}) or {}
+        how = {"time": "the time budget", "epochs": "its epochs", "early": "early stopping",
+               "requested": "Cancel"}.get(end.get("stopped"), "its end")
+        took = f" in {_duration(float(end['elapsed']))}" if end.get("elapsed") is not None else ""
+        parts = []
+        for kind, out, _ in self._done_runs:
+            new, in_use = headline(out), self.session.model_dir(kind)
+            cur = headline(in_use)
+            used = Path(in_use).resolve() == Path(out).resolve()
+            fig = f"{new[0]} {new[1]:.4g}" if new else "not validated"
+            cmp = "" if used or cur is None else f" (in use: {cur[3]}, {cur[0]} {cur[1]:.4g})"
+            state = "now in use" if used else "not in use: Use this model to use it"
+            parts.append(f"{self._version_name(out)}: {fig}{cmp}; {state}")
+        return f"training ended{took}, stopped by {how}. " + "; ".join(parts)
+
     # --- train elsewhere ---------------------------------------------------------------------------
     def _choose_bundle(self) -> None:
         d = QFileDialog.getExistingDirectory(self, "An empty folder for the training bundle")
@@ -667,8 +861,6 @@ class TrainWidget(QWidget):
     def write_bundle(self, folder: str | Path):
         """Write the labels of the data folders and this form's command into `folder` (in the background)."""
         from napari.qt.threading import thread_worker
-
-        from ..models.versions import current_model_dir
 
         recipe, kind, fixed = self.choice
         data = [d for d in (self.data_edit.text().strip(), self.idrid_edit.text().strip()) if d]
@@ -681,7 +873,7 @@ class TrainWidget(QWidget):
         except ValueError as e:
             show_error(f"train elsewhere: {e}")
             return None
-        init = current_model_dir(kind) if self.start_combo.currentIndex() == 0 else None
+        init = self.session.model_dir(kind) if self.start_combo.currentIndex() == 0 else None
         if init is not None and (init / "config.json").is_file() and _same_scale(init, fixed):
             args += ["--init", "init"]
         else:
@@ -710,8 +902,6 @@ class TrainWidget(QWidget):
     # --- comparing on the same images ------------------------------------------------------------
     def compare(self) -> None:
         """Score the version in use, then the new one, on the new one's validation images."""
-        from ..models.versions import current_model_dir
-
         if self.process is not None or self.out is None or self.kind not in EVALUATE or getattr(self, "_compare", None):
             return
         out, kind = self.out, self.kind  # this run's, whatever the form says by the time the scores come
@@ -726,7 +916,7 @@ class TrainWidget(QWidget):
             return
         what = EVALUATE[kind]
         self._compare_kind, self._compare_out = kind, out
-        self._compare = [("in use", current_model_dir(kind)), ("new", out)]
+        self._compare = [("in use", self.session.model_dir(kind)), ("new", out)]
         self._compare_results: dict[str, dict] = {}
         self._compare_args = lambda model, dest: ["-m", "napari_retina.cli", "evaluate", what, "--data", str(data),
                                                   "--model", str(model), "--split", "val", "--images-of",
@@ -753,14 +943,17 @@ class TrainWidget(QWidget):
         dest = self._compare_out / "run" / f"compare-{name.replace(' ', '-')}.json"
         dest.unlink(missing_ok=True)  # a score from an earlier comparison must not stand in for this one
         self.compare_label.setText(f"scoring the {name} version ({Path(model).name})...")
-        proc = QProcess(self)
+        proc = QProcess()  # stopped by `_LiveProcesses` if the window closes meanwhile
         proc.setProcessChannelMode(QProcess.ProcessChannelMode.MergedChannels)
         proc.finished.connect(lambda code, _s=None, n=name, d=dest, p=proc: self._compared(n, d, code, p))
         self._compare_proc = proc
+        self._live.processes.append(proc)
         proc.start(sys.executable, self._compare_args(model, dest))
 
     def _compared(self, name: str, dest: Path, code: int, proc) -> None:
         out = bytes(proc.readAll()).decode(errors="replace").strip().splitlines()
+        if proc in self._live.processes:
+            self._live.processes.remove(proc)
         proc.deleteLater()
         self._compare_proc = None
         try:
@@ -804,9 +997,9 @@ class TrainWidget(QWidget):
     def use_new(self) -> None:
         """Put every model this run trained in use (one, or each of a queue)."""
         runs = self._done_runs or ([(self.kind, self.out, "")] if self.out is not None and self.kind else [])
-        for kind, out, _ in runs:
-            self._use(kind, out)
-        self.use_button.setEnabled(False)
+        used = [self._use(kind, out) for kind, out, _ in runs]
+        self.use_button.setEnabled(not all(used))
+        self.status.setText(self._final_line())
 
 
 def _same_scale(folder: Path, fixed: list[str]) -> bool:
@@ -830,7 +1023,53 @@ def _training_env() -> dict:
     return env
 
 
-def _annotator_of(viewer):
-    from .annotator import annotator_of
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, float(seconds))
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
-    return annotator_of(viewer)
+
+def _error_line(output: str) -> str:
+    """The one line a failed `python -m training` printed about why (its "error:" line, else its last)."""
+    lines = [ln.strip() for ln in output.strip().splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if ": error: " in ln:
+            return ln.split(": error: ", 1)[1]
+    return lines[-1] if lines else "no model was written"
+
+
+def _disconnect(session, on_image, on_model, *_):
+    session.disconnect("image", on_image)
+    session.disconnect("model", on_model)
+
+
+class _LiveProcesses:
+    """The dock's running processes and the version folder its run writes, kept apart from the
+    widget: when the window closes while training, `end` stops them quietly (no slot reaches the
+    deleted widget) and removes a version folder that holds no model and no checkpoint."""
+
+    def __init__(self):
+        self.processes: list = []
+        self.out: Path | None = None
+
+    def end(self, *_):
+        for proc in self.processes:
+            try:
+                proc.blockSignals(True)
+                if proc.state() != QProcess.ProcessState.NotRunning:
+                    proc.kill()
+                    proc.waitForFinished(3000)
+            except RuntimeError:  # already deleted
+                pass
+        self.processes = []
+        if self.out is not None:
+            discard_unfinished(self.out)
+
+
+def discard_unfinished(out: Path) -> bool:
+    """Remove a version folder that holds neither a model (config.json) nor a checkpoint (a failed
+    run, or one stopped before its first); True if removed."""
+    out = Path(out)
+    if not out.is_dir() or (out / "config.json").is_file() or any((out / "run" / "checkpoints").glob("*.pt")):
+        return False
+    shutil.rmtree(out, ignore_errors=True)
+    return True

@@ -436,3 +436,16 @@ def test_the_result_and_its_buttons_show_without_scrolling_in_a_1600x1000_window
     for w in (train.status, train.result, train.use_button, train.compare_button):
         bottom = w.mapTo(train._content, w.rect().bottomLeft()).y()
         assert w.isVisible() and bottom < viewport.height(), (type(w).__name__, bottom, viewport.height())
+
+
+def test_cancelled_before_its_first_checkpoint_a_run_leaves_no_version_folder(docks, qtbot):
+    viewer, session, train = docks
+    _form(train, epochs=200)
+    before = {v.folder for v in versions("exudates")}
+    qtbot.mouseClick(train.start_button, Qt.MouseButton.LeftButton)
+    out = train.out
+    qtbot.mouseClick(train.cancel_button, Qt.MouseButton.LeftButton)  # at once: long before a checkpoint
+    qtbot.waitUntil(lambda: train.process is None, timeout=60000)
+    assert "cancelled before its first checkpoint" in train.status.text(), train.status.text()
+    assert not out.exists() and {v.folder for v in versions("exudates")} == before
+    assert not train.use_button.isEnabled() and train.start_button.isEnabled()

@@ -563,7 +563,7 @@ class RunBudget:
         return round(max(0.0, min(guesses)), 1) if guesses else None
 
 
-def open_run_log(run_dir: str | os.PathLike, resume: bool = False) -> "JsonLog | None":
+def open_run_log(run_dir: str | os.PathLike, resume: bool = False) -> JsonLog | None:
     """The run's log, opened before its data is prepared (fresh unless `resume`), so the
     preparation's "prepare" events come first; hand it to the Trainer (`log=`), which goes on
     writing it. None outside the main process (one process speaks)."""

@@ -416,6 +416,7 @@ class TrainWidget(QWidget):
                 return
 
         proc.finished.connect(done)
+        self._live.describing.append(proc)
         proc.start(sys.executable, ["-m", "training", recipe, "--describe-options"])
 
     def _build_options(self, recipe: str, options: list[dict]) -> None:
@@ -1049,9 +1050,18 @@ class _LiveProcesses:
 
     def __init__(self):
         self.processes: list = []
+        self.describing: list = []  # `--describe-options` processes: their end cleans them up
         self.out: Path | None = None
 
     def end(self, *_):
+        for proc in self.describing:  # the application's children: ended now, not at its exit
+            try:
+                if proc.state() != QProcess.ProcessState.NotRunning:
+                    proc.kill()
+                    proc.waitForFinished(3000)
+            except RuntimeError:  # already deleted
+                pass
+        self.describing = []
         for proc in self.processes:
             try:
                 proc.blockSignals(True)

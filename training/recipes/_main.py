@@ -22,7 +22,8 @@ def add_run_args(
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     budget = p.add_argument_group("how long (at least one; with both, whichever ends first)")
     budget.add_argument("--epochs", type=int, help="total epochs (a resumed run continues the count)")
-    budget.add_argument("--minutes", type=float, help="wall-clock budget of this run")
+    budget.add_argument("--minutes", type=float,
+                        help="wall-clock budget of this whole run: loading the data and the last validation included")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     p.add_argument("--run-dir", metavar="DIR", help="log, checkpoints and split (default MODEL_DIR/run)")
     p.add_argument("--init", metavar="MODEL_DIR", help=init)
@@ -99,7 +100,7 @@ def advice(lesions: str) -> str:
             "data (the Retrain dock's \"and\" field, or a second folder after --data)")
 
 
-def too_little_data(lesions: str, labelled: list[str]) -> "DataError":
+def too_little_data(lesions: str, labelled: list[str]) -> DataError:
     """The one-line error for too few labelled images, with what to do about it."""
     have = (f"only {labelled[0]} has a label for {lesions}" if len(labelled) == 1 else
             f"no image has a label for {lesions}" if not labelled else f"only {len(labelled)} images have a label for {lesions}")

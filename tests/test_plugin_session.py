@@ -53,8 +53,9 @@ def models(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _models_loaded_before_teardown(qtbot):
-    """A dock from the Plugins menu loads the refiner at once: let that end before the window goes."""
+def _models_loaded_before_teardown(make_napari_viewer, qtbot):
+    """A dock from the Plugins menu loads the refiner at once: let that end before the window goes
+    (this fixture comes after make_napari_viewer, so it ends before the viewers close)."""
     _OPENED.clear()
     yield
     for ann in list(_OPENED):
@@ -96,6 +97,18 @@ def test_docks_from_the_plugins_menu_share_the_viewers_session_in_either_order(m
     assert session.opened is ann.opened and session.data_folder == flat_folder
     qtbot.waitUntil(lambda: train.data_edit.text() == str(flat_folder), timeout=5000)
     ann.flush()
+
+
+@pytest.mark.parametrize("order", [(ANNOTATOR, RETRAIN), (RETRAIN, ANNOTATOR)])
+def test_the_second_dock_opened_becomes_a_tab_beside_the_first(make_napari_viewer, qtbot, order):
+    from qtpy.QtWidgets import QDockWidget
+
+    viewer = make_napari_viewer(show=True)
+    docks = [viewer.window.add_plugin_dock_widget(PLUGIN, name)[0] for name in order]
+    _OPENED.append(viewer.window.add_plugin_dock_widget(PLUGIN, ANNOTATOR)[1])
+    window = docks[0].window()
+    assert all(isinstance(d, QDockWidget) for d in docks)
+    qtbot.waitUntil(lambda: docks[1] in window.tabifiedDockWidgets(docks[0]), timeout=5000)
 
 
 def _find(ann, qtbot):
@@ -305,6 +318,7 @@ def test_a_graders_day_end_to_end(make_napari_viewer, qtbot, tmp_path, models, m
         ex.brush_size = 3
         ex.mode = "erase"
         ex.paint(erase_at, 0)  # the eraser on a false candidate
+        ann.set_lesion("EX")  # the HE ellipse made HE the active class
         qtbot.mouseClick(ann.accept_button, Qt.MouseButton.LeftButton)  # Accept EX: the rest is the grader's
         first_ex = ex.data == les.label
         assert first_ex.any() and not first_ex[erase_at] and not (ex.data == les.pending_label).any()
@@ -344,7 +358,8 @@ def test_a_graders_day_end_to_end(make_napari_viewer, qtbot, tmp_path, models, m
     assert np.array_equal(read_mask(one / "IDRiD_01_EX.tif"), first_ex)  # confirmed pixels only on disk
     assert not read_mask(one / "IDRiD_01_HE.tif").any()  # the ellipse's pixels were never accepted
     assert np.array_equal(read_mask(two / "IDRiD_02_MA.tif"), second_ma)
-    assert not read_mask(two / "IDRiD_02_EX.tif").any()
+    # the data set's own mask as opened, none of the new version's pending candidates
+    assert np.array_equal(read_mask(two / "IDRiD_02_EX.tif"), read_mask(folder / "IDRiD_02_EX.tif"))
     prov_one = json.loads((one / "provenance.json").read_text())
     prov_two = json.loads((two / "provenance.json").read_text())
     assert prov_one["models"]["exudates"]["version"] == "ex-a" and prov_one["models"]["refiner"]["version"] == "ref-a"

@@ -141,6 +141,14 @@ class TrainWidget(QWidget):
 
     bundle_written = Signal(object)  # the summary of a training bundle, once written
 
+    def showEvent(self, event) -> None:
+        super().showEvent(event)
+        if not getattr(self, "_tabified", False):  # once: opened beside the annotator, it becomes a tab next to it
+            from ._docking import tabify_with_plugin_docks
+
+            self._tabified = True
+            QTimer.singleShot(0, lambda: tabify_with_plugin_docks(self))
+
     def __init__(self, napari_viewer: napari.Viewer, parent: QWidget | None = None):
         super().__init__(parent)
         self.viewer = napari_viewer
@@ -674,7 +682,7 @@ class TrainWidget(QWidget):
             # bar, and the process's end must find it. In percent of the run's estimated length
             self._pbar = progress(total=100, desc=f"training {self.kind}")
         if self._slowed is None:
-            self._slowed = SlowAnimations(self.viewer)  # for hours it would slow the training
+            self._slowed = SlowAnimations(self)  # for hours it would slow the training
         self._started_at = time.monotonic()
         proc.start(sys.executable, args)
         self.start_button.setEnabled(False)

@@ -175,10 +175,11 @@ def _is_lesion_layer(meta: dict | None) -> bool:
 
 
 def samples_dir() -> Path:
-    """Where sample projects are saved (the installed package may be read-only)."""
-    from platformdirs import user_data_dir
+    """Where sample projects are saved (the installed package may be read-only): the user's
+    napari-retina data folder, as for model versions (`$NAPARI_RETINA_DATA` when set)."""
+    from .models.versions import data_root
 
-    d = Path(user_data_dir("napari-retina", appauthor=False)) / "samples"
+    d = data_root() / "samples"
     d.mkdir(parents=True, exist_ok=True)
     return d
 

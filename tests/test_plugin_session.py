@@ -453,3 +453,16 @@ def test_a_truncated_photograph_in_the_image_list_is_one_message_and_keeps_the_o
     assert len(errors) == 1 and "IDRiD_02.jpg" in errors[0], errors
     assert ann.opened is first and ann.image_layer is not None
     ann.flush()
+
+
+def test_open_sample_while_an_image_is_open_switches_to_it(make_napari_viewer, qtbot, flat_folder, models, user_data_folder):
+    viewer = make_napari_viewer()
+    _pin_test_models(viewer, models)
+    ann, _ = _open_docks(viewer, (ANNOTATOR, RETRAIN))
+    viewer.open(str(flat_folder / "IDRiD_01.jpg"), plugin=PLUGIN)
+    qtbot.waitUntil(lambda: ann.opened is not None, timeout=10000)
+    viewer.open_sample(PLUGIN, "retina")  # File > Open Sample > napari-retina > Retina
+    qtbot.waitUntil(lambda: ann.opened.record.image.name == "retina.png", timeout=20000)
+    assert len(_lesion_layers(viewer)) == len(LESIONS) and "retina.png" in ann.image_label.text()
+    assert ann.opened.project_dir.parent == user_data_folder / "samples"  # never beside the installed package
+    ann.flush()

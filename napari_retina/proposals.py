@@ -353,7 +353,8 @@ class PixelRecord:
         self._changes.table = True
         if decision == "accepted":
             self.accept(ids=[proposal_id])
-            return None  # the mask does not change: its pixels only change hands
+            # nothing shown changes, but its pixels are now the grader's: their box is redrawn as such
+            return PixelChange(p.lesion, p.box)
         return self.withdraw(proposal_id)
 
     def decided(self, lesion: str, decision: str | None = None, model: str | None = None) -> list[dict]:
@@ -382,13 +383,12 @@ class PixelRecord:
         region = self.masks[lesion][r0:r1, c0:c1]
         before = region.copy()
         hand = self._hand.get(lesion)
+        confirmed = None  # pending pixels painted over: shown before and after, but now the grader's
         if painted is not None:
             region[painted] = True
             if hand is not None:
                 hand_region = hand[r0:r1, c0:c1]
-                if (painted & ~hand_region).any():
-                    # painted over pending pixels: nothing shown changes, but they are now confirmed
-                    self._changes.lesions.add(lesion)
+                confirmed = painted & ~hand_region & before
                 hand_region[painted] = True
         if erased is not None:
             region[erased] = False
@@ -400,7 +400,29 @@ class PixelRecord:
                     p.erased[_local(inter, p.box)] |= gone
         for p, _ in self._overlapping(lesion, box):
             self._changes.proposals.add(p.id)  # erasures and hand pixels of its box are saved with it
-        return self._changed(lesion, region != before, box)
+        diff = region != before
+        if confirmed is not None:
+            diff |= confirmed  # the box to save, and to redraw in the confirmed colour
+        return self._changed(lesion, diff, box)
+
+    def hand_release(self, lesion: str, box: Box, pixels: np.ndarray) -> PixelChange | None:
+        """`pixels` of `box` (bool, box-sized) are no longer the grader's (undo of a stroke that had
+        confirmed pending pixels): they stay shown where a live proposal still claims them."""
+        hand = self._hand.get(lesion)
+        if hand is None:
+            return None  # no proposal was ever made: every pixel shown is the grader's
+        r0, r1, c0, c1 = (int(v) for v in box)
+        pixels = np.asarray(pixels, bool)
+        region = hand[r0:r1, c0:c1]
+        released = region & pixels
+        if not released.any():
+            return None
+        region[released] = False
+        for p, _ in self._overlapping(lesion, (r0, r1, c0, c1)):
+            self._changes.proposals.add(p.id)
+        change = self._rederive(lesion, (r0, r1, c0, c1))
+        self._changes.lesions.add(lesion)
+        return change or PixelChange(lesion, (r0, r1, c0, c1))
 
     def hand_set(self, lesion: str, box: Box, now: np.ndarray) -> PixelChange | None:
         """The pixels of `box` are now `now` by the grader's doing (undo, redo, an outside edit)."""

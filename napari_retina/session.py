@@ -351,6 +351,16 @@ class AnnotationSession:
             return self._pinned[kind]
         return current_model_dir(kind)
 
+    def model_version(self, kind: str) -> str:
+        """The version name of the folder the next run of `kind` loads (its config.json's, else the folder's)."""
+        import json
+
+        folder = self.model_dir(kind)
+        try:
+            return str(json.loads((folder / "config.json").read_text(encoding="utf-8")).get("version", folder.name))
+        except (OSError, ValueError, AttributeError):
+            return folder.name
+
     def pin_model(self, kind: str, folder: str | Path | None) -> None:
         """Run `kind` from `folder` in this session only (None: back to the version in use)."""
         if folder is None:
@@ -551,6 +561,10 @@ class ProjectAutosave:
             on_counted(writer, writer.counts())
 
         self._executor.submit(count)
+
+    def pending(self) -> list:
+        """The Futures of the saves not yet on disk."""
+        return [f for f in self._pending if not f.done()]
 
     def wait(self, timeout: float = 30.0) -> None:
         for f in list(self._pending):

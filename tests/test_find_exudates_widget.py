@@ -94,7 +94,7 @@ def test_erase_accept_and_reopen_keep_the_graders_choice(annotator, qtbot, make_
     layer.brush_size = 1
     layer.mode = "erase"
     layer.paint((r, c), 0)  # the grader rejects one candidate pixel
-    finder.accept_all()
+    widget.accept_proposals("EX")
     accepted = layer.data != 0
     assert not accepted[r, c] and accepted.sum() == len(on) - 1 + hand.sum()
     assert finder.proposals() == []

@@ -112,6 +112,7 @@ def test_find_review_with_keys_reopen_and_a_rerun_never_brings_a_rejected_candid
     accepted_centre = first.description["centre"]
     assert review.current != first.id and first.id not in rec.proposals
     assert rec.hand("MA")[tuple(accepted_centre)]
+    assert layer.data[tuple(accepted_centre)] == 3  # drawn as confirmed at once, no longer the lighter pending
     rejected = rec.proposals[review.current]
     rejected_centre = tuple(rejected.description["centre"])
     _press(viewer, qtbot, Qt.Key.Key_R)
@@ -162,7 +163,7 @@ def test_the_click_tool_adds_a_microaneurysm_on_a_dark_dot_and_a_second_click_re
     _close(widget)
 
 
-def test_accept_all_takes_the_candidates_shown_and_leaves_those_below_the_threshold_pending(
+def test_accept_takes_the_candidates_shown_and_leaves_those_below_the_threshold_pending(
         make_napari_viewer, qtbot, ma_image, ma_model):
     viewer, widget = _open(make_napari_viewer, qtbot, ma_image, ma_model)
     finder, review = widget.ma_finder, widget.ma_review
@@ -175,7 +176,7 @@ def test_accept_all_takes_the_candidates_shown_and_leaves_those_below_the_thresh
     finder.threshold_slider.setValue(int(np.ceil(cut * 100)))
     hidden = [p.id for p in finder.proposals() if not p.claim().any()]
     assert hidden and len(hidden) < len(props)
-    n = finder.accept_all()
+    n = widget.accept_proposals("MA")
     assert n == len(props) - len(hidden)
     assert sorted(p.id for p in finder.proposals()) == sorted(hidden)  # still pending, not counted accepted
     assert f"accepted {n} · rejected 0 · pending {len(hidden)}" in review.counts_label.text()

@@ -466,3 +466,69 @@ def test_open_sample_while_an_image_is_open_switches_to_it(make_napari_viewer, q
     assert len(_lesion_layers(viewer)) == len(LESIONS) and "retina.png" in ann.image_label.text()
     assert ann.opened.project_dir.parent == user_data_folder / "samples"  # never beside the installed package
     ann.flush()
+
+
+def test_file_open_while_the_dock_opens_another_image_is_switched_to_next(make_napari_viewer, qtbot, tmp_path, models):
+    from PIL import Image
+
+    folder = tmp_path / "three"
+    folder.mkdir()
+    for i in (1, 2, 3):
+        Image.fromarray(fundus_rgb(i)).save(folder / f"IDRiD_{i:02d}.jpg", quality=95)
+    viewer = make_napari_viewer()
+    _pin_test_models(viewer, models)
+    ann, _ = _open_docks(viewer, (ANNOTATOR, RETRAIN))
+    viewer.open(str(folder), plugin=PLUGIN)
+    qtbot.waitUntil(lambda: ann.opened is not None, timeout=10000)
+    ann.next_image()  # the dock loads IDRiD_02 in the background...
+    assert ann._loading
+    viewer.open(str(folder / "IDRiD_03.jpg"), plugin=PLUGIN)  # ...while the grader opens IDRiD_03
+    qtbot.waitUntil(lambda: not ann._loading and ann.opened.record.image.name == "IDRiD_03.jpg", timeout=10000)
+    qtbot.wait(100)
+    assert ann.opened.record.image.name == "IDRiD_03.jpg"  # the grader's last choice wins
+    assert len(_lesion_layers(viewer)) == len(LESIONS)
+    assert [layer.name for layer in viewer.layers if layer.name.startswith("IDRiD_")] == ["IDRiD_03"]
+    ann.flush()
+
+
+def test_file_open_of_the_open_images_project_folder_keeps_the_live_image(make_napari_viewer, qtbot, flat_folder, models):
+    viewer = make_napari_viewer()
+    _pin_test_models(viewer, models)
+    ann, _ = _open_docks(viewer, (ANNOTATOR, RETRAIN))
+    viewer.open(str(flat_folder / "IDRiD_02.jpg"), plugin=PLUGIN)
+    qtbot.waitUntil(lambda: ann.opened is not None, timeout=10000)
+    opened = ann.opened
+    ann.lesion_layer("HE").paint((40, 60), lesion("HE").label)
+    ann.flush()
+    ann.lesion_layer("HE").paint((20, 20), lesion("HE").label)  # not saved yet
+    viewer.open(str(flat_folder / "IDRiD_02.retina"), plugin=PLUGIN)
+    qtbot.wait(100)
+    assert ann.opened is opened and ann.lesion_layer("HE").data[20, 20] == lesion("HE").label
+    assert len(_lesion_layers(viewer)) == len(LESIONS)
+    ann.flush()
+    assert read_mask(flat_folder / "IDRiD_02.retina" / "IDRiD_02_HE.tif")[20, 20]
+
+
+def test_painting_over_pending_pixels_confirms_them_and_undo_makes_them_pending_again(make_napari_viewer, qtbot, flat_folder, models):
+    viewer = make_napari_viewer()
+    _pin_test_models(viewer, models)
+    ann, _ = _open_docks(viewer, (ANNOTATOR, RETRAIN))
+    viewer.open(str(flat_folder / "IDRiD_02.jpg"), plugin=PLUGIN)
+    qtbot.waitUntil(lambda: ann.opened is not None, timeout=10000)
+    _find(ann, qtbot)
+    les = lesion("EX")
+    layer = ann.lesion_layer("EX")
+    rows, cols = np.nonzero(layer.data == les.pending_label)
+    at = (int(rows[len(rows) // 2]), int(cols[len(cols) // 2]))
+    layer.brush_size = 1
+    layer.selected_label = les.label
+    layer.paint(at, les.label)  # the brush over a pending pixel
+    record = ann.opened.annotation.record
+    assert layer.data[at] == les.label and record.hand("EX")[at]
+    ann.flush()
+    assert read_mask(flat_folder / "IDRiD_02.retina" / "IDRiD_02_EX.tif")[at]
+    layer.undo()
+    qtbot.waitUntil(lambda: not record.hand("EX")[at], timeout=3000)
+    assert layer.data[at] == les.pending_label and ann.opened.annotation.masks["EX"][at]  # still proposed
+    ann.flush()
+    assert not read_mask(flat_folder / "IDRiD_02.retina" / "IDRiD_02_EX.tif")[at]

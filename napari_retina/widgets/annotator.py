@@ -142,7 +142,7 @@ class LesionAnnotator(QWidget):
         for kind, folder in ((REFINER, model_dir), ("exudates", exudate_model_dir), ("microaneurysms", ma_model_dir)):
             if folder is not None:
                 self.session.pin_model(kind, folder)
-        self.layers = LesionLayers(napari_viewer, self.session, self)
+        self.layers = LesionLayers(self.viewer, self.session, self)
         self.layers.edited.connect(self._edited)
         self.layers.message.connect(lambda text: self.status_label.setText(text))
         self.layers.lesion_wanted.connect(self.set_lesion)
@@ -162,6 +162,8 @@ class LesionAnnotator(QWidget):
         self._armed_id = ""  # the id a shape drawn next gets (see _label_new_shapes)
         self._labelling = False
         self._tabified = False
+        self._adding = False  # the dock adds its own image's layers
+        self._reader_waiting: Layer | None = None  # a reader's image that came while the dock was loading
         self._build_ui()
         self._bind_keys()
         self.viewer.layers.events.inserted.connect(self._on_layer_inserted)
@@ -435,7 +437,11 @@ class LesionAnnotator(QWidget):
         return self.layers.lesion_layer(code)
 
     def _on_layer_inserted(self, event) -> None:
-        if self._loading or _role(event.value) != "image":
+        if _role(event.value) != "image":
+            return
+        if self._loading:
+            if not self._adding:  # File > Open while the dock opens another image: its turn comes next
+                self._reader_waiting = event.value
             return
         if self.opened is None:
             # a reader added a fundus image after the dock was opened: wait for its lesion layers
@@ -462,7 +468,9 @@ class LesionAnnotator(QWidget):
         new_layers = [l for l in self.viewer.layers if layer_image(l) == new_path and not self.layers.owns(l)
                       and _role(l) in IMAGE_ROLES]
         op = self.opened
-        if op is not None and str(op.record.image) == new_path:
+        info = new_image.metadata.get(META_KEY, {})
+        same_project = op is not None and info.get("project") and Path(info["project"]).resolve() == op.project_dir.resolve()
+        if op is not None and (str(op.record.image) == new_path or same_project):
             # the image open now, opened again: keep the live one (its unsaved edits included)
             for layer in new_layers:
                 self.viewer.layers.remove(layer)
@@ -990,9 +998,12 @@ class LesionAnnotator(QWidget):
         self._loading = True
         self.status_label.setText(f"opening {record.image.name}...")
         dataset, root = self.dataset, self.project_root
+        saving = self.autosave.pending()  # saves still being written (this very image's, on A -> B -> A)
 
         @thread_worker(ignore_errors=True)  # _load_failed reports it, once
         def load():
+            for f in saving:  # read the project once its last save is on disk, never half of it
+                f.result()
             return open_record(record, project_root=root, dataset=dataset), index
 
         worker = load()
@@ -1022,6 +1033,9 @@ class LesionAnnotator(QWidget):
 
     def _load_failed(self, exc: Exception) -> None:
         self._loading = False
+        waiting, self._reader_waiting = self._reader_waiting, None
+        if waiting is not None and waiting in self.viewer.layers:
+            QTimer.singleShot(0, lambda: self._switch_to_reader_layers(waiting))
         msg = str(exc) if isinstance(exc, RetinaInputError) else f"cannot open: {exc}"
         show_error(msg)
         self.status_label.setText(msg)
@@ -1031,14 +1045,23 @@ class LesionAnnotator(QWidget):
         opened, index = result
         for finder in self.finders:
             finder.image_changed()
+        waiting = self._reader_waiting
+        waiting_image = layer_image(waiting) if waiting is not None else None
         try:
             for layer in list(self.viewer.layers):
-                if _role(layer) in ("image", "lesion", "ellipses", "fov", "probability", "candidates"):
-                    self.viewer.layers.remove(layer)
+                if _role(layer) not in IMAGE_ROLES:
+                    continue
+                if waiting_image is not None and layer_image(layer) == waiting_image and not self.layers.owns(layer):
+                    continue  # what File > Open added meanwhile stays, to be switched to next
+                self.viewer.layers.remove(layer)
             self.opened = opened
             self.index = index
-            for item in layer_data(opened):
-                self.viewer.add_layer(Layer.create(*item))
+            self._adding = True
+            try:
+                for item in layer_data(opened):
+                    self.viewer.add_layer(Layer.create(*item))
+            finally:
+                self._adding = False
             self.viewer.layers.selection.active = self.lesion_layer(self.current)
             self._ensure_layers()
             self._after_open()
@@ -1048,6 +1071,9 @@ class LesionAnnotator(QWidget):
                 show_error("; ".join(opened.annotation.notes))
         finally:
             self._loading = False
+            self._reader_waiting = None
+        if waiting is not None and waiting in self.viewer.layers:
+            QTimer.singleShot(0, lambda: self._switch_to_reader_layers(waiting))
 
     # --- saving --------------------------------------------------------------------------
     def _ellipse_dicts(self) -> list[dict]:
@@ -1102,7 +1128,9 @@ class LesionAnnotator(QWidget):
         if error is not None:
             if same:  # keep the edits: what this save took is unsaved again, the next tick retries
                 self.autosave.give_back(self.opened, snap)
-            self._report_error(error)
+                self._report_error(error)
+            else:  # the save of an image left behind: it is no longer open to keep them
+                self._report_error(error, kept=False)
             return
         self._last_error = None
         self.last_saved = datetime.now()
@@ -1113,10 +1141,12 @@ class LesionAnnotator(QWidget):
                 self._show_counts(rows)
         self.status_label.setText(f"saved {self.last_saved:%H:%M:%S}")
 
-    def _report_error(self, message: str) -> None:
+    def _report_error(self, message: str, kept: bool = True) -> None:
         self.status_label.setText(f"NOT SAVED: {message}")
         if message != self._last_error:  # one notification per problem, not one per tick
-            show_error(f"{message} (your edits are kept; choose another project folder)")
+            advice = ("your edits are kept; choose another project folder" if kept else
+                      "the last edits of the image left were not written; open it again to check")
+            show_error(f"{message} ({advice})")
             self._last_error = message
 
     def flush(self, timeout: float = 30.0) -> None:

@@ -158,26 +158,49 @@ class LesionLayers(QObject):
         return on_set_data
 
     def resync(self, code: str) -> None:
-        """Take whatever the layer shows that the record does not know as the grader's doing."""
+        """Take whatever the layer shows that the record does not know as the grader's doing:
+        pixels shown or not (undo of a stroke, redo), and pixels back from confirmed to pending
+        (undo of a stroke over pending pixels)."""
         self._resync_due.discard(code)
         op, layer = self.opened, self.lesion_layer(code)
         if op is None or layer is None or layer.data.shape != tuple(op.annotation.shape):
             return
-        now = np.asarray(layer.data) != 0
-        diff = now != op.annotation.masks[code]
-        rows = np.flatnonzero(diff.any(axis=1))
-        if rows.size == 0:
-            return
-        cols = np.flatnonzero(diff.any(axis=0))
-        box = (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)
-        change = op.annotation.record.hand_set(code, box, now[box[0] : box[1], box[2] : box[3]])
-        self.mark_edited()
-        if change is not None:  # what the grader brought back is theirs: shown as confirmed
-            self.show_changes([change])
+        record = op.annotation.record
+        data = np.asarray(layer.data)
+        now = data != 0
+        changes, edited = [], False
+        box = _diff_box(now != op.annotation.masks[code])
+        if box is not None:
+            changes.append(record.hand_set(code, box, now[box[0] : box[1], box[2] : box[3]]))
+            edited = True
+        if record.proposals:
+            pending_now = data == lesion(code).pending_label
+            back = _diff_box(pending_now & record.hand(code))
+            if back is not None:
+                r0, r1, c0, c1 = back
+                changes.append(record.hand_release(code, back, pending_now[r0:r1, c0:c1]))
+                edited = True
+        if edited:
+            self.mark_edited()
+        changes = [c for c in changes if c is not None]
+        if changes:  # redrawn from the record: what the grader brought back is theirs
+            self.show_changes(changes)
+
+
+def _diff_box(diff: np.ndarray) -> tuple[int, int, int, int] | None:
+    rows = np.flatnonzero(diff.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(diff.any(axis=0))
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
 def atom_pixels(atom) -> tuple[tuple | None, np.ndarray | None, np.ndarray | None]:
-    """(box, painted pixels of the box, erased pixels of the box) of one napari Labels history atom."""
+    """(box, painted pixels of the box, erased pixels of the box) of one napari Labels history atom.
+
+    napari's paint event hands its undo atoms, whose fields (`slice_key`, `mask`, `new_value`, or
+    an (indices, old, new) tuple) are not a public API: they are the only account of what a stroke
+    changed without comparing the whole image, hence napari's upper version pin in pyproject.toml."""
     if hasattr(atom, "slice_key"):  # mask-based atom (brush, fill, polygon): one new value
         key = atom.slice_key[-2:]
         box = (key[0].start, key[0].stop, key[1].start, key[1].stop)

@@ -101,8 +101,9 @@ class EllipseRefinement(QObject):
         self._kick()
 
     def model_changed(self) -> None:
-        """Another refiner version is in use: the next ellipse is refined by it (loaded now)."""
-        self.refiner, self.model_error = None, None
+        """Another refiner version is in use: the next ellipse is refined by it (loaded now), at
+        that version's own threshold."""
+        self.refiner, self.model_error, self.threshold = None, None, None
         self.load_model()
 
     def _model_failed(self, exc) -> None:

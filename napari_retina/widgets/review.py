@@ -262,7 +262,7 @@ class LesionReview(QGroupBox):
         self.update_counts()
 
     def candidates_changed(self) -> None:
-        """A run or Accept all replaced the candidates: review moves on to one that still exists."""
+        """A run or the dock's Accept replaced the candidates: review moves on to one that still exists."""
         rec = self.record()
         if self.reviewing and (rec is None or self.current not in rec.proposals):
             if not self._show_next():

@@ -79,10 +79,6 @@ def enhance_display_contrast(rgb: np.ndarray, clip_limit: float = 2.0, tile_grid
     return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
 
 
-# the old name, kept for callers that still use it: widgets/annotator.py, tests/test_fundus.py
-enhance_contrast = enhance_display_contrast
-
-
 def field_of_view_mask(rgb: np.ndarray) -> np.ndarray:
     """The illuminated circular fundus region (True) against the black camera surround, bool (H, W).
 

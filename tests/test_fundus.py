@@ -10,7 +10,7 @@ import pytest
 
 from napari_retina.fundus import (
     count_lesions,
-    enhance_contrast,
+    enhance_display_contrast,
     field_of_view_mask,
     green_channel,
     lesion_summary,
@@ -167,14 +167,14 @@ def test_clahe_keeps_shape_dtype_and_colour_and_raises_local_contrast():
     img[..., 0] = np.clip(grey + 40, 0, 255)
     img[..., 1] = np.clip(grey, 0, 255)
     img[..., 2] = np.clip(grey - 60, 0, 255)
-    out = enhance_contrast(img)
+    out = enhance_display_contrast(img)
     assert out.shape == img.shape and out.dtype == np.uint8
     low_in = img[:, : w // 2 - 16, 1].astype(float).std()
     low_out = out[:, : w // 2 - 16, 1].astype(float).std()
     assert low_out > 1.5 * low_in
     m = out[:, : w // 2 - 16].reshape(-1, 3).mean(0)  # still orange: red > green > blue
     assert m[0] > m[1] > m[2]
-    stronger = enhance_contrast(img, clip_limit=8.0)
+    stronger = enhance_display_contrast(img, clip_limit=8.0)
     assert stronger[:, : w // 2 - 16, 1].astype(float).std() > low_out
 
 

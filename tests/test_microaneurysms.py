@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from napari_retina.models.microaneurysms import (
-    OFFSET, candidate_regions, enhance_contrast, fuse_maps, patches_at, refine_candidates,
+    OFFSET, candidate_regions, fuse_maps, patches_at, refine_candidates,
 )
+from napari_retina.models.preprocess import subtract_local_background
 from napari_retina.nets.patch_classifier import PATCH_SIZE, PatchClassifier
 from training.losses import cosine_distance, triplet_cosine_loss
 from training.sampling import SelectiveSampler
@@ -23,7 +24,7 @@ def test_contrast_enhancement_on_a_hand_made_image():
     rgb = np.zeros((h, w, 3), np.uint8)
     rgb[fov] = (150, 80, 40)  # a flat fundus
     rgb[100, 120] = (130, 60, 20)  # one dark pixel, 20 below its surround in every channel
-    out = enhance_contrast(rgb, fov, sigma=10.0)
+    out = subtract_local_background(rgb, fov, sigma=10.0)
     assert out.dtype == np.uint8 and out.shape == rgb.shape
     # flat retina -> the offset, even next to the dark surround (the background is the
     # normalised blur over the field of view, so the rim does not light up)
@@ -44,7 +45,7 @@ def test_contrast_enhancement_at_photograph_scale_blurs_at_a_lower_resolution_wi
     base = 90 + 60 * np.sin(xx / 120.0) * np.cos(yy / 150.0)  # slow illumination changes
     rgb = np.clip(np.stack([base, base * 0.6, base * 0.3], -1) + rng.normal(0, 2, (h, w, 3)), 0, 255).astype(np.uint8)
     rgb[~fov] = 0
-    fast = enhance_contrast(rgb, fov, sigma=40.0)  # blurred at 1/8 size
+    fast = subtract_local_background(rgb, fov, sigma=40.0)  # blurred at 1/8 size
     import cv2
 
     img, m = rgb.astype(np.float32), fov.astype(np.float32)

@@ -32,10 +32,6 @@ import numpy as np
 
 from .preprocess import OFFSET, subtract_local_background
 
-# the old name of the networks' contrast enhancement (models.preprocess), kept for callers
-# that still import it from here: training.recipes.ma_prn, tests/test_microaneurysms.py
-enhance_contrast = subtract_local_background
-
 PATCH = 129  # the PRN's patch side (odd: one centre pixel)
 # candidate regions the PRN scores per image at most (IDRiD's training images hold 47
 # microaneurysms on average); more, and only the most probable are kept

@@ -68,7 +68,7 @@ from ..session import (
     open_record,
 )
 from .lesion_layers import IMAGE_ROLES, LesionLayers, layer_image, layer_role
-from .refine import REFINER, EllipseRefinement
+from .refine import REFINER, EllipseRefinement, ellipse_key
 from .review import LesionReview
 from .segment import LesionFinder
 from .viewer_session import real_viewer, session_of
@@ -78,7 +78,6 @@ DISPLAY_MODES = ("colour", "green channel", "contrast-enhanced (CLAHE)")
 FOV_LAYER = "field of view"
 
 
-_role = layer_role
 
 
 class _SaveSignals(QObject):
@@ -437,7 +436,7 @@ class LesionAnnotator(QWidget):
         return self.layers.lesion_layer(code)
 
     def _on_layer_inserted(self, event) -> None:
-        if _role(event.value) != "image":
+        if layer_role(event.value) != "image":
             return
         if self._loading:
             if not self._adding:  # File > Open while the dock opens another image: its turn comes next
@@ -466,7 +465,7 @@ class LesionAnnotator(QWidget):
             return
         new_path = layer_image(new_image)
         new_layers = [l for l in self.viewer.layers if layer_image(l) == new_path and not self.layers.owns(l)
-                      and _role(l) in IMAGE_ROLES]
+                      and layer_role(l) in IMAGE_ROLES]
         op = self.opened
         info = new_image.metadata.get(META_KEY, {})
         same_project = op is not None and info.get("project") and Path(info["project"]).resolve() == op.project_dir.resolve()
@@ -485,17 +484,17 @@ class LesionAnnotator(QWidget):
         self._loading = True
         try:
             for layer in list(self.viewer.layers):
-                if _role(layer) in IMAGE_ROLES and id(layer) not in keep:
+                if layer_role(layer) in IMAGE_ROLES and id(layer) not in keep:
                     self.viewer.layers.remove(layer)
             self.opened = None
         finally:
             self._loading = False
         for layer in new_layers:  # napari named them "EX hard exudates [1]" while the old ones were there
-            if _role(layer) == "lesion":
+            if layer_role(layer) == "lesion":
                 layer.name = lesion(layer.metadata[META_KEY]["lesion"]).layer_name
-            elif _role(layer) == "ellipses":
+            elif layer_role(layer) == "ellipses":
                 layer.name = "ellipses"
-            elif _role(layer) == "image":
+            elif layer_role(layer) == "image":
                 layer.name = Path(new_path).stem
         self._adopt_layers()
         self.viewer.reset_view()
@@ -574,7 +573,7 @@ class LesionAnnotator(QWidget):
         for item in missing:
             self.viewer.add_layer(Layer.create(*item))
         for layer in self.viewer.layers:
-            if _role(layer) in IMAGE_ROLES:
+            if layer_role(layer) in IMAGE_ROLES:
                 self.layers.own(layer)  # this image's layers: a reader's new ones are told apart
         for les in LESIONS:
             layer = self.lesion_layer(les.code)
@@ -601,7 +600,7 @@ class LesionAnnotator(QWidget):
         n = f" ({self.index + 1}/{len(self.dataset)})" if self.dataset else ""
         self.image_label.setText(f"<b>{op.record.image.name}</b>{n}")
         self.refinement.reset(self.current_ellipses())
-        self.session.emit("image", op)  # the Retrain dock follows the folder
+        self.session.set_opened(op, self.dataset, self.index)  # the Retrain dock follows the folder
         for finder in self.finders:
             finder.show_restored()
         self.ma_review.image_changed()
@@ -665,7 +664,7 @@ class LesionAnnotator(QWidget):
             return  # drawing ellipses: keep drawing, in the new class
         layer = self.lesion_layer(les.code)
         if layer is not None:
-            mode = active.mode if isinstance(active, Labels) and _role(active) == "lesion" else None
+            mode = active.mode if isinstance(active, Labels) and layer_role(active) == "lesion" else None
             self.viewer.layers.selection.active = layer
             if mode in ("paint", "erase", "fill"):
                 layer.mode = mode
@@ -863,9 +862,7 @@ class LesionAnnotator(QWidget):
         return len(ef.ellipses)
 
     def _keys(self) -> dict:
-        from .refine import _key
-
-        return {k: _key(e) for k, e in self.current_ellipses().items()}
+        return {k: ellipse_key(e) for k, e in self.current_ellipses().items()}
 
     # --- display aids --------------------------------------------------------------------
     def _on_display_changed(self, index: int) -> None:
@@ -929,7 +926,7 @@ class LesionAnnotator(QWidget):
         self._update_counts_from_masks()
 
     def _on_fov_toggled(self, on: bool) -> None:
-        existing = [l for l in self.viewer.layers if _role(l) == "fov"]
+        existing = [l for l in self.viewer.layers if layer_role(l) == "fov"]
         for l in existing:
             self.viewer.layers.remove(l)
         if on and self.fov is not None:
@@ -1049,7 +1046,7 @@ class LesionAnnotator(QWidget):
         waiting_image = layer_image(waiting) if waiting is not None else None
         try:
             for layer in list(self.viewer.layers):
-                if _role(layer) not in IMAGE_ROLES:
+                if layer_role(layer) not in IMAGE_ROLES:
                     continue
                 if waiting_image is not None and layer_image(layer) == waiting_image and not self.layers.owns(layer):
                     continue  # what File > Open added meanwhile stays, to be switched to next

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 import numpy as np
 from napari.qt.threading import thread_worker
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_error
 from qtpy.QtCore import QObject, Signal
 
 from ..io.ellipses import Ellipse
@@ -22,7 +22,8 @@ from .lesion_layers import LesionLayers
 REFINER = "refiner"  # the `model` of the proposals this class makes
 
 
-def _key(e: Ellipse) -> tuple:
+def ellipse_key(e: Ellipse) -> tuple:
+    """What identifies an ellipse's geometry and lesion (rounded): a refinement is redone when it changes."""
     return (e.lesion, *np.round(e.center_xy, 3), *np.round(e.semi_axes, 3), round(e.angle_deg, 3))
 
 
@@ -125,12 +126,12 @@ class EllipseRefinement(QObject):
     def reset(self, current: dict[str, Ellipse]) -> None:
         """A new image: its existing ellipses count as refined (their pixels are in the masks)."""
         self._queue.clear()
-        self.known = {eid: _key(e) for eid, e in current.items()}
+        self.known = {eid: ellipse_key(e) for eid, e in current.items()}
 
     def sync(self, current: dict[str, Ellipse]) -> None:
         """Withdraw the proposals of deleted/moved ellipses and queue new/moved ones."""
         for eid in list(self.known):
-            if eid not in current or self.known[eid] != _key(current[eid]):
+            if eid not in current or self.known[eid] != ellipse_key(current[eid]):
                 self.remove(eid)
         if not self.enabled:
             return
@@ -139,7 +140,7 @@ class EllipseRefinement(QObject):
                 self.request(eid, e)
 
     def request(self, eid: str, e: Ellipse) -> None:
-        self.known[eid] = _key(e)
+        self.known[eid] = ellipse_key(e)
         self._queue[eid] = (e, time.perf_counter())
         if self.refiner is None:
             self.load_model()
@@ -184,13 +185,13 @@ class EllipseRefinement(QObject):
         op = self.layers.opened
         if refiner is not self.refiner:  # another version was put in use while this ran: refine again
             for eid, (res, _) in results.items():
-                if eid in self.known and self.known[eid] == _key(res.ellipse) and eid not in self._queue:
+                if eid in self.known and self.known[eid] == ellipse_key(res.ellipse) and eid not in self._queue:
                     self._queue[eid] = (res.ellipse, time.perf_counter())
             results = {}
         if op is not None and op.rgb is rgb:
             for eid, (res, t0) in results.items():
                 # the ellipse may have moved or gone while the worker ran
-                if eid in self.known and self.known[eid] == _key(res.ellipse) and eid not in self._queue:
+                if eid in self.known and self.known[eid] == ellipse_key(res.ellipse) and eid not in self._queue:
                     self._propose(eid, res, refiner)
                     self.refined.emit(eid, time.perf_counter() - t0)
         self._kick()
@@ -214,28 +215,9 @@ class EllipseRefinement(QObject):
         if op is not None:
             self.layers.show_changes(op.annotation.record.withdraw_where(model=REFINER, ellipse_id=eid))
 
-    def accept(self, code: str) -> int:
-        """The grader keeps a lesion's proposals: they become hand pixels (deleting the ellipse keeps them)."""
-        op = self.layers.opened
-        if op is None:
-            return 0
-        record = op.annotation.record
-        return record.accept(ids=[p.id for p in record.of_lesion(code)])
-
     def set_threshold(self, t: float) -> None:
         """Live preview: re-threshold every refined ellipse (restored ones included)."""
         self.threshold = t
         op = self.layers.opened
         if op is not None:
             self.layers.show_changes(op.annotation.record.set_threshold(t, model=REFINER))
-
-    def info(self) -> str:
-        if self.model_error:
-            return "refinement unavailable"
-        if self.refiner is None:
-            return "loading the refinement model..."
-        return f"refiner {self.refiner.version}"
-
-
-def notify_model(refiner) -> None:
-    show_info(f"ellipse refinement ready (model {refiner.version})")

@@ -9,7 +9,7 @@ and one at half scale, with weighted cross-entropy plus soft Dice. This is the e
 segmenter's recipe (`training.recipes._segmenter`: patches, augmentation, whole-image tiled
 validation by pooled pixel AUPR, early stopping, model folder) with the microaneurysm spec:
 
-- input: `enhance_contrast` (4 I - 4 G * I + 128) at full resolution, then the working scale
+- input: `subtract_local_background` (4 I - 4 G * I + 128) at full resolution, then the working scale
   (`preprocess: enhance` in config.json, so inference prepares images the same way);
 - loss: class-weighted BCE (lesion pixels weigh the batch's background/lesion ratio) + soft
   Dice, over the field of view;

@@ -4,7 +4,7 @@
         [--epochs N | --minutes M] [--margin 0.5] [--refresh-every 2] ...
 
 After ../shared/papers/microaneurysms-multiscale-triplet.md, sections 2 and 3.1: a classifier
-of 129 x 129 patches of the contrast-enhanced photograph (`enhance_contrast`) at full
+of 129 x 129 patches of the contrast-enhanced photograph (`subtract_local_background`) at full
 resolution, "is the centre pixel a microaneurysm?" (`nets.patch_classifier.PatchClassifier`).
 
 - Each item is a triplet: anchor and positive centred on two microaneurysm pixels drawn
@@ -257,7 +257,8 @@ class PatchImage:
         from napari_retina.fundus import field_of_view_mask
         from napari_retina.io.images import read_fundus
         from napari_retina.metrics import label_lesions
-        from napari_retina.models.microaneurysms import PATCH, enhance_contrast
+        from napari_retina.models.microaneurysms import PATCH
+        from napari_retina.models.preprocess import subtract_local_background
         from napari_retina.session import graders_mask
 
         rgb = read_fundus(record.image)
@@ -269,7 +270,7 @@ class PatchImage:
             fov = np.zeros_like(fov)
         self.stem = record.stem
         self.r = PATCH // 2
-        self.padded = cv2.copyMakeBorder(enhance_contrast(rgb, fov), self.r, self.r, self.r, self.r,
+        self.padded = cv2.copyMakeBorder(subtract_local_background(rgb, fov), self.r, self.r, self.r, self.r,
                                          cv2.BORDER_REFLECT_101)
         self.lesion_px = np.argwhere(ma & fov).astype(np.int32)
         labels, n = label_lesions(ma & fov)

@@ -279,10 +279,12 @@ class AnnotationSession:
     Headless: the docks, the reader's layers and the commands bind to one instance per viewer
     (widgets.viewer_session.session_of) and never to each other. Listeners registered with
     `connect` hear of a model version put in use ("model": kind, folder) and of another image
-    opened ("image": the OpenedImage), so every view agrees.
+    opened ("image": the OpenedImage), so every view agrees. Its `autosave` writes the open
+    image's project; "saved" (project_dir, rows, error, snapshot) is heard in the writer thread
+    when a save ends (a Qt view passes it on to its own thread).
     """
 
-    EVENTS = ("model", "image")
+    EVENTS = ("model", "image", "saved")
 
     def __init__(self) -> None:
         self.dataset: Dataset | None = None
@@ -293,6 +295,7 @@ class AnnotationSession:
         self._confirmed_fundus: set[str] = set()  # images the grader let the models run on anyway
         self._noticed: set[str] = set()  # images already reported as not looking like a fundus photograph
         self._listeners: dict[str, list] = {e: [] for e in self.EVENTS}
+        self.autosave = ProjectAutosave(on_done=lambda *result: self.emit("saved", *result))
 
     # --- listeners ---------------------------------------------------------------------------
     def connect(self, event: str, callback) -> None:
@@ -422,9 +425,7 @@ class ProjectAutosave:
     """
 
     def __init__(self, on_done) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-retina-save")
+        self._executor = None  # one writer thread, made on first use (again after `shutdown`)
         self._on_done = on_done
         self._pending: list = []
         self.writer = None  # io.project.ProjectWriter of the open image, used only in the writer thread
@@ -534,9 +535,16 @@ class ProjectAutosave:
             except Exception as e:  # never a traceback dialog from a background save
                 on_done(project_dir, None, f"saving {project_dir.name} failed: {e}", snap)
 
-        fut = self._executor.submit(write)
+        fut = self._submit(write)
         self._pending = [f for f in self._pending if not f.done()] + [fut]
         return fut
+
+    def _submit(self, fn):
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-retina-save")
+        return self._executor.submit(fn)
 
     def give_back(self, opened: OpenedImage, snap) -> None:
         """A save failed: what it took is unsaved again, and the next tick retries."""
@@ -560,7 +568,7 @@ class ProjectAutosave:
             writer.set_fov(fov)
             on_counted(writer, writer.counts())
 
-        self._executor.submit(count)
+        self._submit(count)
 
     def pending(self) -> list:
         """The Futures of the saves not yet on disk."""
@@ -578,4 +586,7 @@ class ProjectAutosave:
         self.wait(timeout)
 
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=True)
+        """Wait for the writes queued and end the writer thread (a later save starts another)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None

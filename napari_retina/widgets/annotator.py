@@ -63,7 +63,6 @@ from ..session import (
     OpenedImage,
     ellipses_from_shapes,
     layer_data,
-    ProjectAutosave,
     looks_like_fundus,
     open_record,
 )
@@ -154,8 +153,9 @@ class LesionAnnotator(QWidget):
         self._signals = _SaveSignals()
         self._signals.done.connect(self._on_saved)
         self._signals.counted.connect(self._on_counted)
-        # the writer thread reports through Qt signals, delivered on the GUI thread
-        self.autosave = ProjectAutosave(on_done=lambda *result: self._signals.done.emit(result))
+        # the session's autosave reports from its writer thread: a Qt signal brings it to the GUI thread
+        self.autosave = self.session.autosave
+        self.session.connect("saved", self._from_writer_thread)
         self._extras: dict[str, dict] = {}
         self._connected_shapes: "weakref.WeakSet[Shapes]" = weakref.WeakSet()
         self._armed_id = ""  # the id a shape drawn next gets (see _label_new_shapes)
@@ -1119,6 +1119,12 @@ class LesionAnnotator(QWidget):
             self.status_label.setText("saving...")
         return fut
 
+    def _from_writer_thread(self, *result) -> None:
+        try:
+            self._signals.done.emit(result)
+        except RuntimeError:  # the dock was deleted with its window: nothing to show it in
+            self.session.disconnect("saved", self._from_writer_thread)
+
     def _on_saved(self, result) -> None:
         project_dir, rows, error, snap = result
         same = self.opened is not None and self.opened.project_dir == project_dir
@@ -1173,6 +1179,7 @@ class LesionAnnotator(QWidget):
     def closeEvent(self, event) -> None:
         self._timer.stop()
         self.session.disconnect("model", self._on_model_changed)
+        self.session.disconnect("saved", self._from_writer_thread)
         for finder in self.finders:  # a run in progress stops with the window
             finder.image_changed()
         try:

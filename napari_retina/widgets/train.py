@@ -53,6 +53,8 @@ FORM_OPTIONS = {"data", "out", "init", "resume", "run_dir", "epochs", "minutes",
                 "quiet", "workers"}
 EVALUATE = {"exudates": "ex", "refiner": "refine"}  # kinds `napari-retina evaluate` scores on their own
 LESIONS_OF = {"refiner": ["MA", "SE", "EX", "HE"], "exudates": ["EX"], "ma-hgn": ["MA"], "ma-prn": ["MA"]}
+# the microaneurysm detector's networks: a version of one is put in use for the next assembly
+PARTS_OF_DETECTOR = ("ma-hgn", "ma-prn")
 # each kind's headline validation figure in config.json: (name shown, path of keys); the first present counts
 HEADLINE = {
     "exudates": [("validation AUPR", ("training", "val_aupr_working_scale"))],
@@ -534,6 +536,9 @@ class TrainWidget(QWidget):
             return False
         self._refresh_versions()
         line = f"{kind}: now using {self._version_name(folder)}"
+        if kind in PARTS_OF_DETECTOR:  # no live model runs these networks on their own
+            line += (" (Find microaneurysms runs the assembled detector: assemble it with "
+                     "`python -m training microaneurysms` to use this network there)")
         self.status.setText(self._final_line() if self._done_runs and self.process is None else line)
         show_info(line)
         return True

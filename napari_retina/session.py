@@ -296,6 +296,8 @@ class AnnotationSession:
         self._noticed: set[str] = set()  # images already reported as not looking like a fundus photograph
         self._listeners: dict[str, list] = {e: [] for e in self.EVENTS}
         self.autosave = ProjectAutosave(on_done=lambda *result: self.emit("saved", *result))
+        # ellipse id -> what a Shapes layer cannot hold for it (author, created, imported fields)
+        self.ellipse_extras: dict[str, dict] = {}
 
     # --- listeners ---------------------------------------------------------------------------
     def connect(self, event: str, callback) -> None:
@@ -327,6 +329,30 @@ class AnnotationSession:
     def set_opened(self, opened: OpenedImage | None, dataset: Dataset | None = None, index: int = -1) -> None:
         self.opened, self.dataset, self.index = opened, dataset, index
         self.emit("image", opened)
+
+    # --- the open image's ellipses, as data ------------------------------------------------------
+    @property
+    def ellipses(self) -> EllipseFile | None:
+        """The open image's ellipses (`Annotation.ellipses`, kept current by `update_ellipses`)."""
+        return self.opened.annotation.ellipses if self.opened is not None else None
+
+    def update_ellipses(self, data, shape_types, lesions_, ids) -> EllipseFile:
+        """The ellipses as a Shapes layer (their editor in napari) holds them now: corners, shape
+        types, lesion and id per shape; shapes other than ellipses are left out."""
+        op = self.opened
+        ann = op.annotation
+        if len(data) == 0:
+            ef = EllipseFile(image=op.record.image.name, ellipses=[], extra=ann.ellipses.extra)
+        else:
+            ef = ellipses_from_shapes(list(data), list(shape_types), [str(x) for x in lesions_], [str(x) for x in ids],
+                                      self.ellipse_extras, op.record.image.name, ann.ellipses.extra)
+        ann.ellipses = ef
+        return ef
+
+    def current_ellipses(self) -> dict[str, Ellipse]:
+        """{id: Ellipse} of the open image's ellipses that have an id."""
+        ef = self.ellipses
+        return {} if ef is None else {str(e.extra["id"]): e for e in ef.ellipses if e.extra.get("id")}
 
     # --- images that do not look like a fundus photograph ------------------------------------
     def fundus_confirmed(self, opened: OpenedImage) -> bool:

@@ -100,12 +100,13 @@ def test_each_drawn_or_pasted_ellipse_gets_its_own_id_and_author(annotator, qtbo
     ids = shapes.features["id"].tolist()
     assert len(ids) == 3 and len(set(ids)) == 3 and all(ids)
     assert shapes.features["lesion"].tolist() == ["EX", "MA", "MA"]
-    assert all(widget._extras[i]["author"] == "grader-a" for i in ids)
+    assert all(widget.session.ellipse_extras[i]["author"] == "grader-a" for i in ids)
     colours = np.asarray(shapes.edge_color)[:, :3]
     np.testing.assert_allclose(colours[1], colours[2])
     assert not np.allclose(colours[0], colours[1])
-    saved = {e.extra["id"]: e.lesion for e in widget._ellipse_file().ellipses}
-    assert saved == dict(zip(ids, ["EX", "MA", "MA"]))
+    widget.current_ellipses()  # the session's ellipses, as data, follow the layer
+    saved = {e.extra["id"]: (e.lesion, e.extra["author"]) for e in widget.session.ellipses.ellipses}
+    assert saved == dict(zip(ids, [("EX", "grader-a"), ("MA", "grader-a"), ("MA", "grader-a")]))
 
 
 def test_paint_is_autosaved_and_counted(annotator, qtbot, flat_folder):

@@ -61,7 +61,6 @@ from ..proposals import PixelChange
 from ..session import (
     META_KEY,
     OpenedImage,
-    ellipses_from_shapes,
     layer_data,
     looks_like_fundus,
     open_record,
@@ -156,7 +155,6 @@ class LesionAnnotator(QWidget):
         # the session's autosave reports from its writer thread: a Qt signal brings it to the GUI thread
         self.autosave = self.session.autosave
         self.session.connect("saved", self._from_writer_thread)
-        self._extras: dict[str, dict] = {}
         self._connected_shapes: "weakref.WeakSet[Shapes]" = weakref.WeakSet()
         self._armed_id = ""  # the id a shape drawn next gets (see _label_new_shapes)
         self._labelling = False
@@ -585,7 +583,7 @@ class LesionAnnotator(QWidget):
             shapes.events.features.connect(self._on_shapes_features)
             self._connected_shapes.add(shapes)
         info = shapes.metadata.get(META_KEY, {})
-        self._extras = dict(info.get("extras", {}))
+        self.session.ellipse_extras = dict(info.get("extras", {}))
         self.set_lesion(self.current, activate=False)
 
     def _after_open(self) -> None:
@@ -729,8 +727,8 @@ class LesionAnnotator(QWidget):
                 eid, new, rewrite = new_id(), True, True
                 feats.at[i, "id"] = eid
             seen.add(eid)
-            if new and eid not in self._extras:
-                self._extras[eid] = {"author": grader, "created": now_iso()}
+            if new and eid not in self.session.ellipse_extras:
+                self.session.ellipse_extras[eid] = {"author": grader, "created": now_iso()}
         self._labelling = True  # our own rewrite's features event is not a paste
         try:
             if rewrite:
@@ -760,9 +758,11 @@ class LesionAnnotator(QWidget):
 
     # --- refinement ----------------------------------------------------------------------
     def current_ellipses(self) -> dict[str, Ellipse]:
+        """{id: Ellipse} as the Shapes layer holds them now (the session's ellipses, brought up to date)."""
         if self.opened is None or self.ellipses_layer is None:
             return {}
-        return {str(e.extra.get("id")): e for e in self._ellipse_file().ellipses if e.extra.get("id")}
+        self._ellipse_file()
+        return self.session.current_ellipses()
 
     def refine_all(self) -> None:
         self.refinement.refine_all(self.current_ellipses())
@@ -844,9 +844,9 @@ class LesionAnnotator(QWidget):
         try:
             for e in ef.ellipses:
                 eid = str(e.extra.get("id") or new_id())
-                if eid in self._extras or eid in set(map(str, shapes.features["id"])):
+                if eid in self.session.ellipse_extras or eid in set(map(str, shapes.features["id"])):
                     eid = new_id()  # ids are unique per image
-                self._extras[eid] = {k: v for k, v in e.extra.items() if k != "id"}
+                self.session.ellipse_extras[eid] = {k: v for k, v in e.extra.items() if k != "id"}
                 shapes.feature_defaults["lesion"] = e.lesion
                 shapes.feature_defaults["id"] = eid
                 shapes.current_edge_color = lesion(e.lesion).colour
@@ -1077,20 +1077,12 @@ class LesionAnnotator(QWidget):
         return [e.to_dict() for e in self._ellipse_file().ellipses]
 
     def _ellipse_file(self) -> EllipseFile:
-        op = self.opened
+        """The open image's ellipses as data, brought up to date from the Shapes layer (their editor)."""
         shapes = self.ellipses_layer
         if shapes is None or len(shapes.data) == 0:
-            return EllipseFile(image=op.record.image.name, ellipses=[], extra=op.annotation.ellipses.extra)
+            return self.session.update_ellipses([], [], [], [])
         feats = shapes.features
-        return ellipses_from_shapes(
-            list(shapes.data),
-            list(shapes.shape_type),
-            [str(x) for x in feats["lesion"]],
-            [str(x) for x in feats["id"]],
-            self._extras,
-            op.record.image.name,
-            op.annotation.ellipses.extra,
-        )
+        return self.session.update_ellipses(shapes.data, shapes.shape_type, feats["lesion"], feats["id"])
 
     def _grader(self) -> str:
         return self.grader_edit.text().strip() or _user()

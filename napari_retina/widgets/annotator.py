@@ -12,11 +12,8 @@ on a disk write or an image decode.
 
 from __future__ import annotations
 
-import functools
-
 import getpass
 import time
-import weakref
 from concurrent.futures import Future
 from datetime import datetime
 from pathlib import Path
@@ -30,32 +27,26 @@ from qtpy.QtCore import QEvent, QObject, Qt, QTimer, Signal
 from qtpy.QtGui import QColor
 from qtpy.QtWidgets import (
     QButtonGroup,
-    QComboBox,
     QCheckBox,
     QFileDialog,
     QGridLayout,
     QGroupBox,
     QHBoxLayout,
-    QHeaderView,
     QLabel,
     QLineEdit,
     QListWidget,
     QPushButton,
-    QSizePolicy,
     QSlider,
     QTabWidget,
-    QTableWidget,
-    QTableWidgetItem,
     QToolButton,
     QVBoxLayout,
     QWidget,
 )
 
-from ..fundus import enhance_display_contrast, field_of_view_mask, green_channel
 from ..io.datasets import Dataset, ImageRecord, open_dataset
-from ..io.ellipses import Ellipse, EllipseFile, load_ellipses, new_id
+from ..io.ellipses import Ellipse, EllipseFile
 from ..io.errors import RetinaInputError
-from ..io.project import Annotation, ProjectFolder, now_iso
+from ..io.project import Annotation, ProjectFolder
 from ..lesions import LESION_CODES, LESIONS, lesion
 from ..proposals import PixelChange
 from ..session import (
@@ -65,15 +56,16 @@ from ..session import (
     looks_like_fundus,
     open_record,
 )
+from .counts import LesionCounts
+from .display import ImageDisplay
 from .lesion_layers import IMAGE_ROLES, LesionLayers, layer_image, layer_role
-from .refine import REFINER, EllipseRefinement, ellipse_key
+from .ellipses import EllipseEditing
+from .refine import REFINER, EllipseRefinement
 from .review import LesionReview
 from .segment import LesionFinder
 from .viewer_session import real_viewer, session_of
 
 AUTOSAVE_TICK_MS = 250  # how often the session's autosave is asked whether a save is due
-DISPLAY_MODES = ("colour", "green channel", "contrast-enhanced (CLAHE)")
-FOV_LAYER = "field of view"
 
 
 
@@ -81,37 +73,6 @@ FOV_LAYER = "field of view"
 class _SaveSignals(QObject):
     done = Signal(object)  # (project_dir, lesion rows | None, error message | None, snapshot | None)
     counted = Signal(object)  # (project writer, lesion rows)
-
-
-class _CountsTable(QTableWidget):
-    """The lesion count table, always tall enough for all its rows (the dock scrolls instead)."""
-
-    def __init__(self, rows: int, cols: int):
-        super().__init__(rows, cols)
-        self.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        self.setSizePolicy(self.sizePolicy().horizontalPolicy(), QSizePolicy.Policy.Fixed)
-        self.verticalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)  # rows as tall as the text
-
-    def _rows_height(self) -> int:
-        header = self.horizontalHeader()
-        header_h = header.height() if header.isVisible() and header.height() > 0 else header.sizeHint().height()
-        return header_h + self.verticalHeader().length() + 2 * self.frameWidth()
-
-    def changeEvent(self, event) -> None:
-        # napari's style sheet arrives when the dock is added: follow the new row and header heights
-        if event.type() in (QEvent.Type.StyleChange, QEvent.Type.FontChange):
-            self.updateGeometry()
-        super().changeEvent(event)
-
-    def sizeHint(self):
-        hint = super().sizeHint()
-        hint.setHeight(self._rows_height())
-        return hint
-
-    def minimumSizeHint(self):
-        hint = super().minimumSizeHint()
-        hint.setHeight(self._rows_height())
-        return hint
 
 
 class LesionAnnotator(QWidget):
@@ -144,6 +105,8 @@ class LesionAnnotator(QWidget):
         self.layers.message.connect(lambda text: self.status_label.setText(text))
         self.layers.lesion_wanted.connect(self.set_lesion)
         self.refinement = EllipseRefinement(self.layers, self)
+        self.ellipses = EllipseEditing(self.layers, self.refinement, grader=self._grader, loading=lambda: self._loading,
+                                       parent=self)
         self.current = LESION_CODES[0]
         self.summary: list[dict] = []
         self.last_saved: datetime | None = None
@@ -155,9 +118,6 @@ class LesionAnnotator(QWidget):
         # the session's autosave reports from its writer thread: a Qt signal brings it to the GUI thread
         self.autosave = self.session.autosave
         self.session.connect("saved", self._from_writer_thread)
-        self._connected_shapes: "weakref.WeakSet[Shapes]" = weakref.WeakSet()
-        self._armed_id = ""  # the id a shape drawn next gets (see _label_new_shapes)
-        self._labelling = False
         self._tabified = False
         self._adding = False  # the dock adds its own image's layers
         self._reader_waiting: Layer | None = None  # a reader's image that came while the dock was loading
@@ -271,36 +231,13 @@ class LesionAnnotator(QWidget):
         alay.addStretch(1)
         self.finders = (self.exudate_finder, self.ma_finder)
 
-        view = QGroupBox("Display")
-        vl = QVBoxLayout(view)  # stacked: side by side they were the dock's widest row
-        self.display_combo = QComboBox()
-        self.display_combo.addItems(DISPLAY_MODES)
-        self.display_combo.currentIndexChanged.connect(self._on_display_changed)
-        self.fov_check = QCheckBox("field of view")
-        self.fov_check.toggled.connect(self._on_fov_toggled)
-        vl.addWidget(self.display_combo)
-        vl.addWidget(self.fov_check)
-        ilay.addWidget(view)
+        self.display = ImageDisplay(self.layers)
+        self.display.fov_ready.connect(self._on_fov_ready)
+        self.display_combo, self.fov_check = self.display.display_combo, self.display.fov_check
+        ilay.addWidget(self.display)
 
-        self.counts = _CountsTable(len(LESIONS), 4)
-        self.counts.setHorizontalHeaderLabels(["lesion", "count", "% of FOV", "reviewed"])
-        self.counts.verticalHeader().setVisible(False)
-        self.counts.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
-        self.counts.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.ResizeToContents)
-        self.counts.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
-        for i, les in enumerate(LESIONS):
-            item = QTableWidgetItem(les.layer_name)
-            item.setForeground(QColor(les.colour))
-            self.counts.setItem(i, 0, item)
-            self.counts.setItem(i, 1, QTableWidgetItem("0"))
-            self.counts.setItem(i, 2, QTableWidgetItem("0"))
-            # one click marks this lesion of this image as reviewed: its mask becomes a training label
-            check = QTableWidgetItem("")
-            check.setFlags(Qt.ItemFlag.ItemIsUserCheckable | Qt.ItemFlag.ItemIsEnabled)
-            check.setCheckState(Qt.CheckState.Unchecked)
-            check.setToolTip(f"{les.name}: reviewed (the mask is a label for retraining)")
-            self.counts.setItem(i, 3, check)
-        self.counts.itemChanged.connect(self._on_review_item)
+        self.counts = LesionCounts()
+        self.counts.reviewed_toggled.connect(self.set_reviewed)
         ilay.addWidget(self.counts)
 
         imgs = QGroupBox("Images (PageUp / PageDown)")
@@ -577,21 +514,12 @@ class LesionAnnotator(QWidget):
             layer = self.lesion_layer(les.code)
             self.layers.connect_lesion_layer(layer, les.code)
             layer.selected_label = les.label
-        shapes = self.ellipses_layer
-        if shapes not in self._connected_shapes:
-            shapes.events.data.connect(self._on_shapes_data)
-            shapes.events.features.connect(self._on_shapes_features)
-            self._connected_shapes.add(shapes)
-        info = shapes.metadata.get(META_KEY, {})
-        self.session.ellipse_extras = dict(info.get("extras", {}))
+        self.ellipses.connect_layer(self.ellipses_layer)
         self.set_lesion(self.current, activate=False)
 
     def _after_open(self) -> None:
         op = self.opened
         self.autosave.begin(op, self._ellipse_dicts(), self._grader())
-        self.display_combo.blockSignals(True)
-        self.display_combo.setCurrentIndex(0)
-        self.display_combo.blockSignals(False)
         self._refresh_list()
         where = "restored from" if op.from_project else "will be saved in"
         self.project_label.setText(f"{where} {op.project_dir}")
@@ -603,8 +531,7 @@ class LesionAnnotator(QWidget):
             finder.show_restored()
         self.ma_review.image_changed()
         self._show_reviewed()
-        self.fov = None
-        self._compute_fov()  # the counts follow once the field of view is known
+        self.display.image_opened()  # the counts follow once the field of view is known
 
     def _on_model_changed(self, kind: str, folder) -> None:
         """A model version was put in use (here, in the Retrain dock or by an import): the next
@@ -619,18 +546,7 @@ class LesionAnnotator(QWidget):
 
     # --- reviewed lesions (labels for retraining) ---------------------------------------------
     def _show_reviewed(self) -> None:
-        reviewed = self.opened.annotation.reviewed if self.opened is not None else set()
-        self.counts.blockSignals(True)
-        try:
-            for i, les in enumerate(LESIONS):
-                on = les.code in reviewed
-                self.counts.item(i, 3).setCheckState(Qt.CheckState.Checked if on else Qt.CheckState.Unchecked)
-        finally:
-            self.counts.blockSignals(False)
-
-    def _on_review_item(self, item) -> None:
-        if item.column() == 3:
-            self.set_reviewed(LESIONS[item.row()].code, item.checkState() == Qt.CheckState.Checked)
+        self.counts.show_reviewed(self.opened.annotation.reviewed if self.opened is not None else set())
 
     def set_reviewed(self, code: str, on: bool = True) -> None:
         """Mark one lesion of the open image as reviewed (or not): saved in the project at once."""
@@ -649,12 +565,8 @@ class LesionAnnotator(QWidget):
         self.current = les.code
         self.class_buttons.button(LESION_CODES.index(les.code)).setChecked(True)
         self.accept_button.setText(f"Accept {les.code}")
+        self.ellipses.set_class(les.code)
         shapes = self.ellipses_layer
-        if shapes is not None:
-            shapes.feature_defaults["lesion"] = les.code
-            shapes.current_edge_color = les.colour
-            if "id" in shapes.feature_defaults and str(shapes.feature_defaults["id"].iloc[0]) != self._armed_id:
-                self._arm_new_shape()  # a new layer, or one whose defaults were set by an import
         if not activate:
             return
         active = self.viewer.layers.selection.active
@@ -683,71 +595,6 @@ class LesionAnnotator(QWidget):
         layer.selected_label = lesion(self.current).label
         layer.mode = mode
 
-    def _on_ellipses_edited(self, event=None) -> None:
-        self.autosave.ellipses_edited()
-
-    def _on_shapes_data(self, event) -> None:
-        self._on_ellipses_edited()
-        action = str(getattr(event, "action", ""))
-        if action in ("added", "ActionType.ADDED"):
-            self._label_new_shapes()
-        if action.lower().endswith(("added", "changed", "removed")) and not self._loading:
-            self.refinement.sync(self.current_ellipses())
-
-    def _on_shapes_features(self, event=None) -> None:
-        """napari's paste adds shapes with a features event only, carrying the copied ids."""
-        self._on_ellipses_edited()
-        shapes = self.ellipses_layer
-        if self._labelling or self._loading or shapes is None or "id" not in shapes.features:
-            return
-        ids = [str(x) for x in shapes.features["id"]]
-        if len(set(ids)) != len(ids) or any(not i or i == "nan" for i in ids):
-            self._label_new_shapes()
-            self.refinement.sync(self.current_ellipses())
-
-    def _label_new_shapes(self) -> None:
-        """Give each new shape its id, author and lesion colour; rewrite the layer only where needed.
-
-        A drawn ellipse arrives with the id armed in the layer's feature defaults and the
-        lesion colour already current, so nothing is rewritten then (a rewrite recolours and
-        re-rasterises every shape: about 10 ms per ellipse before its refinement can start).
-        Shapes without an id, or pasted copies carrying another's, get a fresh one.
-        """
-        shapes = self.ellipses_layer
-        feats = shapes.features
-        if "id" not in feats or "lesion" not in feats:
-            return
-        grader = self.grader_edit.text().strip() or _user()
-        seen: set[str] = set()
-        rewrite = False
-        for i, value in enumerate(feats["id"]):
-            eid = str(value)
-            new = eid == self._armed_id
-            if not eid or eid == "nan" or eid in seen:
-                eid, new, rewrite = new_id(), True, True
-                feats.at[i, "id"] = eid
-            seen.add(eid)
-            if new and eid not in self.session.ellipse_extras:
-                self.session.ellipse_extras[eid] = {"author": grader, "created": now_iso()}
-        self._labelling = True  # our own rewrite's features event is not a paste
-        try:
-            if rewrite:
-                shapes.features = feats
-            colours = np.asarray(shapes.edge_color)
-            want = np.array([_edge_rgba(str(c)) for c in feats["lesion"]]).reshape(-1, 4)
-            if colours.shape != want.shape or not np.allclose(colours, want, atol=2e-3):
-                shapes.edge_color = want
-        finally:
-            self._labelling = False
-        self._arm_new_shape()
-
-    def _arm_new_shape(self) -> None:
-        """The id the next drawn shape takes (napari copies feature defaults into a new row)."""
-        shapes = self.ellipses_layer
-        if shapes is not None and "id" in shapes.feature_defaults:
-            self._armed_id = new_id()
-            shapes.feature_defaults["id"] = self._armed_id
-
     def show_changes(self, changes) -> None:
         """Paint the boxes the record changed into the lesion layers (LesionLayers.show_changes)."""
         self.layers.show_changes(changes)
@@ -759,10 +606,7 @@ class LesionAnnotator(QWidget):
     # --- refinement ----------------------------------------------------------------------
     def current_ellipses(self) -> dict[str, Ellipse]:
         """{id: Ellipse} as the Shapes layer holds them now (the session's ellipses, brought up to date)."""
-        if self.opened is None or self.ellipses_layer is None:
-            return {}
-        self._ellipse_file()
-        return self.session.current_ellipses()
+        return self.ellipses.current()
 
     def refine_all(self) -> None:
         self.refinement.refine_all(self.current_ellipses())
@@ -829,116 +673,17 @@ class LesionAnnotator(QWidget):
 
     def import_ellipses(self, path: str | Path, refine: bool = False) -> int:
         """Add the ellipses of an ellipse JSON file; "Refine all" (or `refine`) turns them into masks."""
-        try:
-            ef = load_ellipses(path)
-        except RetinaInputError as e:
-            show_error(str(e))
-            return 0
-        shapes = self.ellipses_layer
-        if shapes is None or self.opened is None:
-            return 0
-        from ..io.ellipses import ellipse_to_corners
+        return self.ellipses.import_file(path, self.current, refine=refine)
 
-        was = self.refinement.enabled
-        self.refinement.enabled = refine
-        try:
-            for e in ef.ellipses:
-                eid = str(e.extra.get("id") or new_id())
-                if eid in self.session.ellipse_extras or eid in set(map(str, shapes.features["id"])):
-                    eid = new_id()  # ids are unique per image
-                self.session.ellipse_extras[eid] = {k: v for k, v in e.extra.items() if k != "id"}
-                shapes.feature_defaults["lesion"] = e.lesion
-                shapes.feature_defaults["id"] = eid
-                shapes.current_edge_color = lesion(e.lesion).colour
-                shapes.add(ellipse_to_corners(e), shape_type="ellipse")
-        finally:
-            shapes.feature_defaults["id"] = ""
-            self.refinement.enabled = was
-            self.set_lesion(self.current, activate=False)
-        if not refine:
-            # loaded, not refined: "Refine all" does it on request
-            self.refinement.known.update({k: v for k, v in self._keys().items() if k not in self.refinement.known})
-        show_info(f"{len(ef.ellipses)} ellipses imported from {Path(path).name}")
-        return len(ef.ellipses)
-
-    def _keys(self) -> dict:
-        return {k: ellipse_key(e) for k, e in self.current_ellipses().items()}
-
-    # --- display aids --------------------------------------------------------------------
-    def _on_display_changed(self, index: int) -> None:
-        op, layer = self.opened, self.image_layer
-        if op is None or layer is None:
-            return
-        mode = DISPLAY_MODES[index]
-        if mode == "colour":
-            layer.data = op.rgb
-            return
-        rgb = op.rgb
-
-        @thread_worker(ignore_errors=True)  # _display_failed reports it, once
-        def compute():
-            if mode == "green channel":
-                g = green_channel(rgb)
-                return rgb, np.repeat(g[..., None], 3, axis=2)
-            return rgb, enhance_display_contrast(rgb)
-
-        # bound methods, not lambdas: Qt drops the connection if the dock is gone when the worker ends
-        worker = compute()
-        worker.returned.connect(self._show_view)
-        worker.errored.connect(self._display_failed)
-        worker.start()
-
-    def _display_failed(self, exc) -> None:
-        show_error(f"display: {exc}")
-
-    def _show_view(self, result) -> None:
-        rgb, data = result
-        layer = self.image_layer
-        if layer is not None and self.opened is not None and self.opened.rgb is rgb:
-            layer.data = data
-
-    def _compute_fov(self) -> None:
+    # --- the field of view ------------------------------------------------------------------
+    def _on_fov_ready(self, result) -> None:
+        """The open image's field of view is known: is it a fundus photograph? The counts follow."""
         op = self.opened
-        rgb = op.rgb
-
-        @thread_worker(ignore_errors=True)  # _fov_failed reports it, once
-        def compute():
-            return rgb, field_of_view_mask(rgb)
-
-        worker = compute()
-        worker.returned.connect(self._set_fov)
-        worker.errored.connect(self._fov_failed)
-        worker.start()
-
-    def _fov_failed(self, exc) -> None:
-        show_error(f"field of view: {exc}")
-
-    def _set_fov(self, result) -> None:
-        rgb, fov = result
-        if self.opened is None or self.opened.rgb is not rgb:
-            return  # the grader already moved on
-        self.fov = fov
-        self.opened.fundus = looks_like_fundus(fov)
-        if self.session.first_notice(self.opened):
-            show_info(f"{self.opened.record.image.name} has no circular field of view: it does not look like a "
+        op.fundus = looks_like_fundus(result[1])
+        if self.session.first_notice(op):
+            show_info(f"{op.record.image.name} has no circular field of view: it does not look like a "
                       "fundus photograph (the lesion finders will ask before they run)")
-        self._on_fov_toggled(self.fov_check.isChecked())
         self._update_counts_from_masks()
-
-    def _on_fov_toggled(self, on: bool) -> None:
-        existing = [l for l in self.viewer.layers if layer_role(l) == "fov"]
-        for l in existing:
-            self.viewer.layers.remove(l)
-        if on and self.fov is not None:
-            layer = self.viewer.add_labels(
-                self.fov.astype(np.uint8),
-                name=FOV_LAYER,
-                opacity=0.8,
-                metadata={META_KEY: {"role": "fov"}},
-            )
-            layer.contour = 6
-            layer.editable = False
-            self.viewer.layers.move(self.viewer.layers.index(layer), 1)
 
     # --- counts --------------------------------------------------------------------------
     def _update_counts_from_masks(self) -> None:
@@ -953,9 +698,7 @@ class LesionAnnotator(QWidget):
 
     def _show_counts(self, rows: list[dict]) -> None:
         self.summary = rows
-        for i, row in enumerate(rows):
-            self.counts.item(i, 1).setText(str(row["count"]))
-            self.counts.item(i, 2).setText(f"{row['area_pct_fov']:.3f}")
+        self.counts.show_counts(rows)
 
     # --- images of a folder ----------------------------------------------------------------
     def _refresh_list(self) -> None:
@@ -1078,11 +821,7 @@ class LesionAnnotator(QWidget):
 
     def _ellipse_file(self) -> EllipseFile:
         """The open image's ellipses as data, brought up to date from the Shapes layer (their editor)."""
-        shapes = self.ellipses_layer
-        if shapes is None or len(shapes.data) == 0:
-            return self.session.update_ellipses([], [], [], [])
-        feats = shapes.features
-        return self.session.update_ellipses(shapes.data, shapes.shape_type, feats["lesion"], feats["id"])
+        return self.ellipses.ellipse_file()
 
     def _grader(self) -> str:
         return self.grader_edit.text().strip() or _user()
@@ -1180,12 +919,6 @@ class LesionAnnotator(QWidget):
             show_error(f"saving on close failed: {e}")
         self.autosave.shutdown()
         super().closeEvent(event)
-
-
-@functools.lru_cache(maxsize=None)
-def _edge_rgba(code: str) -> tuple[float, float, float, float]:
-    """An ellipse's edge colour: its lesion's, as napari's RGBA floats (one per lesion, not per shape)."""
-    return QColor(lesion(code).colour).getRgbF()
 
 
 def _user() -> str:

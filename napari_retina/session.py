@@ -326,6 +326,19 @@ class AnnotationSession:
             return self.opened.record.image.parent
         return None
 
+    def neighbour(self, step: int) -> int | None:
+        """The index of the image `step` places from the open one in its folder (None: there is none)."""
+        if self.dataset is None:
+            return None
+        i = self.index + step
+        return i if 0 <= i < len(self.dataset) and i != self.index else None
+
+    def image_names(self) -> list[str]:
+        """The images the grader steps through: the folder's, or the one image open."""
+        if self.dataset is not None:
+            return [r.image.name for r in self.dataset.records]
+        return [self.opened.record.image.name] if self.opened is not None else []
+
     def set_opened(self, opened: OpenedImage | None, dataset: Dataset | None = None, index: int = -1) -> None:
         self.opened, self.dataset, self.index = opened, dataset, index
         self.emit("image", opened)

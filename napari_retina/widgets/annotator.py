@@ -704,25 +704,21 @@ class LesionAnnotator(QWidget):
     def _refresh_list(self) -> None:
         self.image_list.blockSignals(True)
         self.image_list.clear()
-        if self.dataset is not None:
-            for r in self.dataset.records:
-                self.image_list.addItem(r.image.name)
-            self.image_list.setCurrentRow(self.index)
-        elif self.opened is not None:
-            self.image_list.addItem(self.opened.record.image.name)
-            self.image_list.setCurrentRow(0)
+        self.image_list.addItems(self.session.image_names())
+        self.image_list.setCurrentRow(max(self.index, 0) if self.dataset is not None else 0)
         self.image_list.blockSignals(False)
-        many = self.dataset is not None and len(self.dataset) > 1
-        self.prev_button.setEnabled(many and self.index > 0)
-        self.next_button.setEnabled(many and self.index < len(self.dataset) - 1)
+        self.prev_button.setEnabled(self.session.neighbour(-1) is not None)
+        self.next_button.setEnabled(self.session.neighbour(+1) is not None)
 
     def next_image(self) -> None:
-        if self.dataset is not None and self.index < len(self.dataset) - 1:
-            self.go_to(self.index + 1)
+        i = self.session.neighbour(+1)
+        if i is not None:
+            self.go_to(i)
 
     def previous_image(self) -> None:
-        if self.dataset is not None and self.index > 0:
-            self.go_to(self.index - 1)
+        i = self.session.neighbour(-1)
+        if i is not None:
+            self.go_to(i)
 
     def go_to(self, index: int) -> None:
         """Save the current image (in the background) and open another one of the folder."""

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZE = (1500, 950)  # the window of every picture in docs/
+SIZE = (1600, 1000)  # the window of every picture in docs/ (what `napari-retina open` opens)
 
 
 def sample_copy() -> Path:
@@ -27,7 +27,7 @@ def annotator_window(image: Path, **widget_kwargs):
     from napari_retina.widgets.annotator import LesionAnnotator
 
     viewer = napari.Viewer(title="napari-retina")
-    viewer.window._qt_window.resize(*SIZE)
+    viewer.window.resize(*SIZE)
     widget = LesionAnnotator(viewer, **widget_kwargs)
     viewer.window.add_dock_widget(widget, name="Lesion annotator")
     widget.open_path(image)

@@ -18,7 +18,7 @@ tmp = Path(tempfile.mkdtemp())
 npe2_entry.samples_dir = lambda: tmp  # leave the grader's own sample project alone
 
 viewer = napari.Viewer(title="napari-retina")
-viewer.window._qt_window.resize(1500, 950)
+viewer.window.resize(1600, 1000)
 _, widget = viewer.window.add_plugin_dock_widget("napari-retina", "Lesion annotator")
 viewer.open_sample("napari-retina", "idrid")
 shapes = widget.ellipses_layer

@@ -37,7 +37,7 @@ from napari_retina.widgets.train import TrainWidget  # noqa: E402
 folder = write_exudate_folder(Path(tempfile.mkdtemp()) / "corrected")
 
 viewer = napari.Viewer(title="napari-retina")
-viewer.window._qt_window.resize(1500, 950)
+viewer.window.resize(1600, 1000)
 viewer.open(str(folder), plugin="napari-retina")
 ann = LesionAnnotator(viewer, preload_model=False)
 viewer.window.add_dock_widget(ann, name="Lesion annotator")

@@ -122,7 +122,8 @@ def _draw(ann, e: Ellipse):
     ann.ellipses_layer.add_ellipses(np.asarray([ellipse_to_corners(e)]))
 
 
-def test_a_version_put_in_use_is_the_one_the_next_find_and_refinement_run(make_napari_viewer, qtbot, flat_folder, models):
+def test_a_version_put_in_use_is_the_one_the_next_find_and_refinement_run(make_napari_viewer, qtbot, flat_folder, models,
+                                                                           monkeypatch):
     viewer = make_napari_viewer()
     _pin_test_models(viewer, models)
     ann, train = _open_docks(viewer, (RETRAIN, ANNOTATOR))
@@ -134,9 +135,19 @@ def test_a_version_put_in_use_is_the_one_the_next_find_and_refinement_run(make_n
     prov = json.loads((proj / "provenance.json").read_text())
     assert prov["models"]["exudates"]["version"] == "ex-a"
 
-    session = session_of(train.viewer)  # what the Retrain dock's "Use" does
-    session.use_model("exudates", models["ex-b"])
-    session.use_model("refiner", models["ref-b"])
+    # the Retrain dock's version list: a version imported there, then "Use selected", for each kind
+    import napari_retina.widgets.train as train_module
+    from napari_retina.models.versions import import_model
+
+    monkeypatch.setattr(train_module, "confirm_use", lambda parent, text: True)  # an unvalidated version asks
+    for label, model in (("hard-exudate segmenter", "ex-b"), ("ellipse refiner", "ref-b")):
+        copy = import_model(models[model])
+        train.model_combo.setCurrentText(label)
+        train._refresh_versions()
+        row = [i for i, v in enumerate(train._versions) if v.folder == copy][0]
+        train.version_list.setCurrentRow(row)
+        qtbot.mouseClick(train.select_button, Qt.MouseButton.LeftButton)
+        assert session_of(viewer).model_dir(copy.parent.name) == copy.resolve()
     _find(ann, qtbot)
     with qtbot.waitSignal(ann.refinement.refined, timeout=30000):
         _draw(ann, Ellipse("EX", (60.0, 45.0), (10.0, 8.0), 0.0))

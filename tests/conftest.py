@@ -113,3 +113,36 @@ def write_exudate_folder(d: Path) -> Path:
         Image.fromarray(rgb).save(d / f"IDRiD_{i:02d}.png")
         write_palette_mask(d / f"IDRiD_{i:02d}_EX.tif", m)
     return d
+
+
+def write_ma_detector(folder: Path, rgb: np.ndarray, version: str = "t-ma") -> Path:
+    """A real (untrained, seeded) microaneurysm detector folder whose thresholds leave a handful of
+    candidates on `rgb` (the top 0.5 % of its map inside the field of view)."""
+    import torch
+
+    from napari_retina.models.folder import write_model_folder
+    from napari_retina.models.microaneurysms import MicroaneurysmDetector
+    from napari_retina.nets.patch_classifier import PatchClassifier
+    from napari_retina.nets.segmentation import SegmentationNet
+
+    torch.manual_seed(0)
+    hgns = []
+    for _ in range(2):
+        net = SegmentationNet(backbone="unet", base_channels=4, depth=2)
+        with torch.no_grad():
+            net.classifier.weight.mul_(40.0)  # spread the untrained map so that it has peaks
+        hgns.append(net)
+    prn = PatchClassifier(widths=(4, 8, 8, 16))
+    part = {"input_scale": 1.0, "tile": 64, "overlap": 16, "threshold": 0.5, "lesion": "MA"}
+    cfg = {"model": "microaneurysms", "lesion": "MA", "version": version, "fusion": "geometric",
+           "candidate_threshold": 0.5, "threshold": 0.5, "validation_images": [],
+           "hgn_full": {**part, "net": hgns[0].config()}, "hgn_half": {**part, "input_scale": 0.5, "net": hgns[1].config()},
+           "prn": {"net": prn.config()}}
+    det = MicroaneurysmDetector.from_networks(hgns[0], hgns[1], prn, cfg)
+    prob = det.probability(rgb)
+    inside = prob[prob > 0]
+    cfg["threshold"] = cfg["candidate_floor"] = float(np.quantile(inside, 0.995))
+    state = {f"hgn_full.{k}": v for k, v in hgns[0].state_dict().items()}
+    state.update({f"hgn_half.{k}": v for k, v in hgns[1].state_dict().items()})
+    state.update({f"prn.{k}": v for k, v in prn.state_dict().items()})
+    return write_model_folder(folder, state, cfg, "test detector {sha256}")

@@ -2,15 +2,10 @@
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from qtpy.QtCore import Qt
 
-from conftest import fundus_rgb
-from napari_retina.models.folder import write_model_folder
-from napari_retina.models.microaneurysms import MicroaneurysmDetector
-from napari_retina.nets.patch_classifier import PatchClassifier
-from napari_retina.nets.segmentation import SegmentationNet
+from conftest import fundus_rgb, write_ma_detector
 from napari_retina.widgets.annotator import LesionAnnotator
 
 DOTS = [(30, 40), (50, 90), (70, 30), (20, 100)]
@@ -32,28 +27,7 @@ def ma_image(tmp_path):
 @pytest.fixture
 def ma_model(tmp_path, ma_image):
     """A real (untrained, seeded) detector folder whose thresholds leave a handful of candidates."""
-    torch.manual_seed(0)
-    hgns = []
-    for _ in range(2):
-        net = SegmentationNet(backbone="unet", base_channels=4, depth=2)
-        with torch.no_grad():
-            net.classifier.weight.mul_(40.0)  # spread the untrained map so that it has peaks
-        hgns.append(net)
-    prn = PatchClassifier(widths=(4, 8, 8, 16))
-    part = {"input_scale": 1.0, "tile": 64, "overlap": 16, "threshold": 0.5, "lesion": "MA"}
-    cfg = {"model": "microaneurysms", "lesion": "MA", "version": "t-ma", "fusion": "geometric",
-           "candidate_threshold": 0.5, "threshold": 0.5, "validation_images": [],
-           "hgn_full": {**part, "net": hgns[0].config()}, "hgn_half": {**part, "input_scale": 0.5, "net": hgns[1].config()},
-           "prn": {"net": prn.config()}}
-    det = MicroaneurysmDetector.from_networks(hgns[0], hgns[1], prn, cfg)
-    prob = det.probability(np.asarray(Image.open(ma_image).convert("RGB")))
-    # the thresholds: a few small regions of the map become candidates
-    inside = prob[prob > 0]
-    cfg["threshold"] = cfg["candidate_floor"] = float(np.quantile(inside, 0.995))
-    state = {f"hgn_full.{k}": v for k, v in hgns[0].state_dict().items()}
-    state.update({f"hgn_half.{k}": v for k, v in hgns[1].state_dict().items()})
-    state.update({f"prn.{k}": v for k, v in prn.state_dict().items()})
-    return write_model_folder(tmp_path / "ma-model", state, cfg, "test detector {sha256}")
+    return write_ma_detector(tmp_path / "ma-model", np.asarray(Image.open(ma_image).convert("RGB")))
 
 
 def _open(make_napari_viewer, qtbot, image, model):

@@ -300,11 +300,12 @@ def test_napari_retina_open_shows_the_whole_fundus_and_the_dock_without_scrollin
 @pytest.mark.slow
 def test_a_graders_day_end_to_end(make_napari_viewer, qtbot, tmp_path, models, monkeypatch):
     """Open a folder, draw an ellipse, Find, erase part, accept, File > Open the next image, paint,
+    Find microaneurysms and review two candidates,
     train a tiny model from the Retrain dock, use it, Find again, close and reopen everything."""
     import warnings
 
     import napari_retina.widgets.train as train_module
-    from conftest import write_exudate_folder
+    from conftest import write_exudate_folder, write_ma_detector
 
     folder = write_exudate_folder(tmp_path / "day")
     monkeypatch.setattr(train_module, "confirm_use", lambda parent, text: True)  # "use it anyway"
@@ -340,6 +341,16 @@ def test_a_graders_day_end_to_end(make_napari_viewer, qtbot, tmp_path, models, m
         ma = ann.lesion_layer("MA")
         ma.brush_size = 2
         ma.paint((30, 70), lesion("MA").label)
+        # Find microaneurysms, then review: accept the most probable candidate, reject the next
+        session_of(viewer).pin_model("microaneurysms", write_ma_detector(tmp_path / "ma", ann.opened.rgb))
+        with qtbot.waitSignal(ann.ma_finder.finished, timeout=60000):
+            qtbot.mouseClick(ann.ma_finder.find_button, Qt.MouseButton.LeftButton)
+        qtbot.mouseClick(ann.ma_review.review_button, Qt.MouseButton.LeftButton)
+        qtbot.mouseClick(ann.ma_review.accept_button, Qt.MouseButton.LeftButton)
+        qtbot.mouseClick(ann.ma_review.reject_button, Qt.MouseButton.LeftButton)
+        if ann.ma_review.reviewing:
+            qtbot.mouseClick(ann.ma_review.review_button, Qt.MouseButton.LeftButton)
+        assert "accepted 1 · rejected 1" in ann.ma_review.counts_label.text()
         second_ma = ma.data == lesion("MA").label
 
         # train a tiny exudate segmenter from the dock, on the folder's ground truth
@@ -386,7 +397,7 @@ def test_a_graders_day_end_to_end(make_napari_viewer, qtbot, tmp_path, models, m
     assert np.array_equal(ann2.lesion_layer("HE").data, first_he)  # the ellipse's proposal, pending again
     ann2.next_image()
     qtbot.waitUntil(lambda: ann2.opened.record.image.name == "IDRiD_02.png", timeout=10000)
-    assert np.array_equal(ann2.lesion_layer("MA").data == lesion("MA").label, second_ma)
+    assert np.array_equal(ann2.lesion_layer("MA").data == lesion("MA").label, second_ma)  # the accepted candidate too
     assert np.array_equal(ann2.lesion_layer("EX").data == les.pending_label, second_ex_pending)
     ann2.flush()
 

@@ -9,7 +9,9 @@ The paper measured on the IDRiD test split (images 55-81); only the training spl
 is here, so the comparison is across splits. The paper gives "Initial Coarse" only at
 reduction 1.0; other reductions are printed without a target.
 
-    python benchmarks/calibrate_coarse.py [DATA] [--reductions 1.0 1.5 2.0] [--json out.json]
+    python benchmarks/calibrate_coarse.py IDRID_TRAIN [--reductions 1.0 1.5 2.0] [--json out.json]
+
+IDRID_TRAIN: an IDRiD-layout training folder.
 """
 
 from __future__ import annotations
@@ -37,9 +39,6 @@ from napari_retina.metrics import iou  # noqa: E402
 # paper Table 1, "Initial Coarse": image-level IoU mean (std) in percent, IDRiD test split
 PAPER_INITIAL_COARSE = {"MA": (9.6, 2.6), "SE": (49.3, 10.4), "EX": (15.0, 5.2), "HE": (33.2, 8.6)}
 TOLERANCE = 2.0  # points of IoU the calibration aims within
-
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "idrid-train"
-
 
 def _read_mask(path: Path) -> np.ndarray:
     try:
@@ -127,7 +126,7 @@ def _print_table(table: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("data", nargs="?", type=Path, default=DEFAULT_DATA, help=f"IDRiD-layout folder (default {DEFAULT_DATA})")
+    ap.add_argument("data", type=Path, help="an IDRiD-layout training folder (images and lesion masks)")
     ap.add_argument("--reductions", type=float, nargs="+", default=[1.0, 1.5, 2.0])
     ap.add_argument("--lesions", nargs="+", default=list(SIMULATED_LESIONS))
     ap.add_argument("--seed", type=int, default=0, help="image k is simulated with seed + k")

@@ -1,6 +1,6 @@
 """The exudate loss ablation: BCE against BCE + patch-wise density + edge, for U-Net and UNet++.
 
-    .venv/bin/python benchmarks/exudate_ablation.py --data ../shared/data/idrid-train --out runs/ablation \\
+    .venv/bin/python benchmarks/exudate_ablation.py --data IDRID_TRAIN --out runs/ablation \\
         [--minutes 60 | --epochs N] [--backbones unet unetpp] [--losses bce contrastive] [--device auto] [--resume]
 
 Every run gets the same stated budget (the same --minutes or --epochs, the same data, split,

@@ -1,6 +1,6 @@
 """How well does one click with the microaneurysm tool match a grader's microaneurysm mask?
 
-    .venv/bin/python benchmarks/ma_click.py --data ../shared/data/idrid-train [--images 6] [--per-image 25] [--offset 3 -2]
+    .venv/bin/python benchmarks/ma_click.py --data IDRID_TRAIN [--images 6] [--per-image 25] [--offset 3 -2]
 
 For microaneurysms drawn at random from the first `--images` images with MA masks (IDRiD layout),
 a click `--offset` px (rows, columns) off each lesion's centre of mass goes through

@@ -1,7 +1,7 @@
 """Does a refinement network (PRN) tell the detector's candidates apart better than the map itself?
 
-    .venv/bin/python benchmarks/prn_candidates.py --data ../shared/data/idrid-train \\
-        --prn models-in-training/ma-prn-triplet models-in-training/ma-prn-hard [--detector DIR]
+    .venv/bin/python benchmarks/prn_candidates.py --data IDRID_TRAIN \\
+        --prn PRN_DIR [PRN_DIR ...] [--detector DIR]
 
 On the detector's validation images (its config.json), runs the two hypothesis networks once
 per image and keeps the fused map's candidate regions (the detector's candidate threshold),

@@ -1,4 +1,4 @@
-"""Seconds to segment one full fundus photograph (the shipped IDRiD sample, 4288 x 2848) on this machine.
+"""Seconds to segment one full fundus photograph (the shipped IDRiD sample, 4288 x 2848) on the machine it runs on.
 
     .venv/bin/python benchmarks/segment_speed.py [--model DIR | --backbone unet --scale 0.5] [--runs 3] [--threads N]
     .venv/bin/python benchmarks/segment_speed.py --lesion MA [--model DIR | --backbone resunet --base-channels 8] [--runs 3]

@@ -1,6 +1,8 @@
 """Does `--minutes M` bound the whole training run?
 
-    .venv/bin/python benchmarks/train_minutes.py [--data ../shared/data/idrid-train] [--minutes 2]
+    .venv/bin/python benchmarks/train_minutes.py --data IDRID_TRAIN [--minutes 2]
+
+IDRID_TRAIN: an IDRiD-layout training folder (images and masks).
 
 Runs `python -m training exudates --minutes M` (CPU, everything else the recipe's defaults) on
 an IDRiD-layout folder into a temporary model folder, and measures the wall-clock time of the
@@ -28,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "idrid-train"),
-                   help="an IDRiD-layout folder (default ../shared/data/idrid-train)")
+    p.add_argument("--data", required=True, metavar="DIR",
+                   help="an IDRiD-layout training folder (images and lesion masks)")
     p.add_argument("--minutes", type=float, default=2.0)
     p.add_argument("--device", default="cpu")
     a = p.parse_args()

@@ -1,6 +1,6 @@
-"""Training throughput of every model on this machine, over a fixed number of steps, extrapolated.
+"""Training throughput of every model on the machine it runs on, over a fixed number of steps, extrapolated.
 
-    .venv/bin/python benchmarks/train_throughput.py --data ../shared/data/idrid-train [--steps 20] [--device cpu|cuda]
+    .venv/bin/python benchmarks/train_throughput.py --data IDRID_TRAIN [--steps 20] [--device cpu|cuda]
         [--models refiner exudates ma-hgn ma-prn] [--no-amp]
 
 Runs `python -m training <model>` for one epoch of `--steps` x batch samples on the real data

@@ -1,6 +1,7 @@
 """Coarse-annotation simulator: fine lesion masks -> the rough ellipses a grader would draw.
 
-Paper (Yu et al., coarse annotation refinement with prototypes), section 3.1: the chain
+Paper (Yu, Dang, Zhou, Chen and Ding, "Coarse Retinal Lesion Annotations Refinement via
+Prototypical Learning", OMIA workshop at MICCAI 2022), section 3.1: the chain
 smoothing -> dilating -> expanding -> clustering the connected components with DBSCAN ->
 fitting one ellipse per cluster. Here, per 8-connected component of the fine mask:
 

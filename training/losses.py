@@ -8,8 +8,8 @@ the numerically stable log-sum-exp form) and a binary target of the same shape
 of view or the inside of a grader's ellipse. Losses are computed in float32 so
 they stay accurate under float16/bfloat16 autocast.
 
-The exudate loss (Tang et al., "A Global and Patch-wise Contrastive Loss for Accurate
-Automated Exudate Detection", section 3) is
+The exudate loss (Tang, Wang, Cui and Chan, "A Global and Patch-wise Contrastive Loss for Accurate
+Automated Exudate Detection", arXiv:2302.11517, 2023, section 3) is
 
     L_total = L_sup + alpha * L_pd + beta * L_pe                       (Eq. 1)
 
@@ -35,7 +35,8 @@ The contrastive losses are pure torch (the morphology is max pooling), so they r
 training device.
 
 The microaneurysm refinement network (PRN) is trained with `triplet_cosine_loss` (Eq. 1 of
-../shared/papers/microaneurysms-multiscale-triplet.md: anchor and positive are
+Sarhan et al., "Multi-scale Microaneurysms Segmentation Using Embedding Triplet Loss", MICCAI
+2019: anchor and positive are
 microaneurysm patches, the negative a healthy one; cosine distance, margin 0.5) plus the
 cross-entropy of its logits; the hypothesis networks with `bce_dice_loss` (weighted
 cross-entropy plus soft Dice).

@@ -33,7 +33,7 @@ Gloo on CPU), wraps the model in DistributedDataParallel, shards the training
 data with a DistributedSampler, and only rank 0 validates, logs, saves and runs
 the epoch hooks. `batch_size` is per process.
 
-Imports only torch, NumPy and napari_retina's headless core (GUIDE.md).
+Imports only torch, NumPy and napari_retina's headless core, so it runs where napari and Qt are not installed.
 """
 
 from __future__ import annotations

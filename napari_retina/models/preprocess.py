@@ -7,7 +7,8 @@
 - "none": the photograph as it is.
 - "enhance": `subtract_local_background`, Graham's local contrast normalisation,
   I_pre = 4 I - 4 G_sigma * I + c per channel inside the field of view (after
-  ../shared/papers/microaneurysms-multiscale-triplet.md, Fig. 1; the microaneurysm networks'
+  Sarhan et al., "Multi-scale Microaneurysms Segmentation Using Embedding Triplet Loss",
+  MICCAI 2019, Fig. 1; the microaneurysm networks'
   input).
 
 This is the networks' preprocessing, not a display aid: fundus.enhance_display_contrast

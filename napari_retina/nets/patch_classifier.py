@@ -1,6 +1,7 @@
 """The microaneurysm patch-wise refinement network (PRN): is the centre of this patch a microaneurysm?
 
-The paper (../shared/papers/microaneurysms-multiscale-triplet.md, section 2) adapts ResNet-50
+The paper (Sarhan, Albarqouni, Yigitsoy, Navab and Eslami, "Multi-scale Microaneurysms
+Segmentation Using Embedding Triplet Loss", MICCAI 2019, section 2) adapts ResNet-50
 with one downsampling removed to 129 x 129 patches, takes the embedding after global average
 pooling, and trains it with a cosine triplet loss plus cross-entropy. ResNet-50 holds about
 23.5 M parameters (94 MiB in float32), over the 15 MiB a model folder may hold and slow on a

@@ -1,5 +1,5 @@
-"""The coarse-annotation refinement network (Yu et al., "Coarse Retinal Lesion
-Annotations Refinement via Prototypical Learning", section 2).
+"""The coarse-annotation refinement network (Yu, Dang, Zhou, Chen and Ding, "Coarse Retinal Lesion
+Annotations Refinement via Prototypical Learning", OMIA workshop at MICCAI 2022, section 2).
 
 An image patch and its coarse mask (an ellipse drawn by the grader) go through a
 U-Net whose last two upsampling blocks are removed, so features come out at 1/4

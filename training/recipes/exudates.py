@@ -4,8 +4,10 @@
         [--backbone unet|unetpp|resunet|cenet] [--loss bce|wbce|contrastive] [--global-loss bce|wbce]
         [--scale 0.5] [--epochs N | --minutes M] [--resume] [--init MODEL_DIR]
 
-After ../shared/papers/exudates-patchwise-contrastive-loss.md with the patch-based training of
-../shared/papers/exudates-patch-unet.md: the whole-image segmenter recipe (`_segmenter.py`:
+After Tang, Wang, Cui and Chan, "A Global and Patch-wise Contrastive Loss for Accurate Automated
+Exudate Detection" (arXiv:2302.11517, 2023), with the patch-based training of Popli, Jindal,
+Pillai, Khan, Agarwal and Yadav, "Automated Hard Exudates Segmentation in Retinal Images Using
+Patch Based U-Net" (IIT Roorkee): the whole-image segmenter recipe (`_segmenter.py`:
 patches, augmentation, tiled whole-image validation, model folder) with the exudate spec:
 U-Net, the patch-wise contrastive loss (global BCE + 0.02 x density + 0.1 x edge-aware), half
 scale, and no candidates on the aperture's bright rim (`--rim-margin`).

@@ -3,7 +3,8 @@
     python -m training ma-hgn --data DIR [DIR ...] --out MODEL_DIR --scale 1.0|0.5
         [--backbone resunet|unet|unetpp|cenet] [--loss wbce-dice|wbce|bce] [--epochs N | --minutes M] ...
 
-The paper (../shared/papers/microaneurysms-multiscale-triplet.md, section 2) trains two fully
+The paper (Sarhan, Albarqouni, Yigitsoy, Navab and Eslami, "Multi-scale Microaneurysms
+Segmentation Using Embedding Triplet Loss", MICCAI 2019, section 2) trains two fully
 convolutional networks on 256 x 256 patches of the contrast-enhanced photograph, one at full
 and one at half scale, with weighted cross-entropy plus soft Dice. This is the exudate
 segmenter's recipe (`training.recipes._segmenter`: patches, augmentation, whole-image tiled

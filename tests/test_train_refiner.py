@@ -109,7 +109,9 @@ def test_fine_tuning_keeps_counting_epochs_and_the_parents_split(lesion_folder, 
     assert c["validation_images"] == ["IDRiD_03.jpg"]  # the parent's held-out image stays held out
     assert c["training"]["epochs"] == p["training"]["epochs"] + c["training"]["epochs_this_run"]
     assert c["training"]["minutes"] >= p["training"]["minutes"]
-    assert c["training"]["parent"] == str(parent) and str(parent) in (child / "card.md").read_text()
+    # the parent by kind, version and checksum, never by its folder
+    assert c["training"]["parent"] == {"model": "refiner", "version": p["version"], "weights_sha256": p["weights_sha256"]}
+    assert p["weights_sha256"] in (child / "card.md").read_text() and str(parent) not in (child / "card.md").read_text()
     assert c["geometry"]["max_scale"] == 2.0 and c["training"]["early_stopping_patience"] == 8
 
 

@@ -52,7 +52,7 @@ class Version:
     version: str
     shipped: bool
     figures: dict  # the validation figures its config records (training.*val*)
-    parent: str | None
+    parent: str | None  # the parent's version (config.json records it with its checksum)
 
     @property
     def label(self) -> str:
@@ -69,7 +69,11 @@ def _version_of(kind: str, folder: Path, shipped: bool) -> Version | None:
         return None
     training = config.get("training", {}) if isinstance(config.get("training"), dict) else {}
     figures = {k: v for k, v in training.items() if "val" in k and isinstance(v, (int, float))}
-    return Version(kind, folder, str(config.get("version", folder.name)), shipped, figures, training.get("parent"))
+    parent = training.get("parent")
+    if isinstance(parent, dict):
+        parent = parent.get("version")
+    return Version(kind, folder, str(config.get("version", folder.name)), shipped, figures,
+                   None if parent is None else str(parent))
 
 
 def versions(kind: str) -> list[Version]:

@@ -88,6 +88,95 @@ def say_end(say: Callable, summary: dict, out, figure: str) -> None:
             f"stopped by {summary['stopped']})")
 
 
+# What a card and config.json record of the paths a run was given: a model folder travels to
+# other machines, and a folder's name on the training machine can be a patient's or a user's.
+PATH_RULE = ("paths as given when relative to the folder the command ran in; any other path (absolute, "
+             "under ~, or reaching out with ..) by its last component")
+
+
+def portable_path(value) -> str:
+    """`value` as a card shows it (`PATH_RULE`): a relative path inside the working folder as given,
+    any other path by its last component (``/data/idrid-train`` -> ``idrid-train``)."""
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    s = str(value)
+    posix, win = PurePosixPath(s), PureWindowsPath(s)
+    if not (s.startswith("~") or posix.is_absolute() or win.is_absolute() or ".." in posix.parts or ".." in win.parts):
+        return s
+    name = win.name if win.is_absolute() else posix.name
+    return name if name and name != ".." else "DIR"
+
+
+def portable_command(prefix: str, argv) -> str:
+    """The command line a card records: `prefix` and `argv` with every path made portable."""
+    import shlex
+
+    out = []
+    for tok in argv:
+        tok = str(tok)
+        if tok.startswith("--") and "=" in tok:
+            flag, _, value = tok.partition("=")
+            out.append(f"{flag}={portable_path(value)}")
+        elif tok.startswith("-"):
+            out.append(tok)
+        else:
+            out.append(portable_path(tok))
+    return f"{prefix} {shlex.join(out)}".rstrip()
+
+
+def data_names(folders) -> list[str]:
+    """The data folders as a card names them: the portable name, and for an IDRiD-layout folder
+    the split folders it holds (e.g. ``idrid-train (IDRiD layout: a. Training Set)``)."""
+    from pathlib import Path
+
+    from napari_retina.io.datasets import IDRID_IMAGES, IDRID_SPLITS
+
+    out = []
+    for d in folders:
+        splits = [s for s in IDRID_SPLITS if (Path(d) / IDRID_IMAGES / s).is_dir()]
+        out.append(portable_path(d) + (f" (IDRiD layout: {', '.join(splits)})" if splits else ""))
+    return out
+
+
+def portable_record(obj, key: str | None = None):
+    """A copy of a JSON-like record (e.g. an older part's `training`) with its paths made portable:
+    a "command" token by token, any other string that is a path outside the working folder by its
+    last component, a "folder" entry left out."""
+    import shlex
+
+    if isinstance(obj, dict):
+        return {k: portable_record(v, k) for k, v in obj.items() if k != "folder"}
+    if isinstance(obj, list):
+        return [portable_record(v) for v in obj]
+    if isinstance(obj, str):
+        if key == "command":
+            try:
+                words = shlex.split(obj)
+            except ValueError:
+                return obj
+            n = 4 if words[:2] == ["python", "-m"] else 1  # "python -m training NAME"
+            return portable_command(shlex.join(words[:n]), words[n:])
+        return portable_path(obj) if ("/" in obj or "\\" in obj) and not obj.startswith(("http://", "https://")) else obj
+    return obj
+
+
+def parent_record(config: dict | None) -> dict | None:
+    """The parent model as config.json records it: kind, version and weights checksum (never its folder)."""
+    if not config:
+        return None
+    return {"model": config.get("model"), "version": config.get("version"), "weights_sha256": config.get("weights_sha256")}
+
+
+def parent_text(parent) -> str:
+    """The card's words for a recorded parent (`parent_record`; an older config's string as it is)."""
+    if not parent:
+        return "none (trained from scratch)"
+    if isinstance(parent, dict):
+        sha = parent.get("weights_sha256")
+        return f"{parent.get('model', 'model')} {parent.get('version', '?')}" + (f" (weights SHA-256 {sha})" if sha else "")
+    return str(parent)
+
+
 # when `python -m training` started (time.monotonic), set by training.__main__ before it imports a
 # recipe: a run's --minutes budget counts from there (imports and data preparation included)
 RUN_STARTED: float | None = None

@@ -36,7 +36,6 @@ import argparse
 import datetime
 import json
 import platform
-import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +46,8 @@ from napari_retina import __version__
 from napari_retina.io.errors import RetinaInputError
 
 from ._main import (
-    Preparation, add_optimisation_args, advice, add_run_args, ema_text, optimisation_kwargs, precision, say_end, too_little_data,
+    PATH_RULE, Preparation, add_optimisation_args, advice, add_run_args, data_names, ema_text, optimisation_kwargs,
+    parent_record, parent_text, portable_command, precision, say_end, too_little_data,
 )
 from ..data import (
     DataError, SegmentationPatches, describe_labels, gather_records, labelled, load_scaled, parents_held_out,
@@ -228,8 +228,10 @@ def model_config(net, info: dict, metrics: dict, trainer) -> dict:
             "val_aupr_working_scale": round(float(metrics.get("val_aupr", float("nan"))), 4),
             "val_f1_working_scale": round(float(metrics.get("val_f1", float("nan"))), 4),
             "early_stopping_patience": info["patience"],
+            "data": info["data"],
             "command": info["command"],
-            "parent": info.get("init"),
+            "paths": PATH_RULE,
+            "parent": info.get("parent"),
             "trained": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
     }
@@ -260,8 +262,8 @@ tiled over the field of view.{rim}
   batch {info['batch_size']}, {info.get('optimizer', 'Adam')} lr {info['lr']}{ema}
 - Epochs: {t['epochs']} (best epoch {t['best_epoch']}), {t['minutes']:.0f} min on {t['device']} ({platform.machine()}, torch {info['torch']}){' in ' + t['precision'] if t.get('precision') else ''}
 - Early stopping: pooled pixel AUPR on the validation images, patience {t['early_stopping_patience']} epochs
-- Parent model: {t['parent'] or 'none (trained from scratch)'}
-- Command: `{t['command']}`
+- Parent model: {parent_text(t['parent'])}
+- Command: `{t['command']}` ({PATH_RULE})
 
 ## Validation (working scale, pooled over the field of view{', on levels of the logit' if info.get('val_logits') else ''})
 
@@ -371,7 +373,7 @@ def run(a: argparse.Namespace, argv: list[str], spec: Spec) -> int:
         "title": spec.title,
         "preprocess": spec.preprocess,
         "val_logits": spec.val_logits,
-        "data": [str(Path(d)) for d in a.data],
+        "data": data_names(a.data),
         "train_count": len(train_imgs),
         "validation_images": [r.image.name for r in val_recs],
         "scale": a.scale,
@@ -385,10 +387,10 @@ def run(a: argparse.Namespace, argv: list[str], spec: Spec) -> int:
         "ema_decay": a.ema,
         "optimizer": {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}.get(a.optimizer, a.optimizer),
         "patience": a.patience,
-        "init": a.init,
+        "parent": parent_record(parent_config),
         "parent_training": dict(parent_config.get("training", {})) if parent_config else None,
         "torch": torch.__version__,
-        "command": f"python -m training {spec.name} " + shlex.join(argv),
+        "command": portable_command(f"python -m training {spec.name}", argv),
     }
 
     def export(trainer, metrics):

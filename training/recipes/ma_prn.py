@@ -3,7 +3,8 @@
     python -m training ma-prn --data DIR [DIR ...] --out MODEL_DIR [--loss triplet|ce]
         [--epochs N | --minutes M] [--margin 0.5] [--refresh-every 2] ...
 
-After ../shared/papers/microaneurysms-multiscale-triplet.md, sections 2 and 3.1: a classifier
+After Sarhan, Albarqouni, Yigitsoy, Navab and Eslami, "Multi-scale Microaneurysms Segmentation
+Using Embedding Triplet Loss", MICCAI 2019, sections 2 and 3.1: a classifier
 of 129 x 129 patches of the contrast-enhanced photograph (`subtract_local_background`) at full
 resolution, "is the centre pixel a microaneurysm?" (`nets.patch_classifier.PatchClassifier`).
 
@@ -52,7 +53,6 @@ import argparse
 import datetime
 import json
 import platform
-import shlex
 import time
 from pathlib import Path
 
@@ -61,7 +61,10 @@ import numpy as np
 from napari_retina import __version__
 from napari_retina.io.errors import RetinaInputError
 
-from ._main import add_optimisation_args, add_run_args, advice, ema_text, optimisation_kwargs, precision, say_end
+from ._main import (
+    PATH_RULE, add_optimisation_args, add_run_args, advice, data_names, ema_text, optimisation_kwargs, parent_record,
+    parent_text, portable_command, precision, say_end,
+)
 from ..data import (
     DataError, describe_labels, gather_records, labelled, parents_held_out, split_by_image, write_split,
 )
@@ -533,18 +536,19 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
 
     info = {
         "version": a.version or datetime.date.today().strftime("%Y.%m.%d-ma-prn"),
-        "data": [str(Path(d)) for d in a.data],
+        "data": data_names(a.data),
         "validation_images": [r.image.name for r in val_recs],
         "train_count": len(train_imgs),
-        "command": "python -m training ma-prn " + shlex.join(argv),
+        "command": portable_command("python -m training ma-prn", argv),
+        "parent": parent_record(parent),
         "ema_decay": a.ema,
         "parent_training": dict(parent.get("training", {})) if parent else None,
         "torch": torch.__version__,
         "hard_negatives": None if hard is None else {
-            "detector": hard.version, "folder": str(a.hard_negatives), "per_image": a.hard_per_image,
+            "detector": hard.version, "weights_sha256": hard.detector.config.get("weights_sha256"), "per_image": a.hard_per_image,
             "training": n_hard[0], "validation": n_hard[1]},
         "candidates": None if cands is None else {
-            "detector": cands.version, "folder": str(a.candidates), "per_image": a.hard_per_image,
+            "detector": cands.version, "weights_sha256": cands.detector.config.get("weights_sha256"), "per_image": a.hard_per_image,
             "training": [sum(int(im.cand["touch"].sum()) for im in train_imgs),
                          sum(len(im.cand["touch"]) for im in train_imgs)],
             "validation": [int(val_cand_true.sum()), len(val_cand_true)],
@@ -581,8 +585,10 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
                 "jitter": a.jitter,
                 "rule": a.rule if cands is not None else None,
                 "early_stopping_patience": a.patience,
+                "data": info["data"],
                 "command": info["command"],
-                "parent": a.init,
+                "paths": PATH_RULE,
+                "parent": info["parent"],
                 "trained": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             },
         }
@@ -617,7 +623,8 @@ parameters) trained from scratch by napari-retina {__version__} with {t['loss']}
 - Epochs: {t['epochs']}, {t['minutes']:.0f} min on {t['device']} ({platform.machine()}, torch {info['torch']}){', ' + t['precision'] if t.get('precision') else ''}
 - Hard negatives: {hard_line}{cand_line}
 - Validation: patch-level AUPR {t['val_patch_aupr']:.3f} (every microaneurysm of the validation images against their healthy locations{' and hard negatives' if hard or cands else ''}){hard_val}; patience {a.patience}
-- Command: `{t['command']}`
+- Parent model: {parent_text(t['parent'])}
+- Command: `{t['command']}` ({PATH_RULE})
 
 Validation images (held out by image): {', '.join(config['validation_images'])}
 

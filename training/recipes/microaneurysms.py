@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import shlex
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ from napari_retina import __version__
 from napari_retina.io.errors import RetinaInputError
 
 from ..data import DataError
+from ._main import PATH_RULE, portable_command, portable_path, portable_record
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,8 +175,10 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
         "preprocess": "enhance",
         "validation_images": configs["hgn_full"].get("validation_images", []),
         **{k: {kk: v for kk, v in configs[k].items() if kk in keep} for k in configs},
-        "parts": {k: {"version": c.get("version"), "training": c.get("training", {})} for k, c in configs.items()},
-        "assembled": {"command": "python -m training microaneurysms " + shlex.join(argv),
+        "parts": {k: {"version": c.get("version"), "weights_sha256": c.get("weights_sha256"),
+                      "training": portable_record(c.get("training", {}))} for k, c in configs.items()},
+        "assembled": {"command": portable_command("python -m training microaneurysms", argv),
+                      "paths": PATH_RULE,
                       "napari_retina": __version__,
                       "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
     }
@@ -187,7 +189,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
         say(f"fused map recalibrated by a logit offset of {cal['fused_logit_offset']:.2f} (its best pooled F1, "
             f"{cal['fused_f1']:.3f}, now at 0.5); threshold {cal['threshold']:.3f} (pooled F1 "
             f"{cal['validation_f1']:.3f} on {cal['images']} validation images)")
-    lines = [f"- {k}: {c.get('version')} ({c.get('training', {}).get('epochs', '?')} epochs, "
+    lines = [f"- {k}: {c.get('version')}, weights SHA-256 {c.get('weights_sha256')} ({c.get('training', {}).get('epochs', '?')} epochs, "
              f"{c.get('training', {}).get('minutes', '?')} min on {c.get('training', {}).get('device', '?')})"
              for k, c in configs.items()]
     card = f"""# Microaneurysm detector {config['version']}
@@ -196,7 +198,7 @@ Two hypothesis networks on the contrast-enhanced photograph (full and half scale
 {a.fusion} mean, {'candidate regions above ' + str(a.candidate_threshold) + ' rescored by the patch-wise refinement network (' + RULE_WORDS[a.prn_rule] + ')' if 'prn' in configs else 'no refinement network'};
 fused map recalibrated by a logit offset of {config.get('fused_logit_offset', 0.0)} (chosen on the validation images);
 threshold {config['threshold']:.3f}. Assembled by napari-retina {__version__}:
-`{config['assembled']['command']}`
+`{config['assembled']['command']}` ({PATH_RULE})
 
 {chr(10).join(lines)}
 
@@ -229,7 +231,7 @@ def score_folder(folder: Path, data: Path, names: list[str], device: str, say=pr
     scores.update({k: result["lesion_level"][k] for k in ("lesion_sensitivity", "fp_per_image")})
     scores["variants"] = {k: {"aupr": v["aupr"], "froc_score": v["froc_score"]} for k, v in result["variants"].items()}
     scores["measured"] = datetime.date.today().isoformat()
-    scores["data"] = str(data)
+    scores["data"] = portable_path(data)
     return scores
 
 

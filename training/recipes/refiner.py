@@ -28,7 +28,6 @@ import argparse
 import datetime
 import json
 import platform
-import shlex
 import time
 from pathlib import Path
 
@@ -39,7 +38,10 @@ import numpy as np
 from napari_retina import __version__
 from napari_retina.io.errors import RetinaInputError
 
-from ._main import add_optimisation_args, add_run_args, ema_text, optimisation_kwargs, precision
+from ._main import (
+    PATH_RULE, add_optimisation_args, add_run_args, data_names, ema_text, optimisation_kwargs, parent_record,
+    parent_text, portable_command, precision,
+)
 from ..data import (
     REFINER_LESIONS,
     DataError,
@@ -235,9 +237,9 @@ def render_card(config: dict, info: dict) -> str:
     )
     parent = info.get("parent_training") or {}
     history = (
-        f"- Parent model: `{info['init']}` ({parent.get('epochs', '?')} epochs, {parent.get('minutes', '?')} min on "
-        f"{parent.get('device', '?')}); the counts below include its training\n"
-        if info.get("init") else "- Parent model: none (trained from scratch)\n"
+        f"- Parent model: {parent_text(info['parent'])} ({parent.get('epochs', '?')} epochs, {parent.get('minutes', '?')} "
+        f"min on {parent.get('device', '?')}); the counts below include its training\n"
+        if info.get("parent") else "- Parent model: none (trained from scratch)\n"
     )
     geom = config["geometry"]
     several = isinstance(t["val_reduction"], list)  # one factor is kept as a number, as in older folders
@@ -268,7 +270,7 @@ on a truncated U-Net, trained by napari-retina {__version__}.
 {history}- Epochs: {t['epochs']} in all (best epoch {t['best_epoch']}), training time {t['minutes']:.0f} min in all ({t['minutes'] / 60:.1f} h)
 - Device: {t['device']} ({platform.machine()}, torch {info['torch']}){', ' + t['precision'] if t.get('precision') else ''}
 - Early stopping: on the image-level validation average below, patience {t['early_stopping_patience']} epochs
-- Command: `{t['command']}`
+- Command: `{t['command']}` ({PATH_RULE})
 
 ## Validation (image-level IoU %, coarse ellipses at {reductions}, threshold {config['threshold']:.2f})
 
@@ -319,8 +321,10 @@ def model_config(net, info: dict, geom, metrics: dict, trainer, choice: dict | N
             **{f"val_image_iou_{k[8:]}": round(float(v), 2) for k, v in metrics.items() if k.startswith("val_iou_r")},
             **{k: v for k, v in choice.items() if k.startswith("val_")},
             "early_stopping_patience": info["patience"],
+            "data": info["data"],
             "command": info["command"],
-            "parent": info.get("init"),
+            "paths": PATH_RULE,
+            "parent": info.get("parent"),
             "parent_version": parent.get("version"),
             "trained": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
@@ -442,7 +446,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
     info = {
         "variant": a.variant,
         "version": a.version or datetime.date.today().strftime(f"%Y.%m.%d-{a.variant}"),
-        "data": [str(Path(d)) for d in a.data],
+        "data": data_names(a.data),
         "train_count": len(train_imgs),
         "validation_images": [r.image.name for r in val_recs],
         "reduction": a.reduction,
@@ -455,10 +459,10 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
         "ema_decay": a.ema,
         "grad_clip": a.grad_clip,
         "patience": a.patience,
-        "init": a.init,
+        "parent": parent_record(parent_config),
         "parent_training": dict(parent_config.get("training", {}), version=parent_config.get("version")) if parent_config else None,
         "torch": torch.__version__,
-        "command": "python -m training refiner " + shlex.join(argv),
+        "command": portable_command("python -m training refiner", argv),
     }
 
     def loss_fn(logits, batch):

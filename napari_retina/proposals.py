@@ -548,7 +548,8 @@ class PixelRecord:
                 id=pid,
                 lesion=lesion,
                 box=box,
-                description=dict(entry.get("description", {})),
+                # an older folder's model "folder" stays behind (project files hold no path)
+                description={k: v for k, v in dict(entry.get("description", {})).items() if k != "folder"},
                 prob=None if prob is None else dequantise(prob),
                 fixed=None if prob is not None else np.asarray(fixed, bool),
                 threshold=float(entry.get("threshold", 0.5)),

@@ -76,7 +76,8 @@ def open_record(
             except RetinaInputError as e:
                 leave_out(ann, code, str(e))
         if record.masks:
-            ann.provenance["initial_masks"] = {c: str(p) for c, p in sorted(record.masks.items())}
+            # by file name: project files hold no path (io.project.without_paths)
+            ann.provenance["initial_masks"] = {c: Path(p).name for c, p in sorted(record.masks.items())}
         from_project = False
     return OpenedImage(
         record=record,

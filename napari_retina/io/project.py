@@ -8,6 +8,8 @@ Layout (self-contained, so it can be moved to a training machine)::
                                 grader's CONFIRMED pixels only (painted, or proposals accepted)
         ellipses.json           coarse ellipses (napari_retina.io.ellipses)
         provenance.json         grader, tool and model versions, times, image SHA-256
+                                (the image by file name and SHA-256, each model by kind,
+                                version and checksum: no file of the folder holds a path)
         overlay.png             downscaled image with the confirmed lesions blended, for review
         lesions.csv             per lesion (confirmed pixels): connected lesions, area in px and % of FOV
         proposals.json          the live model proposals (napari_retina.proposals), "format": 2:
@@ -23,6 +25,9 @@ when the folder is opened (`load`, `load_bookkeeping`): proposal tables of forma
 without a number), whose mask files held the SHOWN pixels (pending ones too), and the older
 `sources.json` + `sources/<LESION>.png` (one contributor per pixel). A folder that cannot be
 rewritten (read-only) opens as before, with a note; its next save rewrites it whole.
+Project files name no folder (`without_paths`): the folder stays valid when moved to another
+machine, and a clinic's folder names (patient data) stay behind. An older folder whose
+provenance.json or proposals.json holds paths loses them at its next save.
 Every file is written atomically; opening a project removes temporary files a killed
 save left behind.
 """
@@ -57,6 +62,23 @@ LEGACY_SOURCES_TABLE = "sources.json"  # earlier versions: one contributor per p
 LEGACY_SOURCES_DIR = "sources"
 LEGACY_SOURCE_HAND = 1
 UNREADABLE_SUFFIX = ".unreadable"  # an unreadable mask file is kept under this name when the grader replaces it
+# entries earlier versions wrote with a path: the image's original location, a model's folder
+PATH_KEYS = ("source_image", "folder")
+
+
+def without_paths(obj):
+    """A copy of a JSON-like record of a project file with no path in it: the `PATH_KEYS` entries
+    left out, any other absolute path (or one under ~) by its file name."""
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    if isinstance(obj, dict):
+        return {k: without_paths(v) for k, v in obj.items() if k not in PATH_KEYS}
+    if isinstance(obj, list):
+        return [without_paths(v) for v in obj]
+    if isinstance(obj, str) and (obj.startswith("~") or PurePosixPath(obj).is_absolute()
+                                 or PureWindowsPath(obj).is_absolute()):
+        return PureWindowsPath(obj).name if PureWindowsPath(obj).is_absolute() else PurePosixPath(obj).name
+    return obj
 
 
 def now_iso() -> str:
@@ -253,7 +275,6 @@ class ProjectFolder:
                 "models": {},
                 "created": now_iso(),
                 "modified": now_iso(),
-                "source_image": str(image.resolve()),
             }
             atomic_write_text(path / "provenance.json", json.dumps(prov, indent=2) + "\n")
         return project
@@ -300,7 +321,7 @@ class ProjectFolder:
             ann.ellipses = load_ellipses(ell)
         prov = self.path / "provenance.json"
         if prov.exists():
-            ann.provenance = _read_json(prov)
+            ann.provenance = without_paths(_read_json(prov))
         self.load_record(ann, migrate=migrate, masks_from_files=masks_from_files)
 
     def load_record(self, ann: Annotation, migrate: bool = True, masks_from_files: bool = False) -> None:
@@ -391,7 +412,7 @@ class ProjectFolder:
                 (self.path / PROPOSALS_DIR).mkdir(exist_ok=True)
             for pid in sorted(rec.proposals):
                 atomic_write(self.proposal_path(pid), lambda tmp, a=rec.arrays(pid): _save_npz(tmp, a))
-            atomic_write_text(self.path / PROPOSALS_TABLE, json.dumps(rec.table(), indent=1) + "\n")
+            atomic_write_text(self.path / PROPOSALS_TABLE, json.dumps(without_paths(rec.table()), indent=1) + "\n")
             rewritten = []
             for code in LESION_CODES:
                 # the older form's file holds the shown pixels: rewrite it where some are pending
@@ -516,7 +537,7 @@ class ProjectFolder:
         for pid, arrays in snap.proposal_arrays.items():
             atomic_write(self.proposal_path(pid), lambda tmp, a=arrays: _save_npz(tmp, a))
         # the table last: every proposal it names is on disk by then
-        atomic_write_text(self.path / PROPOSALS_TABLE, json.dumps(snap.proposal_table, indent=1) + "\n")
+        atomic_write_text(self.path / PROPOSALS_TABLE, json.dumps(without_paths(snap.proposal_table), indent=1) + "\n")
         for pid in snap.removed_proposals:
             _remove_quietly(self.proposal_path(pid))
 
@@ -579,6 +600,7 @@ class ProjectFolder:
         prov["tool_version"] = __version__
         prov.setdefault("models", {})
         prov["modified"] = now_iso()
+        prov = without_paths(prov)  # an older folder's paths go at its next save
         atomic_write_text(p, json.dumps(prov, indent=2) + "\n")
         return prov
 

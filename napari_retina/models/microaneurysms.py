@@ -1,6 +1,7 @@
 """Microaneurysm detection pieces shared by inference and training (headless, NumPy + OpenCV).
 
-After ../shared/papers/microaneurysms-multiscale-triplet.md (Fig. 1):
+After Sarhan, Albarqouni, Yigitsoy, Navab and Eslami, "Multi-scale Microaneurysms Segmentation
+Using Embedding Triplet Loss", MICCAI 2019 (Fig. 1):
 
 1. `models.preprocess.subtract_local_background`: I_pre = 4 I - 4 G_sigma * I + c, per
    channel, inside the field of view (the HGNs' and the PRN's input).
@@ -297,7 +298,9 @@ class MicroaneurysmDetector:
 
     @property
     def description(self) -> dict:
-        return {"model": self.kind, "version": self.version, "folder": str(self.model_dir) if self.model_dir else None}
+        # kind, version and checksum, never the folder: descriptions go into project files,
+        # which travel between machines (a folder name can be a user's or a patient's)
+        return {"model": self.kind, "version": self.version, "weights_sha256": self.config.get("weights_sha256")}
 
     @property
     def candidate_floor(self) -> float:

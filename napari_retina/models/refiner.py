@@ -199,7 +199,9 @@ class EllipseRefiner:
 
     @property
     def description(self) -> dict:
-        return {"model": "refiner", "version": self.version, "folder": str(self.model_dir)}
+        # kind, version and checksum, never the folder: descriptions go into project files,
+        # which travel between machines (a folder name can be a user's or a patient's)
+        return {"model": "refiner", "version": self.version, "weights_sha256": self.config.get("weights_sha256")}
 
     def _normalise(self, patch: np.ndarray) -> np.ndarray:
         return normalise_patch(patch, self.norm_mean, self.norm_scale)

@@ -159,7 +159,9 @@ class LesionSegmenter:
 
     @property
     def description(self) -> dict:
-        return {"model": self.kind, "version": self.version, "folder": str(self.model_dir) if self.model_dir else None}
+        # kind, version and checksum, never the folder: descriptions go into project files,
+        # which travel between machines (a folder name can be a user's or a patient's)
+        return {"model": self.kind, "version": self.version, "weights_sha256": self.config.get("weights_sha256")}
 
     def tile_count(self, shape: tuple[int, int], fov: np.ndarray) -> int:
         """How many windows `probability` runs on an image of `shape` with this field of view."""

@@ -94,6 +94,14 @@ def idrid_folder(tmp_path) -> Path:
     return root
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests that need a display (a napari viewer or Qt) carry the `gui` marker: `-m "not gui"` runs
+    the headless rest."""
+    for item in items:
+        if {"make_napari_viewer", "qtbot"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.gui)
+
+
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     # napari's make_napari_viewer fixture reads item.rep_call at teardown

@@ -1,5 +1,6 @@
-"""Every trainable model (refiner, exudates, ma-hgn, ma-prn), end to end in a subprocess on CPU: a loadable model folder, the same curve
-for the same seed, and two DistributedDataParallel processes (torchrun) writing one folder."""
+"""Every trainable model (refiner, exudates, ma-hgn, ma-prn), end to end in a subprocess on CPU, each
+trained once: two DistributedDataParallel processes (torchrun) writing one loadable model folder; and
+the same curve for the same seed (the one trainer's seeding, shown on one recipe)."""
 
 import json
 import os
@@ -52,33 +53,37 @@ def _train(cmd_prefix, recipe, folder, out, extra=()):
     return [json.loads(line) for line in (out / "run" / "log.jsonl").read_text().splitlines()]
 
 
+def _launcher() -> list[str]:
+    """Two DistributedDataParallel processes (torchrun) where torch has torch.distributed, else one."""
+    if torch.distributed.is_available():
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    return [sys.executable]
+
+
 @pytest.mark.parametrize("recipe", list(TINY))
-def test_a_subprocess_run_writes_a_folder_the_registry_loads_and_the_same_seed_gives_the_same_curve(
-        recipe, folder, tmp_path):
+def test_each_recipe_trains_once_in_a_subprocess_into_one_folder_the_registry_loads(recipe, folder, tmp_path):
+    """Each recipe is trained once (two torchrun processes where possible): one process speaks,
+    both epochs run, and the folder passes the registry and loads."""
     from napari_retina.models.registry import check_model_folder, load_model
 
-    log = _train([sys.executable], recipe, folder, tmp_path / "a")
-    assert check_model_folder(tmp_path / "a", expect=KIND[recipe])["model"] == KIND[recipe]
-    assert load_model(tmp_path / "a") is not None
-    card = (tmp_path / "a" / "card.md").read_text()
+    launcher = _launcher()
+    log = _train(launcher, recipe, folder, tmp_path / "run")
+    start = [e for e in log if e["event"] == "start"]
+    assert len(start) == 1 and start[0]["world_size"] == (2 if len(launcher) > 1 else 1)
+    assert [e["epoch"] for e in log if e["event"] == "epoch"] == [1, 2]
+    assert check_model_folder(tmp_path / "run", expect=KIND[recipe])["model"] == KIND[recipe]
+    assert load_model(tmp_path / "run") is not None
+    card = (tmp_path / "run" / "card.md").read_text()
     if recipe in ("exudates", "ma-hgn"):  # the card says how to score it at full resolution
         assert f"napari-retina evaluate {'ma' if recipe == 'ma-hgn' else 'ex'} " in card
-    again = _train([sys.executable], recipe, folder, tmp_path / "b")
-    curve = [e["train_loss"] for e in log if e["event"] == "epoch"]
+
+
+def test_the_same_seed_gives_the_same_curve(folder, tmp_path):
+    """Seeding is the one trainer's (every recipe goes through it): one recipe, run twice, shows it."""
+    first = _train([sys.executable], "exudates", folder, tmp_path / "a")
+    again = _train([sys.executable], "exudates", folder, tmp_path / "b")
+    curve = [e["train_loss"] for e in first if e["event"] == "epoch"]
     assert len(curve) == 2 and curve == [e["train_loss"] for e in again if e["event"] == "epoch"]
-
-
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
-@pytest.mark.parametrize("recipe", list(TINY))
-def test_two_distributed_processes_write_one_model_folder(recipe, folder, tmp_path):
-    from napari_retina.models.registry import check_model_folder
-
-    log = _train([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
-                 recipe, folder, tmp_path / "ddp")
-    start = [e for e in log if e["event"] == "start"]
-    assert len(start) == 1 and start[0]["world_size"] == 2  # one process speaks
-    assert [e["epoch"] for e in log if e["event"] == "epoch"] == [1, 2]
-    assert check_model_folder(tmp_path / "ddp", expect=KIND[recipe])
 
 
 @pytest.mark.parametrize("recipe", ["refiner", "exudates", "ma-prn"])

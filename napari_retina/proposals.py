@@ -206,6 +206,12 @@ class PixelRecord:
         """The grader's own pixels of a lesion (a copy of the mask where no proposal was ever made)."""
         return self._hand[lesion] if lesion in self._hand else self.masks[lesion].copy()
 
+    def hand_region(self, lesion: str, box: Box) -> np.ndarray:
+        """The grader's own pixels of a lesion inside `box`: a view, no whole-image copy (redrawing
+        one box must not copy 12 megapixels)."""
+        r0, r1, c0, c1 = box
+        return (self._hand[lesion] if lesion in self._hand else self.masks[lesion])[r0:r1, c0:c1]
+
     def _hand_array(self, lesion: str) -> np.ndarray:
         if lesion not in self._hand:
             # before a lesion's first proposal every pixel of it is the grader's

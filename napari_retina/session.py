@@ -183,9 +183,9 @@ def lesion_layer_values(ann: Annotation, code: str) -> np.ndarray:
     accepted), `pending_label` where only a model's pending proposal claims it."""
     les = lesion(code)
     shown = ann.masks[code]
-    data = shown.astype(np.uint8) * np.uint8(les.pending_label)
-    if not ann.record.proposals:
+    if not ann.record.proposals:  # nothing pending: every pixel shown is the grader's
         return shown.astype(np.uint8) * np.uint8(les.label)
+    data = shown.astype(np.uint8) * np.uint8(les.pending_label)
     data[ann.record.hand(code) & shown] = les.label
     return data
 

@@ -81,6 +81,16 @@ def _pin_test_models(viewer, models):
     s.pin_model("exudates", models["ex-a"])
 
 
+def _viewer_with_image(make_napari_viewer, qtbot, models, path):
+    """A viewer with small test models, both docks from the Plugins menu, and `path` opened by File > Open."""
+    viewer = make_napari_viewer()
+    _pin_test_models(viewer, models)
+    ann, _ = _open_docks(viewer, (ANNOTATOR, RETRAIN))
+    viewer.open(str(path), plugin=PLUGIN)
+    qtbot.waitUntil(lambda: ann.opened is not None, timeout=10000)
+    return viewer, ann
+
+
 def _lesion_layers(viewer):
     return [layer for layer in viewer.layers if layer.name.split(" [")[0] in {les.layer_name for les in LESIONS}]
 
@@ -161,11 +171,7 @@ def test_a_version_put_in_use_is_the_one_the_next_find_and_refinement_run(make_n
 
 
 def test_file_open_of_another_image_switches_the_session_and_saves_both(make_napari_viewer, qtbot, flat_folder, models):
-    viewer = make_napari_viewer()
-    _pin_test_models(viewer, models)
-    ann, _ = _open_docks(viewer, (ANNOTATOR, RETRAIN))
-    viewer.open(str(flat_folder / "IDRiD_01.jpg"), plugin=PLUGIN)
-    qtbot.waitUntil(lambda: ann.opened is not None, timeout=10000)
+    viewer, ann = _viewer_with_image(make_napari_viewer, qtbot, models, flat_folder / "IDRiD_01.jpg")
     first = ann.opened
     ex = ann.lesion_layer("EX")
     ex.brush_size = 3
@@ -208,11 +214,7 @@ def test_opening_the_image_already_open_keeps_its_unsaved_edits(make_napari_view
 
 
 def test_find_with_nothing_accepted_leaves_no_pending_pixel_on_disk_and_comes_back(make_napari_viewer, qtbot, flat_folder, models):
-    viewer = make_napari_viewer()
-    _pin_test_models(viewer, models)
-    ann, _ = _open_docks(viewer, (ANNOTATOR, RETRAIN))
-    viewer.open(str(flat_folder / "IDRiD_02.jpg"), plugin=PLUGIN)
-    qtbot.waitUntil(lambda: ann.opened is not None, timeout=10000)
+    viewer, ann = _viewer_with_image(make_napari_viewer, qtbot, models, flat_folder / "IDRiD_02.jpg")
     _find(ann, qtbot)
     layer = ann.lesion_layer("EX")
     les = lesion("EX")
@@ -463,11 +465,7 @@ def test_a_truncated_photograph_in_the_image_list_is_one_message_and_keeps_the_o
     (flat_folder / "IDRiD_02.jpg").write_bytes(data[: len(data) // 2])  # a copy cut short
     errors = []
     monkeypatch.setattr("napari_retina.widgets.annotator.show_error", errors.append)
-    viewer = make_napari_viewer()
-    _pin_test_models(viewer, models)
-    ann, _ = _open_docks(viewer, (ANNOTATOR, RETRAIN))
-    viewer.open(str(flat_folder), plugin=PLUGIN)
-    qtbot.waitUntil(lambda: ann.opened is not None, timeout=10000)
+    viewer, ann = _viewer_with_image(make_napari_viewer, qtbot, models, flat_folder)
     first = ann.opened
     qtbot.mouseClick(ann.next_button, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: not ann._loading, timeout=10000)
@@ -478,11 +476,7 @@ def test_a_truncated_photograph_in_the_image_list_is_one_message_and_keeps_the_o
 
 
 def test_open_sample_while_an_image_is_open_switches_to_it(make_napari_viewer, qtbot, flat_folder, models, user_data_folder):
-    viewer = make_napari_viewer()
-    _pin_test_models(viewer, models)
-    ann, _ = _open_docks(viewer, (ANNOTATOR, RETRAIN))
-    viewer.open(str(flat_folder / "IDRiD_01.jpg"), plugin=PLUGIN)
-    qtbot.waitUntil(lambda: ann.opened is not None, timeout=10000)
+    viewer, ann = _viewer_with_image(make_napari_viewer, qtbot, models, flat_folder / "IDRiD_01.jpg")
     viewer.open_sample(PLUGIN, "retina")  # File > Open Sample > napari-retina > Retina
     qtbot.waitUntil(lambda: ann.opened.record.image.name == "retina.png", timeout=20000)
     assert len(_lesion_layers(viewer)) == len(LESIONS) and "retina.png" in ann.image_label.text()
@@ -497,11 +491,7 @@ def test_file_open_while_the_dock_opens_another_image_is_switched_to_next(make_n
     folder.mkdir()
     for i in (1, 2, 3):
         Image.fromarray(fundus_rgb(i)).save(folder / f"IDRiD_{i:02d}.jpg", quality=95)
-    viewer = make_napari_viewer()
-    _pin_test_models(viewer, models)
-    ann, _ = _open_docks(viewer, (ANNOTATOR, RETRAIN))
-    viewer.open(str(folder), plugin=PLUGIN)
-    qtbot.waitUntil(lambda: ann.opened is not None, timeout=10000)
+    viewer, ann = _viewer_with_image(make_napari_viewer, qtbot, models, folder)
     ann.next_image()  # the dock loads IDRiD_02 in the background...
     assert ann._loading
     viewer.open(str(folder / "IDRiD_03.jpg"), plugin=PLUGIN)  # ...while the grader opens IDRiD_03
@@ -514,11 +504,7 @@ def test_file_open_while_the_dock_opens_another_image_is_switched_to_next(make_n
 
 
 def test_file_open_of_the_open_images_project_folder_keeps_the_live_image(make_napari_viewer, qtbot, flat_folder, models):
-    viewer = make_napari_viewer()
-    _pin_test_models(viewer, models)
-    ann, _ = _open_docks(viewer, (ANNOTATOR, RETRAIN))
-    viewer.open(str(flat_folder / "IDRiD_02.jpg"), plugin=PLUGIN)
-    qtbot.waitUntil(lambda: ann.opened is not None, timeout=10000)
+    viewer, ann = _viewer_with_image(make_napari_viewer, qtbot, models, flat_folder / "IDRiD_02.jpg")
     opened = ann.opened
     ann.lesion_layer("HE").paint((40, 60), lesion("HE").label)
     ann.flush()
@@ -532,11 +518,7 @@ def test_file_open_of_the_open_images_project_folder_keeps_the_live_image(make_n
 
 
 def test_painting_over_pending_pixels_confirms_them_and_undo_makes_them_pending_again(make_napari_viewer, qtbot, flat_folder, models):
-    viewer = make_napari_viewer()
-    _pin_test_models(viewer, models)
-    ann, _ = _open_docks(viewer, (ANNOTATOR, RETRAIN))
-    viewer.open(str(flat_folder / "IDRiD_02.jpg"), plugin=PLUGIN)
-    qtbot.waitUntil(lambda: ann.opened is not None, timeout=10000)
+    viewer, ann = _viewer_with_image(make_napari_viewer, qtbot, models, flat_folder / "IDRiD_02.jpg")
     _find(ann, qtbot)
     les = lesion("EX")
     layer = ann.lesion_layer("EX")

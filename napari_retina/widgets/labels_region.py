@@ -19,11 +19,12 @@ from ..proposals import PixelChange
 def write_box(layer: Labels, change: PixelChange, shown: np.ndarray, hand: np.ndarray, label: int,
               pending_label: int) -> None:
     """Make `layer`'s pixels in `change.box` show the record: `label` where the grader's own
-    (`hand`), `pending_label` where only a proposal claims them (`shown` and not `hand`), 0 elsewhere."""
+    (`hand`), `pending_label` where only a proposal claims them (`shown` and not `hand`), 0 elsewhere.
+    `shown` and `hand` are the box's pixels (box-sized)."""
     sl = change.slices
     region = layer.data[sl]  # a view: napari keeps NumPy label data as given
-    want_on = shown[sl]
-    want_hand = hand[sl] & want_on
+    want_on = shown
+    want_hand = hand & want_on
     on = region != 0
     pending = region == pending_label
     # touch only pixels whose state differs: a grader's other label values stay as painted

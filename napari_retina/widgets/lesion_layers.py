@@ -101,7 +101,7 @@ class LesionLayers(QObject):
         if op is None:
             return
         changed = False
-        hands: dict[str, np.ndarray] = {}
+        record = op.annotation.record
         self.writing = True
         try:
             for change in changes:
@@ -111,11 +111,9 @@ class LesionLayers(QObject):
                 layer = self.lesion_layer(change.lesion)
                 if layer is None:
                     continue
-                if change.lesion not in hands:  # one copy per lesion and call, however many boxes
-                    hands[change.lesion] = op.annotation.record.hand(change.lesion)
                 les = lesion(change.lesion)
-                write_box(layer, change, op.annotation.masks[change.lesion], hands[change.lesion],
-                          les.label, les.pending_label)
+                write_box(layer, change, op.annotation.masks[change.lesion][change.slices],
+                          record.hand_region(change.lesion, change.box), les.label, les.pending_label)
         finally:
             self.writing = False
         if changed:

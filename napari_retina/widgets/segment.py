@@ -33,7 +33,6 @@ PREVIEW_EVERY_S = 0.5
 # (no graphics card, remote desktops) every repaint of the window recomposes the canvas, about
 # 0.2 CPU-s each, which the model would otherwise lose on every tile
 PROGRESS_EVERY_S = 0.25
-NAMES = SEGMENTER_KINDS  # lesion -> what the button says, which is its model kind
 
 
 def _overlay_map(prob_u8: np.ndarray, scale: float) -> np.ndarray:
@@ -65,7 +64,7 @@ class LesionFinder(QGroupBox):
     changed = Signal(str)  # lesion code, whenever the model's proposals changed (a run, the dock's Accept)
 
     def __init__(self, layers: LesionLayers, code: str = "EX"):
-        super().__init__(f"Find {NAMES.get(code, code)}")
+        super().__init__(f"Find {SEGMENTER_KINDS[code]}")
         self.layers = layers
         self.code = code
         self.segmenter = None
@@ -87,7 +86,7 @@ class LesionFinder(QGroupBox):
         self._run_generation = 0
 
         lay = QGridLayout(self)
-        self.find_button = QPushButton(f"Find {NAMES.get(code, code)}")
+        self.find_button = QPushButton(f"Find {SEGMENTER_KINDS[code]}")
         self.find_button.setToolTip("segment the whole image; the candidates become proposals in the "
                                     f"{lesion_info(code).layer_name} layer")
         self.find_button.clicked.connect(self.find)
@@ -188,7 +187,7 @@ class LesionFinder(QGroupBox):
 
         # made here, before the worker can send a tile: napari processes pending events while it
         # makes a progress bar, so made on the first tile, the next tiles' signals made more bars
-        self._pbar = progress(total=0, desc=f"finding {NAMES.get(self.code, self.code)}")  # 0: until the tiles are known
+        self._pbar = progress(total=0, desc=f"finding {SEGMENTER_KINDS[self.code]}")  # 0: until the tiles are known
         self._slowed = SlowAnimations(self)
         self.find_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
@@ -207,7 +206,7 @@ class LesionFinder(QGroupBox):
         if not self.running:
             self.threshold = None
             self.threshold_label.setText("threshold: model's")
-        self.status.setText(f"the next Find runs version {self.layers.session.model_version(NAMES[self.code])}")
+        self.status.setText(f"the next Find runs version {self.layers.session.model_version(SEGMENTER_KINDS[self.code])}")
 
     def cancel(self) -> None:
         self._cancel = True  # checked between tiles: the run stops within one tile
@@ -296,7 +295,7 @@ class LesionFinder(QGroupBox):
             return
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         self.status.setText(msg)
-        show_error(f"find {NAMES.get(self.code, self.code)}: {msg}")
+        show_error(f"find {SEGMENTER_KINDS[self.code]}: {msg}")
 
     def _done(self, payload) -> None:
         from ..segmentation import RunProposals
@@ -373,7 +372,7 @@ class LesionFinder(QGroupBox):
         op = self.layers.opened
         if op is None:
             return []
-        model = NAMES.get(self.code, self.code)
+        model = SEGMENTER_KINDS[self.code]
         return [p for p in op.annotation.record.find(model=model) if p.lesion == self.code]
 
     def set_threshold_value(self, t: float) -> None:

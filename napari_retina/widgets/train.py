@@ -1068,24 +1068,25 @@ class _LiveProcesses:
 
     def end(self, *_):
         for proc in self.describing:  # the application's children: ended now, not at its exit
-            try:
-                if proc.state() != QProcess.ProcessState.NotRunning:
-                    proc.kill()
-                    proc.waitForFinished(3000)
-            except RuntimeError:  # already deleted
-                pass
+            _kill(proc)
         self.describing = []
         for proc in self.processes:
-            try:
-                proc.blockSignals(True)
-                if proc.state() != QProcess.ProcessState.NotRunning:
-                    proc.kill()
-                    proc.waitForFinished(3000)
-            except RuntimeError:  # already deleted
-                pass
+            _kill(proc, quiet=True)
         self.processes = []
         if self.out is not None:
             discard_unfinished(self.out)
+
+
+def _kill(proc, quiet: bool = False) -> None:
+    """End a QProcess that may still run (`quiet`: none of its signals reach the dock being deleted)."""
+    try:
+        if quiet:
+            proc.blockSignals(True)
+        if proc.state() != QProcess.ProcessState.NotRunning:
+            proc.kill()
+            proc.waitForFinished(3000)
+    except RuntimeError:  # already deleted
+        pass
 
 
 def discard_unfinished(out: Path) -> bool:
